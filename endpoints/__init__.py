@@ -1,0 +1,1 @@
+"""HTTP handlers: each parses, calls one service function, and renders."""

@@ -1,0 +1,71 @@
+"""Discovery: the OpenAPI document (with live prices), the JSON catalog, and x402 Bazaar items."""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from service.pricing import PriceRule, route_rule
+from service.state import METHODS, PRICES, SETTINGS
+
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+@lru_cache(maxsize=1)
+def _spec_on_disk() -> dict[str, Any]:
+    return yaml.safe_load(OPENAPI_PATH.read_text())
+
+
+def priced_operations(app: web.Application) -> list[dict[str, Any]]:
+    """Every priced route of the app with its live price rule."""
+    book: dict[str, PriceRule] = app[PRICES]
+    out = []
+    for route in app.router.routes():
+        marker = route_rule(route.handler)
+        if marker is None:
+            continue
+        rule = book[marker.rule]
+        out.append({"method": route.method, "path": route.resource.canonical, "description": rule.description,
+                    "price": rule.describe()})
+    return out
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """openapi.yaml with each x-price replaced by the operator's configured price."""
+    spec = _spec_on_disk()
+    book: dict[str, PriceRule] = request.app[PRICES]
+    live = {"paths": {}}
+    for path, item in spec.get("paths", {}).items():
+        live["paths"][path] = {}
+        for verb, op in item.items():
+            if isinstance(op, dict) and "x-price" in op:
+                op = {**op, "x-price": book[op["x-price"]["rule"]].describe()}
+            live["paths"][path][verb] = op
+    text = yaml.safe_dump({**spec, **live}, sort_keys=False, allow_unicode=True)
+    return web.Response(text=text, content_type="application/yaml")
+
+
+async def catalog(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS]
+    return web.json_response({"payee": s.payee_username, "network": s.caip2, "currency": "sat",
+                              "operations": priced_operations(request.app)})
+
+
+async def x402_discovery(request: web.Request) -> web.Response:
+    """x402 Bazaar-style items: one per priced operation, accepts quoted at its base price."""
+    s = request.app[SETTINGS]
+    base = f"{request.scheme}://{request.host}"
+    items = []
+    for op in priced_operations(request.app):
+        accepts = [m.offer_template(op["price"]["amount"]) for m in request.app[METHODS].methods]
+        items.append({
+            "resource": base + op["path"], "type": "http", "x402Version": 2, "accepts": accepts,
+            "lastUpdated": int(time.time()),
+            "metadata": {"method": op["method"], "description": op["description"], "price": op["price"],
+                         "payee": s.payee_username},
+        })
+    return web.json_response({"x402Version": 2, "items": items})

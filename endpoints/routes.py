@@ -1,0 +1,24 @@
+"""The route table: every route of the app, in one place (openapi.yaml must list each of them)."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import accounts, admin, health, marketplace, qa
+
+__all__ = ["setup"]
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_routes([
+        web.get("/healthz", health.healthz),
+        web.get("/readyz", health.readyz),
+        web.get("/openapi.yaml", marketplace.openapi),
+        web.get("/v1/catalog", marketplace.catalog),
+        web.get("/.well-known/x402", marketplace.x402_discovery),
+        web.post("/v1/accounts", accounts.register),
+        web.get("/v1/accounts/{username}", accounts.show),
+        web.get("/v1/receipts/{id}", accounts.receipt),
+        web.post("/v1/admin/accounts", admin.create_account),
+        web.post("/v1/admin/credits", admin.credit),
+        web.post("/v1/qa/validate", qa.validate),
+    ])

@@ -1,0 +1,89 @@
+"""The application factory: settings in, a ready aiohttp app out (Redis pool, ledger, paywall, routes)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from endpoints import routes as endpoint_routes
+
+from .config import Settings
+from .invoices import Invoices, load_secret
+from .ledger import Ledger
+from .logs import request_context_middleware
+from .payments import PaymentMethods
+from .payments.bittransfer import BitTransfer
+from .paywall import paywall_middleware
+from .pricing import price_book
+from .state import INVOICES, LEDGER, METHODS, PRICES, REDIS, SETTINGS
+from .web_errors import error_middleware
+
+__all__ = ["create_app"]
+
+log = structlog.get_logger("app")
+
+
+def create_app(settings: Settings) -> web.Application:
+    if not settings.redis_url:
+        raise ValueError("settings.redis_url is required (the CLI starts a private Redis when REDIS_URL is unset)")
+    app = web.Application(
+        client_max_size=settings.max_body,
+        middlewares=[request_context_middleware, error_middleware, paywall_middleware()],
+    )
+    app[SETTINGS] = settings
+    app[PRICES] = price_book(settings)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_sweeper_ctx)
+    endpoint_routes.setup(app)
+    return app
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    redis = aioredis.Redis.from_url(
+        s.redis_url, decode_responses=True, socket_timeout=None, socket_connect_timeout=s.redis_timeout,
+        max_connections=256,
+    )
+    app[REDIS] = redis
+    ledger = Ledger(redis, s.redis_prefix, timeout=s.redis_timeout)
+    app[LEDGER] = ledger
+    await ledger.ensure_system_accounts()
+    app[INVOICES] = Invoices(await load_secret(redis, s.redis_prefix, s.invoice_secret),
+                             ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
+    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]))
+    log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
+    yield
+    await redis.aclose()
+
+
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Void expired holds every few seconds (every process runs one; the script makes that safe)."""
+    ledger = app[LEDGER]
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(min(5, max(1, app[SETTINGS].hold_timeout // 4)))
+            try:
+                voided = await ledger.sweep_expired()
+                if voided:
+                    log.info("holds_expired", voided=voided)
+            except Exception as exc:  # keep sweeping when Redis comes back
+                log.warning("sweep_failed", error=str(exc))
+
+    task = asyncio.create_task(sweep())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _safe_url(url: str) -> str:
+    """Redis URL without its password, for logs."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

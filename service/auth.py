@@ -1,0 +1,55 @@
+"""Signed requests ("Authorization: MT-Sig <username>:<unix ts>:<base64 sig>") with the account's key.
+
+The signed message is protocol.request_message(method, path_qs, ts, body): method, path with query,
+timestamp and body hash, so a signature cannot be moved to another request, and it ages out after
+AUTH_WINDOW seconds.
+"""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from . import crypto
+from . import protocol as P
+from .errors import Unauthorized
+from .ledger import Ledger, user_account
+
+__all__ = ["authenticate", "verify_body_signature"]
+
+
+async def authenticate(request: web.Request, ledger: Ledger, window: int) -> str:
+    """The username whose key signed this request; Unauthorized with the reason otherwise."""
+    scheme, _, value = request.headers.get(P.AUTHORIZATION, "").partition(" ")
+    if scheme != P.SIG_SCHEME:
+        raise Unauthorized("auth_required", f"sign the request: Authorization: {P.SIG_SCHEME} <username>:<unix ts>:<signature>")
+    parts = value.strip().split(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        raise Unauthorized("malformed_auth", f"expected {P.SIG_SCHEME} <username>:<unix ts>:<signature>")
+    username, ts, signature = parts
+    if abs(time.time() - int(ts)) > window:
+        raise Unauthorized("stale_auth", f"the timestamp must be within {window} s of the server's clock")
+    pubkey_hex = await ledger.account_meta(user_account(username), "pubkey")
+    if pubkey_hex is None:
+        raise Unauthorized("unknown_user", "no account is registered under this username")
+    body = await request.read() if request.body_exists else b""
+    message = P.request_message(request.method, request.path_qs, ts, body)
+    try:
+        ok = crypto.verify(bytes.fromhex(pubkey_hex), signature, message)
+    except crypto.KeyError_:
+        ok = False
+    if not ok:
+        raise Unauthorized("bad_signature", "the request signature does not verify")
+    return username
+
+
+def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes) -> None:
+    """Proof of key possession at registration: the Authorization header signs the exact body bytes."""
+    if not signature:
+        raise Unauthorized("signature_required", "Authorization must hold the signature of the request body")
+    try:
+        ok = crypto.verify(pubkey, signature, body)
+    except crypto.KeyError_ as exc:
+        raise Unauthorized("malformed_signature", f"Authorization: {exc}") from None
+    if not ok:
+        raise Unauthorized("bad_signature", "the signature does not verify for this pubkey over the body")

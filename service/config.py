@@ -1,0 +1,101 @@
+"""The one configuration object, read from the environment (12-factor) and CLI flags."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = ["Settings", "NETWORKS", "ConfigError"]
+
+# CAIP-2 chain ids (bip122:<first 32 hex chars of the genesis block hash>).
+NETWORKS = {
+    "mainnet": "bip122:000000000019d6689c085ae165831e93",
+    "testnet": "bip122:000000000933ea01ad0ee984209779ba",
+    "signet": "bip122:00000008819873e925422c1ff0f99f7c",
+    "regtest": "bip122:0f9188f13cb7b2c71f2a335e3a4fc328",
+}
+# A testnet address derived from BIP32 test vector 1 (public material, never for mainnet).
+DEFAULT_TESTNET_ADDRESS = "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm"
+
+
+class ConfigError(ValueError):
+    """Raised at startup for a setting the service cannot run with."""
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment, validated once at startup."""
+
+    host: str = "127.0.0.1"
+    port: int = 8402
+    redis_url: str | None = None
+    redis_prefix: str = "mt"
+    redis_timeout: float = 5.0
+    var_dir: Path = Path("var")
+    admin_token: str | None = None
+    network: str = "testnet"
+    payee_username: str = "microtasks"
+    payee_address: str = DEFAULT_TESTNET_ADDRESS
+    invoice_secret: str | None = None
+    invoice_ttl: int = 300
+    transfer_window: int = 600
+    auth_window: int = 300
+    hold_timeout: int = 120
+    max_body: int = 1024 * 1024
+    validate_base_price: int = 100
+    validate_per_document: int = 20
+    max_documents: int = 500
+    log_level: str = "info"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict | None = None, **overrides) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        network = env.get("NETWORK", "testnet")
+        if network not in NETWORKS:
+            raise ConfigError(f"NETWORK must be one of {sorted(NETWORKS)}, got {network!r}")
+        address = env.get("PAYEE_ADDRESS") or None
+        if address is None:
+            if network == "mainnet":
+                raise ConfigError("PAYEE_ADDRESS is required on mainnet")
+            address = DEFAULT_TESTNET_ADDRESS
+        settings = cls(
+            host=env.get("HOST", "127.0.0.1"),
+            port=_int(env, "PORT", 8402),
+            redis_url=env.get("REDIS_URL") or None,
+            redis_prefix=env.get("REDIS_PREFIX", "mt"),
+            redis_timeout=float(_int(env, "REDIS_TIMEOUT_MS", 5000)) / 1000,
+            var_dir=Path(env.get("MICROTASKS_VAR", "var")),
+            admin_token=env.get("ADMIN_TOKEN") or None,
+            network=network,
+            payee_username=env.get("PAYEE_USERNAME", "microtasks"),
+            payee_address=address,
+            invoice_secret=env.get("INVOICE_SECRET") or None,
+            invoice_ttl=_int(env, "INVOICE_TTL", 300),
+            transfer_window=_int(env, "TRANSFER_WINDOW", 600),
+            auth_window=_int(env, "AUTH_WINDOW", 300),
+            hold_timeout=_int(env, "HOLD_TIMEOUT", 120),
+            max_body=_int(env, "MAX_BODY", 1024 * 1024),
+            validate_base_price=_int(env, "PRICE_VALIDATE_BASE", 100),
+            validate_per_document=_int(env, "PRICE_VALIDATE_PER_DOCUMENT", 20),
+            max_documents=_int(env, "MAX_DOCUMENTS", 500),
+            log_level=env.get("LOG_LEVEL", "info"),
+        )
+        return settings.with_(**overrides) if overrides else settings
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @property
+    def caip2(self) -> str:
+        return NETWORKS[self.network]

@@ -1,0 +1,78 @@
+"""Stateless invoices: an HMAC-signed id binds amount, payee, request hash and expiry, so issuing a 402
+writes nothing to Redis (anonymous 402 traffic cannot fill memory) and any server process can check it.
+The secret is INVOICE_SECRET, or one random secret shared by all processes through Redis (SET NX).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from .pricing import Quote
+
+__all__ = ["Invoice", "Invoices", "load_secret"]
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: str
+    amount: int
+    payee: str
+    address: str
+    resource: str
+    request_hash: str
+    expires_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "amount": self.amount, "currency": "sat", "payee": self.payee,
+            "resource": self.resource, "request_hash": self.request_hash,
+            "expires_at": self.expires_at, "address": self.address,
+        }
+
+
+class Invoices:
+    def __init__(self, secret: bytes, *, ttl: int, payee: str, address: str) -> None:
+        self._secret = secret
+        self.ttl = ttl
+        self.payee = payee
+        self.address = address
+
+    def _mac(self, expires: int, nonce: str, amount: int, request_hash: str) -> str:
+        msg = f"{expires}|{nonce}|{amount}|{self.payee}|{self.address}|{request_hash}".encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
+
+    def issue(self, quote: Quote, now: float | None = None) -> Invoice:
+        expires = int((now or time.time()) + self.ttl)
+        nonce = secrets.token_hex(6)
+        invoice_id = f"inv_{expires}_{nonce}_{self._mac(expires, nonce, quote.amount, quote.request_hash)}"
+        return Invoice(invoice_id, quote.amount, self.payee, self.address, quote.resource,
+                       quote.request_hash, expires)
+
+    def check(self, invoice_id: str, quote: Quote, now: float | None = None) -> str | None:
+        """None if `invoice_id` was issued by us for this very request and amount and is unexpired;
+        otherwise the reason code."""
+        parts = invoice_id.split("_")
+        if len(parts) != 4 or parts[0] != "inv" or not parts[1].isdigit():
+            return "invoice_invalid"
+        expires, nonce, mac = int(parts[1]), parts[2], parts[3]
+        if not hmac.compare_digest(mac, self._mac(expires, nonce, quote.amount, quote.request_hash)):
+            return "invoice_mismatch"
+        if expires < (now or time.time()):
+            return "invoice_expired"
+        return None
+
+
+async def load_secret(redis: aioredis.Redis, prefix: str, configured: str | None) -> bytes:
+    """The configured secret, else one shared by every process on this Redis (created once, SET NX)."""
+    if configured:
+        return configured.encode()
+    key = "{" + prefix + "}:config:invoice_secret"
+    await redis.set(key, secrets.token_hex(32), nx=True)
+    value = await redis.get(key)
+    return value.encode() if isinstance(value, str) else value

@@ -1,0 +1,155 @@
+"""21's BitTransfer, settled on our own ledger: a JSON transfer signed by the payer's key.
+
+Accepted as two1 sends it (`Bitcoin-Transfer` + `Authorization` headers) or inside an x402 v2
+`PAYMENT-SIGNATURE` payload. A transfer's ledger id is the sha256 of its exact JSON string, so a given
+signed transfer settles at most once, whatever its (malleable) signature bytes.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from .. import crypto
+from .. import protocol as P
+from ..config import Settings
+from ..errors import BadRequest, PaymentRequired, Unauthorized
+from ..invoices import Invoice, Invoices
+from ..pricing import Quote
+from . import Payment
+
+__all__ = ["BitTransfer", "BitTransferSchema", "transfer_id_of"]
+
+
+class BitTransferSchema(Schema):
+    """two1's keys, plus our optional `invoice` and `nonce`; unknown keys are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    payer = fields.String(required=True, validate=validate.Length(1, 64))
+    payer_pubkey = fields.String(required=True, validate=validate.Length(1, 200))
+    payee_address = fields.String(required=True, validate=validate.Length(1, 128))
+    payee_username = fields.String(required=True, validate=validate.Length(1, 64))
+    amount = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    timestamp = fields.Float(required=True, allow_nan=False)
+    description = fields.String(load_default=None, validate=validate.Length(max=2048))
+    invoice = fields.String(load_default=None, validate=validate.Length(max=128))
+    nonce = fields.String(load_default=None, validate=validate.Length(max=128))
+
+
+class X402PayloadSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    x402Version = fields.Integer(required=True, strict=True, validate=validate.Equal(P.X402_VERSION))
+    accepted = fields.Dict(required=True)
+    payload = fields.Dict(required=True)
+
+
+_transfer_schema = BitTransferSchema()
+_x402_schema = X402PayloadSchema()
+
+
+def transfer_id_of(transfer_json: str) -> str:
+    return "bt_" + hashlib.sha256(transfer_json.encode()).hexdigest()
+
+
+class BitTransfer:
+    name = P.METHOD_BITTRANSFER
+
+    def __init__(self, settings: Settings, invoices: Invoices) -> None:
+        self.settings = settings
+        self.invoices = invoices
+
+    def present(self, request: web.Request) -> bool:
+        return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
+
+    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
+        entry = self.offer_template(quote.amount)
+        entry["payTo"] = invoice.address
+        entry["extra"]["invoice"] = invoice.id
+        return entry
+
+    def offer_template(self, amount: int) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
+            "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
+            "extra": {"method": self.name, "username": s.payee_username},
+        }
+
+    def _extract(self, request: web.Request) -> tuple[str, str, bool]:
+        """(transfer JSON string, base64 signature, came through x402)."""
+        if P.BITCOIN_TRANSFER in request.headers:
+            signature = request.headers.get(P.AUTHORIZATION)
+            if not signature:
+                raise BadRequest("malformed_signature", "Bitcoin-Transfer needs its signature in the Authorization header")
+            return request.headers[P.BITCOIN_TRANSFER], signature, False
+        try:
+            decoded = json.loads(base64.b64decode(request.headers[P.PAYMENT_SIGNATURE], validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest("malformed_payment", "PAYMENT-SIGNATURE is not base64 of a JSON object") from None
+        try:
+            data = _x402_schema.load(decoded if isinstance(decoded, dict) else {})
+        except ValidationError as exc:
+            raise BadRequest("malformed_payment", {"PAYMENT-SIGNATURE": exc.messages}) from None
+        accepted, payload = data["accepted"], data["payload"]
+        extra = accepted.get("extra") if isinstance(accepted.get("extra"), dict) else {}
+        if accepted.get("scheme") != P.SCHEME_EXACT or extra.get("method") != self.name:
+            raise PaymentRequired("unsupported_scheme", "accepted must be scheme 'exact' with extra.method 'bittransfer'")
+        if accepted.get("network") != self.settings.caip2:
+            raise PaymentRequired("wrong_network", f"this server settles on {self.settings.caip2}")
+        transfer, signature = payload.get("transfer"), payload.get("signature")
+        if not isinstance(transfer, str) or not isinstance(signature, str):
+            raise BadRequest("malformed_payment", "payload needs string fields 'transfer' and 'signature'")
+        return transfer, signature, True
+
+    async def verify(self, request: web.Request, quote: Quote) -> Payment:
+        transfer_json, signature, via_x402 = self._extract(request)
+        if len(transfer_json) > 4096:
+            raise BadRequest("malformed_transfer", "Bitcoin-Transfer is longer than 4096 bytes")
+        try:
+            raw = json.loads(transfer_json)
+            if not isinstance(raw, dict):
+                raise ValueError
+        except ValueError:
+            raise BadRequest("malformed_transfer", "Bitcoin-Transfer is not a JSON object") from None
+        try:
+            t = _transfer_schema.load(raw)
+        except ValidationError as exc:
+            raise BadRequest("malformed_transfer", exc.messages) from None
+        s = self.settings
+        if t["payee_username"] != s.payee_username or t["payee_address"] != s.payee_address:
+            raise PaymentRequired("wrong_payee", f"pay {s.payee_username} at {s.payee_address}")
+        if t["amount"] != quote.amount:
+            raise PaymentRequired("wrong_amount", f"the price of this request is {quote.amount} sat, the transfer pays {t['amount']}")
+        if abs(time.time() - t["timestamp"]) > s.transfer_window:
+            raise PaymentRequired("stale_transfer", f"timestamp must be within {s.transfer_window} s of the server's clock")
+        if t["invoice"] is not None:
+            reason = self.invoices.check(t["invoice"], quote)
+            if reason:
+                raise PaymentRequired(reason, "the invoice was not issued for this request, or has expired")
+        if t["description"] and urlsplit(t["description"]).path != request.path:
+            raise PaymentRequired("wrong_resource", "the transfer's description names another resource")
+        try:
+            pubkey = crypto.parse_pubkey(t["payer_pubkey"])
+        except crypto.KeyError_ as exc:
+            raise BadRequest("malformed_pubkey", f"payer_pubkey: {exc}") from None
+        try:
+            valid = crypto.verify(pubkey, signature, transfer_json.encode())
+        except crypto.KeyError_ as exc:
+            raise BadRequest("malformed_signature", f"Authorization: {exc}") from None
+        if not valid:
+            raise Unauthorized("bad_signature", "the signature does not verify for payer_pubkey over the transfer")
+        return Payment(
+            method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
+            amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
+        )

@@ -1,0 +1,112 @@
+"""The paywall middleware: quote → 402 or verify → hold → handler → capture on 2xx, void otherwise.
+
+The payer is never charged for a response they did not get as a success: the hold is voided when the
+handler raises or answers non-2xx, and a hold that nobody resolves (server killed) is voided by the
+sweeper when it times out.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import protocol as P
+from .challenge import render_402
+from .config import Settings
+from .errors import Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
+from .ledger import REVENUE, Hold, Ledger, Outcome, user_account
+from .payments import Payment
+from .pricing import Quote, quote_request, route_rule
+from .state import INVOICES, LEDGER, METHODS, PRICES, SETTINGS
+
+__all__ = ["paywall_middleware", "PAYMENT"]
+
+PAYMENT = web.RequestKey("payment", Payment)  # the verified Payment, for handlers that need the payer
+log = structlog.get_logger("paywall")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
+    Outcome.NO_DEBIT_ACCOUNT: (Unauthorized, "unknown_payer", "no account is registered under this payer name"),
+    Outcome.PUBKEY_MISMATCH: (Unauthorized, "pubkey_mismatch", "payer_pubkey is not the key registered for this payer"),
+    Outcome.REPLAYED: (Conflict, "payment_replayed", "this signed transfer was already used; sign a new one"),
+    Outcome.INSUFFICIENT: (PaymentRequired, "insufficient_funds", "the payer's available balance is below the price"),
+}
+
+
+def _challenge(request: web.Request, quote: Quote, error: str = "payment_required", detail: Any = None) -> web.Response:
+    invoice = request.app[INVOICES].issue(quote)
+    return render_402(str(request.url), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
+
+
+def paywall_middleware() -> Callable:
+    """Reads the ledger, methods and prices from app state at request time (they exist after startup)."""
+
+    @web.middleware
+    async def paywall(request: web.Request, handler: Handler) -> web.StreamResponse:
+        marker = route_rule(request.match_info.handler)
+        if marker is None:
+            return await handler(request)
+        app = request.app
+        settings, ledger = app[SETTINGS], app[LEDGER]
+        quote = await quote_request(request, marker, app[PRICES])
+        method = app[METHODS].select(request)
+        if method is None:
+            return _challenge(request, quote)
+        try:
+            payment = await method.verify(request, quote)
+            hold = await _hold(ledger, payment, quote, settings)
+        except PaymentRequired as exc:
+            log.info("payment_refused", reason=exc.code, method=method.name)
+            return _challenge(request, quote, exc.code, exc.detail)
+        request[PAYMENT] = payment
+        try:
+            response = await handler(request)
+        except BaseException as exc:  # priced handlers return their success; anything raised is a failure
+            await _void(ledger, hold, f"handler raised {type(exc).__name__}")
+            raise
+        if not 200 <= response.status < 300:
+            await _void(ledger, hold, f"status {response.status}")
+            return response
+        try:
+            result = await ledger.capture(hold)
+        except RedisError as exc:  # Redis gone after the handler ran: the sweeper voids the hold later
+            log.error("capture_failed", transfer=hold.id, error=str(exc))
+            raise ServiceUnavailable("ledger_unavailable", "the payment could not be settled; you were not charged") from None
+        if result.outcome is not Outcome.APPLIED:
+            log.warning("capture_refused", transfer=hold.id, outcome=result.outcome.value)
+            raise ServiceUnavailable("hold_expired", "the request outlived its payment hold; you were not charged")
+        response.headers[P.PAYMENT_RECEIPT] = hold.id
+        if payment.x402:
+            receipt = {"success": True, "transaction": hold.id, "network": settings.caip2, "payer": payment.payer}
+            response.headers[P.PAYMENT_RESPONSE] = base64.b64encode(json.dumps(receipt).encode()).decode()
+        log.info("payment_captured", transfer=hold.id, payer=payment.payer, amount=hold.amount, method=payment.method)
+        return response
+
+    return paywall
+
+
+async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settings) -> Hold:
+    hold = Hold(payment.transfer_id, user_account(payment.payer), REVENUE, quote.amount)
+    result = await ledger.hold(
+        hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
+        require_pubkey=payment.payer_pubkey, resource=quote.resource, payer=payment.payer,
+        method=payment.method, request_hash=quote.request_hash,
+    )
+    if result.outcome is Outcome.APPLIED:
+        return hold
+    error_type, code, detail = _HOLD_ERRORS.get(
+        result.outcome, (Unauthorized, result.outcome.value, "the payment was refused"))
+    raise error_type(code, detail)
+
+
+async def _void(ledger: Ledger, hold: Hold, reason: str) -> None:
+    try:
+        await asyncio.shield(ledger.void(hold, reason))
+    except RedisError as exc:  # the sweeper voids it on timeout
+        log.error("void_failed", transfer=hold.id, error=str(exc))

@@ -1,0 +1,98 @@
+"""Prices are declared once per route (`@priced`) and resolved against the operator's price book."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .config import Settings
+
+__all__ = ["PriceRule", "Quote", "priced", "price_book", "route_rule", "quote_request", "request_hash"]
+
+UnitCounter = Callable[[web.Request], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class PriceRule:
+    """amount = base + per_unit × units, in integer satoshis."""
+
+    name: str
+    base: int
+    per_unit: int = 0
+    unit: str | None = None
+    description: str = ""
+
+    def amount(self, units: int = 0) -> int:
+        return self.base + self.per_unit * units
+
+    def describe(self) -> dict[str, Any]:
+        """The `x-price` extension published in openapi.yaml and the catalog."""
+        out: dict[str, Any] = {"rule": self.name, "amount": self.base, "currency": "sat"}
+        if self.per_unit:
+            out["per_unit"] = self.per_unit
+            out["unit"] = self.unit
+            out["formula"] = f"{self.base} + {self.per_unit} * {self.unit}s"
+        else:
+            out["formula"] = "fixed"
+        return out
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The price of one concrete request, bound to it by `request_hash`."""
+
+    amount: int
+    rule: PriceRule
+    units: int
+    resource: str          # "POST /v1/qa/validate"
+    request_hash: str
+
+
+def price_book(settings: Settings) -> dict[str, PriceRule]:
+    """Every price rule of the service, from configuration."""
+    return {
+        "qa.validate": PriceRule(
+            "qa.validate", settings.validate_base_price, settings.validate_per_document, "document",
+            "Validate Kubernetes manifests against the API schemas of a Kubernetes version",
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class _Priced:
+    rule: str
+    units: UnitCounter | None
+
+
+def priced(rule: str, *, units: UnitCounter | None = None) -> Callable:
+    """Mark a handler as paid: the paywall quotes it with price_book()[rule] and `units(request)`."""
+
+    def mark(handler: Callable) -> Callable:
+        handler.__priced__ = _Priced(rule, units)  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def route_rule(handler: Any) -> _Priced | None:
+    return getattr(handler, "__priced__", None)
+
+
+def request_hash(method: str, path_qs: str, body: bytes) -> str:
+    """sha256 over method, path with query, and body: binds an invoice to exactly one request."""
+    h = hashlib.sha256(f"{method.upper()}\n{path_qs}\n".encode())
+    h.update(body)
+    return h.hexdigest()
+
+
+async def quote_request(request: web.Request, marker: _Priced, book: dict[str, PriceRule]) -> Quote:
+    rule = book[marker.rule]
+    units = await marker.units(request) if marker.units else 0
+    body = await request.read() if request.body_exists else b""
+    return Quote(
+        amount=rule.amount(units), rule=rule, units=units,
+        resource=f"{request.method} {request.path}",
+        request_hash=request_hash(request.method, request.path_qs, body),
+    )

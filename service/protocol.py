@@ -1,0 +1,33 @@
+"""Wire names shared by server and client: 21's BitTransfer headers, x402 v2 headers, our own."""
+__all__ = [
+    "PRICE", "BITCOIN_ADDRESS", "USERNAME", "BITCOIN_TRANSFER", "AUTHORIZATION", "PAYMENT_RECEIPT",
+    "PAYMENT_REQUIRED", "PAYMENT_SIGNATURE", "PAYMENT_RESPONSE", "REQUEST_ID", "X402_VERSION",
+    "SIG_SCHEME", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message",
+]
+
+# 21 / two1.bitrequests
+PRICE = "Price"
+BITCOIN_ADDRESS = "Bitcoin-Address"
+USERNAME = "Username"
+BITCOIN_TRANSFER = "Bitcoin-Transfer"
+AUTHORIZATION = "Authorization"
+
+# ours
+PAYMENT_RECEIPT = "Payment-Receipt"
+REQUEST_ID = "X-Request-Id"
+SIG_SCHEME = "MT-Sig"  # signed requests: "Authorization: MT-Sig <username>:<unix ts>:<base64 sig>"
+
+# x402 v2 HTTP transport
+X402_VERSION = 2
+PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
+PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
+PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
+SCHEME_EXACT = "exact"
+METHOD_BITTRANSFER = "bittransfer"
+
+
+def request_message(method: str, path_qs: str, ts: str, body: bytes) -> bytes:
+    """What an MT-Sig request signature signs: method, path?query, unix ts, sha256(body) hex."""
+    import hashlib
+
+    return f"{method.upper()}\n{path_qs}\n{ts}\n{hashlib.sha256(body).hexdigest()}".encode()

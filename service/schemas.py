@@ -1,0 +1,51 @@
+"""marshmallow schemas for every request body, and the one helper that turns their errors into 4xx."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from marshmallow import Schema, ValidationError, fields, validate, validates
+
+from . import crypto
+from .errors import BadRequest, Unprocessable
+
+__all__ = ["RegisterSchema", "CreditSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
+
+USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
+MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
+
+
+class RegisterSchema(Schema):
+    username = fields.String(required=True, validate=validate.Regexp(
+        USERNAME_RE, error="2-39 characters: lowercase letters, digits, '_', '.', '-', starting with a letter or digit"))
+    pubkey = fields.String(required=True)
+
+    @validates("pubkey")
+    def _pubkey(self, value: str, data_key: str) -> None:
+        try:
+            crypto.parse_pubkey(value)
+        except crypto.KeyError_ as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class CreditSchema(Schema):
+    username = fields.String(required=True, validate=validate.Regexp(USERNAME_RE))
+    amount = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    reason = fields.String(required=True, validate=validate.Length(1, 200))
+    id = fields.String(load_default=None, validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,100}$"))
+
+
+async def load_json(request: web.Request, schema: Schema) -> dict[str, Any]:
+    """Parse the body as JSON (400 if it is not) and validate it (422 naming each bad field)."""
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise BadRequest("invalid_json", "the request body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("invalid_json", "the request body must be a JSON object")
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise Unprocessable("validation_error", exc.messages) from None

@@ -1,0 +1,20 @@
+"""Typed application state keys (aiohttp AppKey), shared by the app factory and the handlers."""
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from .config import Settings
+from .invoices import Invoices
+from .ledger import Ledger
+from .payments import PaymentMethods
+from .pricing import PriceRule
+
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS"]
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", aioredis.Redis)
+LEDGER = web.AppKey("ledger", Ledger)
+INVOICES = web.AppKey("invoices", Invoices)
+PRICES = web.AppKey("prices", dict[str, PriceRule])
+METHODS = web.AppKey("methods", PaymentMethods)

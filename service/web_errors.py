@@ -1,0 +1,43 @@
+"""Maps the ApiError tree (and aiohttp's own HTTP errors, and Redis outages) to JSON error bodies."""
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from .errors import ApiError
+
+__all__ = ["error_middleware", "json_error"]
+
+log = structlog.get_logger("errors")
+
+
+def json_error(status: int, code: str, detail: object = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_error(exc.status, exc.code, exc.detail, exc.headers)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(413, "payload_too_large", f"request bodies are limited to {exc.max_size} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return json_error(exc.status, code, exc.text if exc.text and not exc.text.startswith(str(exc.status)) else None,
+                          {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except RedisError as exc:
+        log.error("redis_unavailable", error=str(exc))
+        return json_error(503, "ledger_unavailable", "the ledger cannot be reached; nothing was charged",
+                          {"Retry-After": "1"})
+    except Exception:
+        log.exception("unhandled_error")
+        return json_error(500, "internal_error", "an unexpected error occurred; nothing was charged")

@@ -1,0 +1,283 @@
+"""The paid call end to end over HTTP: 402 → BitTransfer → hold → handler → capture/void → receipt."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from service.client import PaidSession, PriceTooHigh, transfer_headers
+from service.ledger import REVENUE, user_account
+from service.pricing import priced
+
+PRICE_ONE_DOC = 100 + 20
+
+
+async def snapshot(ledger: Any, username: str) -> tuple[int, int, int, int]:
+    """(payer balance, payer pending, revenue balance, journal length): what a rejection must not change."""
+    payer = await ledger.balance(user_account(username))
+    revenue = await ledger.balance(REVENUE)
+    return payer.posted, payer.pending_debits, revenue.posted, await ledger.redis.xlen(ledger.journal_key)
+
+
+async def test_unpaid_call_gets_402_with_invoice(http, base_url, manifest, settings):
+    async with http.post(f"{base_url}/v1/qa/validate", data=manifest) as r:
+        assert r.status == 402
+        body = await r.json()
+        assert r.headers["Price"] == str(PRICE_ONE_DOC)
+        assert r.headers["Username"] == settings.payee_username
+        assert r.headers["Bitcoin-Address"] == settings.payee_address
+        assert r.headers["Cache-Control"] == "no-store"
+        assert json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"])) == body
+    assert body["x402Version"] == 2 and body["error"] == "payment_required"
+    assert body["resource"]["url"] == f"{base_url}/v1/qa/validate"
+    invoice = body["invoice"]
+    assert invoice["amount"] == PRICE_ONE_DOC and invoice["currency"] == "sat"
+    assert invoice["resource"] == "POST /v1/qa/validate" and len(invoice["request_hash"]) == 64
+    accept = body["accepts"][0]
+    assert accept["scheme"] == "exact" and accept["amount"] == str(PRICE_ONE_DOC)
+    assert accept["network"] == "bip122:000000000933ea01ad0ee984209779ba"
+    assert accept["extra"] == {"method": "bittransfer", "username": settings.payee_username, "invoice": invoice["id"]}
+
+
+async def test_price_grows_with_documents(http, base_url, manifest):
+    three = b"---\n".join([manifest] * 3)
+    async with http.post(f"{base_url}/v1/qa/validate", data=three) as r:
+        assert r.status == 402 and r.headers["Price"] == str(100 + 3 * 20)
+
+
+async def test_pay_then_served_with_receipt_and_exact_charge(http, base_url, manifest, funded, ledger):
+    wallet = await funded(1000)
+    async with PaidSession(wallet, max_price=500, session=http) as s:
+        status, body, headers = await s.request("POST", f"{base_url}/v1/qa/validate", data=manifest)
+        assert status == 200, body
+        assert body["valid"] is True and body["documents"][0]["kind"] == "ConfigMap"
+        receipt_id = headers["Payment-Receipt"]
+        assert s.payments[0].amount == PRICE_ONE_DOC
+        assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
+        assert (await ledger.balance(REVENUE)).posted == PRICE_ONE_DOC
+        status, receipt = await s.signed_get(f"{base_url}/v1/receipts/{receipt_id}")
+        assert status == 200 and receipt["amount"] == PRICE_ONE_DOC and receipt["state"] == "posted"
+        assert receipt["resource"] == "POST /v1/qa/validate"
+        status, account = await s.signed_get(f"{base_url}/v1/accounts/{wallet.username}")
+        assert account["balance"] == 1000 - PRICE_ONE_DOC
+        assert account["journal"][0]["id"] == receipt_id and account["journal"][0]["amount"] == -PRICE_ONE_DOC
+    report = await ledger.reconcile()
+    assert report.ok, report.mismatches
+
+
+async def test_pay_first_without_a_402(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(1000)
+    headers = transfer_headers(wallet, amount=PRICE_ONE_DOC, payee_username=settings.payee_username,
+                               payee_address=settings.payee_address, url=f"{base_url}/v1/qa/validate")
+    async with http.post(f"{base_url}/v1/qa/validate", data=manifest, headers=headers) as r:
+        assert r.status == 200 and r.headers["Payment-Receipt"].startswith("bt_")
+
+
+async def test_max_price_refuses_before_paying(http, base_url, manifest, funded, ledger):
+    wallet = await funded(1000)
+    async with PaidSession(wallet, max_price=PRICE_ONE_DOC - 1, session=http) as s:
+        with pytest.raises(PriceTooHigh):
+            await s.request("POST", f"{base_url}/v1/qa/validate", data=manifest)
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000
+
+
+def _headers(wallet, settings, url, **changes):
+    """A valid two1-style transfer for one document, with some fields changed before signing."""
+    body = {"payer": wallet.username, "payer_pubkey": base64.b64encode(wallet.pubkey).decode() + "\n",
+            "payee_address": settings.payee_address, "payee_username": settings.payee_username,
+            "amount": PRICE_ONE_DOC, "timestamp": time.time(), "description": url}
+    body.update(changes)
+    transfer = json.dumps(body)
+    return {"Bitcoin-Transfer": transfer, "Authorization": wallet.sign(transfer.encode())}
+
+
+REJECTIONS = [
+    # (name, how to spoil the payment, expected status, expected error code)
+    ("wrong amount", lambda w, o, s, h: _headers(w, s, h, amount=PRICE_ONE_DOC - 1), 402, "wrong_amount"),
+    ("wrong payee", lambda w, o, s, h: _headers(w, s, h, payee_username="mallory"), 402, "wrong_payee"),
+    ("wrong address", lambda w, o, s, h: _headers(w, s, h, payee_address="tb1qnotours"), 402, "wrong_payee"),
+    ("stale timestamp", lambda w, o, s, h: _headers(w, s, h, timestamp=1_500_000_000.0), 402, "stale_transfer"),
+    ("future timestamp", lambda w, o, s, h: _headers(w, s, h, timestamp=4_000_000_000.0), 402, "stale_transfer"),
+    ("other resource", lambda w, o, s, h: _headers(w, s, h, description="http://x/v1/qa/runs"), 402, "wrong_resource"),
+    ("forged invoice", lambda w, o, s, h: _headers(w, s, h, invoice="inv_9999999999_abc_00"), 402, "invoice_mismatch"),
+    ("unknown payer", lambda w, o, s, h: _headers(w, s, h, payer="nobody-here"), 401, "unknown_payer"),
+    ("pubkey not the payer's", lambda w, o, s, h: _headers(o, s, h, payer=w.username), 401, "pubkey_mismatch"),
+    ("bad signature", lambda w, o, s, h: {**_headers(w, s, h), "Authorization": _headers(o, s, h)["Authorization"]},
+     401, "bad_signature"),
+    ("signature of another transfer", lambda w, o, s, h: {**_headers(w, s, h, amount=PRICE_ONE_DOC),
+     "Authorization": w.sign(b"something else")}, 401, "bad_signature"),
+    ("malformed JSON", lambda w, o, s, h: {"Bitcoin-Transfer": "{not json", "Authorization": "AAAA"}, 400,
+     "malformed_transfer"),
+    ("missing field", lambda w, o, s, h: {"Bitcoin-Transfer": json.dumps({"payer": w.username}),
+     "Authorization": "AAAA"}, 400, "malformed_transfer"),
+    ("amount as float", lambda w, o, s, h: _headers(w, s, h, amount=120.0), 400, "malformed_transfer"),
+    ("malformed base64 signature", lambda w, o, s, h: {**_headers(w, s, h), "Authorization": "%%%"}, 400,
+     "malformed_signature"),
+    ("malformed pubkey", lambda w, o, s, h: _headers(w, s, h, payer_pubkey="AAAA"), 400, "malformed_pubkey"),
+    ("no signature", lambda w, o, s, h: {"Bitcoin-Transfer": _headers(w, s, h)["Bitcoin-Transfer"]}, 400,
+     "malformed_signature"),
+]
+
+
+@pytest.mark.parametrize("name,spoil,status,code", REJECTIONS, ids=[r[0] for r in REJECTIONS])
+async def test_rejected_payment_changes_nothing(http, base_url, manifest, funded, ledger, settings,
+                                                name, spoil, status, code):
+    wallet, other = await funded(1000), await funded(1000)
+    before = await snapshot(ledger, wallet.username)
+    url = f"{base_url}/v1/qa/validate"
+    async with http.post(url, data=manifest, headers=spoil(wallet, other, settings, url)) as r:
+        body = await r.json()
+        assert (r.status, body["error"]) == (status, code), body
+        assert body["detail"]
+        if status == 402:
+            assert r.headers["Price"] == str(PRICE_ONE_DOC) and body["invoice"]["amount"] == PRICE_ONE_DOC
+    assert await snapshot(ledger, wallet.username) == before
+
+
+async def test_insufficient_funds_is_402_and_changes_nothing(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(PRICE_ONE_DOC - 1)
+    before = await snapshot(ledger, wallet.username)
+    url = f"{base_url}/v1/qa/validate"
+    async with http.post(url, data=manifest, headers=_headers(wallet, settings, url)) as r:
+        assert r.status == 402 and (await r.json())["error"] == "insufficient_funds"
+    assert await snapshot(ledger, wallet.username) == before
+
+
+async def test_replayed_transfer_is_409_and_settles_once(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    headers = _headers(wallet, settings, url)
+    async with http.post(url, data=manifest, headers=headers) as r:
+        assert r.status == 200
+    before = await snapshot(ledger, wallet.username)
+    async with http.post(url, data=manifest, headers=headers) as r:
+        assert r.status == 409 and (await r.json())["error"] == "payment_replayed"
+    assert await snapshot(ledger, wallet.username) == before
+
+
+async def test_high_s_twin_of_a_used_signature_is_still_a_replay(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    headers = _headers(wallet, settings, url)
+    async with http.post(url, data=manifest, headers=headers) as r:
+        assert r.status == 200
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    sig = base64.b64decode(headers["Authorization"])
+    twin = sig[:32] + (n - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")
+    async with http.post(url, data=manifest, headers={**headers, "Authorization": base64.b64encode(twin).decode()}) as r:
+        assert r.status == 409 and (await r.json())["error"] == "payment_replayed"
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
+
+
+async def test_same_transfer_sent_20_times_concurrently_settles_once(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(10_000)
+    url = f"{base_url}/v1/qa/validate"
+    headers = _headers(wallet, settings, url)
+
+    async def send() -> int:
+        async with http.post(url, data=manifest, headers=headers) as r:
+            return r.status
+
+    statuses = await asyncio.gather(*[send() for _ in range(20)])
+    assert sorted(statuses) == [200] + [409] * 19
+    assert (await ledger.balance(user_account(wallet.username))).posted == 10_000 - PRICE_ONE_DOC
+    assert (await ledger.reconcile()).ok
+
+
+async def test_200_concurrent_calls_with_funds_for_100(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(100 * PRICE_ONE_DOC)
+    url = f"{base_url}/v1/qa/validate"
+
+    async def send() -> tuple[int, str]:
+        async with http.post(url, data=manifest, headers=_headers(wallet, settings, url)) as r:
+            return r.status, (await r.json()).get("error", "")
+
+    results = await asyncio.gather(*[send() for _ in range(200)])
+    assert results.count((200, "")) == 100
+    assert results.count((402, "insufficient_funds")) == 100
+    balance = await ledger.balance(user_account(wallet.username))
+    assert (balance.posted, balance.pending_debits) == (0, 0)
+    assert (await ledger.balance(REVENUE)).posted == 100 * PRICE_ONE_DOC
+    assert (await ledger.reconcile()).ok
+
+
+@pytest.fixture
+async def failing_url(aiohttp_server, make_app) -> str:
+    """The real app plus two priced routes that fail: one raises, one answers 503."""
+
+    @priced("qa.validate")
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("handler bug")
+
+    @priced("qa.validate")
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503)
+
+    app = make_app()
+    app.router.add_post("/test/boom", boom)
+    app.router.add_post("/test/unavailable", unavailable)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+@pytest.mark.parametrize("path,status", [("/test/boom", 500), ("/test/unavailable", 503)])
+async def test_failed_handler_voids_the_hold(http, failing_url, funded, ledger, path, status):
+    wallet = await funded(1000)
+    async with PaidSession(wallet, max_price=500, session=http) as s:
+        code, body, headers = await s.request("POST", f"{failing_url}{path}", data=b"{}")
+    assert code == status and "Payment-Receipt" not in headers
+    balance = await ledger.balance(user_account(wallet.username))
+    assert (balance.posted, balance.pending_debits) == (1000, 0)
+    assert (await ledger.balance(REVENUE)).posted == 0
+    history = await ledger.history(user_account(wallet.username))
+    assert history[0]["state"] == "voided"
+    assert (await ledger.reconcile()).ok
+
+
+async def test_x402_payment_signature_header(http, base_url, manifest, funded, ledger, settings):
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    async with http.post(url, data=manifest) as r:
+        required = json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"]))
+    accepted = required["accepts"][0]
+    bt = transfer_headers(wallet, amount=int(accepted["amount"]), payee_username=accepted["extra"]["username"],
+                          payee_address=accepted["payTo"], url=url, invoice=accepted["extra"]["invoice"])
+    payload = {"x402Version": 2, "resource": required["resource"], "accepted": accepted,
+               "payload": {"transfer": bt["Bitcoin-Transfer"], "signature": bt["Authorization"]}}
+    header = base64.b64encode(json.dumps(payload).encode()).decode()
+    async with http.post(url, data=manifest, headers={"PAYMENT-SIGNATURE": header}) as r:
+        assert r.status == 200
+        receipt = json.loads(base64.b64decode(r.headers["PAYMENT-RESPONSE"]))
+        assert receipt == {"success": True, "transaction": r.headers["Payment-Receipt"],
+                           "network": settings.caip2, "payer": wallet.username}
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
+
+
+async def test_invoice_is_bound_to_its_request(http, base_url, manifest, funded, ledger, settings):
+    """An invoice issued for one body cannot pay for another body of the same price."""
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    async with http.post(url, data=manifest) as r:
+        invoice = (await r.json())["invoice"]["id"]
+    other = manifest.replace(b"settings", b"other")
+    headers = _headers(wallet, settings, url, invoice=invoice)
+    async with http.post(url, data=other, headers=headers) as r:
+        assert r.status == 402 and (await r.json())["error"] == "invoice_mismatch"
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000
+
+
+async def test_receipt_is_visible_only_to_its_payer(http, base_url, manifest, funded):
+    payer, other = await funded(1000), await funded(1000)
+    async with PaidSession(payer, max_price=500, session=http) as s:
+        _, _, headers = await s.request("POST", f"{base_url}/v1/qa/validate", data=manifest)
+    receipt = headers["Payment-Receipt"]
+    async with PaidSession(other, max_price=0, session=http) as s:
+        status, body = await s.signed_get(f"{base_url}/v1/receipts/{receipt}")
+    assert status == 404 and body["error"] == "unknown_receipt"
+    async with http.get(f"{base_url}/v1/receipts/{receipt}") as r:
+        assert r.status == 401
