@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import accounts, admin, health, marketplace, qa
+from . import accounts, admin, health, marketplace, qa, tokens
 
 __all__ = ["setup"]
 
@@ -17,6 +17,9 @@ def setup(app: web.Application) -> None:
         web.get("/.well-known/x402", marketplace.x402_discovery),
         web.post("/v1/accounts", accounts.register),
         web.get("/v1/accounts/{username}", accounts.show),
+        web.post("/v1/accounts/me/tokens", tokens.create),
+        web.get("/v1/accounts/me/tokens", tokens.index),
+        web.delete("/v1/accounts/me/tokens/{id}", tokens.revoke),
         web.get("/v1/receipts/{id}", accounts.receipt),
         web.post("/v1/admin/accounts", admin.create_account),
         web.post("/v1/admin/credits", admin.credit),

@@ -17,6 +17,7 @@ from .ledger import Ledger
 from .logs import request_context_middleware
 from .payments import PaymentMethods
 from .payments.bittransfer import BitTransfer
+from .payments.token import TokenPayment
 from .paywall import paywall_middleware
 from .pricing import price_book
 from .state import INVOICES, LEDGER, METHODS, PRICES, REDIS, SETTINGS
@@ -54,7 +55,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await ledger.ensure_system_accounts()
     app[INVOICES] = Invoices(await load_secret(redis, s.redis_prefix, s.invoice_secret),
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
-    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]))
+    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]), TokenPayment(s, ledger))
     log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
     yield
     await redis.aclose()

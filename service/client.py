@@ -1,16 +1,11 @@
-"""A small paying client: an aiohttp session that answers 402s with a signed BitTransfer up to a cap.
-
-Needs only aiohttp and coincurve (no Redis, no server code). Also a CLI for the README's walk-through:
-`python -m service.client keygen|register|balance|call ...`.
-"""
+"""The paying client: an aiohttp session that answers 402s with a signed BitTransfer or a spending
+token, within a per-call cap and a per-session budget. Needs only aiohttp and coincurve (no Redis,
+no server code); the `microtasks` CLI is built on it."""
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import os
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +19,7 @@ from . import protocol as P
 
 __all__ = [
     "Wallet", "PaidSession", "PaymentError", "PriceTooHigh", "BudgetExceeded", "PaymentRejected",
-    "transfer_headers", "signed_headers",
+    "transfer_headers", "signed_headers", "Operation", "Paid",
 ]
 
 
@@ -117,13 +112,29 @@ class Paid:
     url: str
 
 
+@dataclass(frozen=True)
+class Operation:
+    """A priced operation as the server's catalog describes it."""
+
+    method: str
+    path: str
+    description: str
+    price: dict[str, Any]
+
+    def fixed_price(self) -> int | None:
+        """The price when it does not depend on the request (pay-first is possible), else None."""
+        return None if self.price.get("per_unit") else int(self.price["amount"])
+
+
 @dataclass
 class PaidSession:
-    """Pays 402s up to `max_price` per call and `budget` per session; `payments` lists what was paid."""
+    """Pays 402s up to `max_price` per call and `budget` per session, with a key (`wallet`, signed
+    BitTransfers) or a spending `token`; `payments` lists what was paid."""
 
-    wallet: Wallet
-    max_price: int
+    wallet: Wallet | None = None
+    max_price: int = 0
     budget: int | None = None
+    token: str | None = None
     session: aiohttp.ClientSession | None = None
     payments: list[Paid] = field(default_factory=list)
 
@@ -142,46 +153,105 @@ class PaidSession:
         return sum(p.amount for p in self.payments)
 
     def _check_price(self, price: int) -> None:
+        """Refuse before paying: the caps are the client's promise to its user."""
         if price > self.max_price:
             raise PriceTooHigh(price, self.max_price)
         if self.budget is not None and price > self.budget - self.spent:
             raise BudgetExceeded(price, self.budget - self.spent)
 
-    async def request(self, method: str, url: str, *, data: bytes | str | None = None,
-                      headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
-        """Send; on 402 pay the quoted price (after the caps) and resend once. Returns (status, body, headers)."""
+    def _payment_headers(self, url: str, price: int, payee: str, address: str, invoice: str | None) -> dict[str, str]:
+        if self.token:
+            return {P.AUTHORIZATION: f"{P.TOKEN_SCHEME} {self.token}", P.IDEMPOTENCY_KEY: secrets.token_hex(16),
+                    P.PAYMENT_AMOUNT: str(price)}
+        if self.wallet is None:
+            raise PaymentError("no way to pay: give PaidSession a wallet or a token")
+        return transfer_headers(self.wallet, amount=price, payee_username=payee, payee_address=address, url=url,
+                                invoice=invoice)
+
+    async def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
         assert self.session is not None, "use `async with PaidSession(...)`"
-        body = data.encode() if isinstance(data, str) else data
         async with self.session.request(method, url, data=body, headers=headers) as resp:
-            status, payload, rheaders = resp.status, await _body(resp), dict(resp.headers)
-        if status != 402:
-            return status, payload, rheaders
+            return resp.status, await _body(resp), dict(resp.headers)
+
+    async def request(self, method: str, url: str, *, data: bytes | str | None = None,
+                      headers: dict[str, str] | None = None, price: int | None = None,
+                      payee: tuple[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+        """Send; on 402 check the caps, pay the quoted price and resend once. Returns (status, body, headers).
+
+        With `price` (and `payee` = (username, address), for BitTransfers) the payment goes with the first
+        request: one round trip. A 402 that still follows is handled like any other."""
+        body = data.encode() if isinstance(data, str) else data
+        headers = dict(headers or {})
+        if price is not None and (self.token or payee):
+            self._check_price(price)
+            username, address = payee or ("", "")
+            first = {**headers, **self._payment_headers(url, price, username, address, None)}
+            status, payload, rheaders = await self._send(method, url, body, first)
+            if status != 402:
+                return self._settled(status, payload, rheaders, price, url)
+        else:
+            status, payload, rheaders = await self._send(method, url, body, headers)
+            if status != 402:
+                return status, payload, rheaders
+        if P.PRICE not in rheaders:
+            raise PaymentRejected(status, "no_price", "the 402 names no Price header")
         price = int(rheaders[P.PRICE])
         self._check_price(price)
         invoice = payload.get("invoice", {}).get("id") if isinstance(payload, dict) else None
-        pay = transfer_headers(self.wallet, amount=price, payee_username=rheaders[P.USERNAME],
-                               payee_address=rheaders[P.BITCOIN_ADDRESS], url=url, invoice=invoice)
-        async with self.session.request(method, url, data=body, headers={**(headers or {}), **pay}) as resp:
-            status, payload, rheaders = resp.status, await _body(resp), dict(resp.headers)
+        pay = self._payment_headers(url, price, rheaders.get(P.USERNAME, ""), rheaders.get(P.BITCOIN_ADDRESS, ""),
+                                    invoice)
+        status, payload, rheaders = await self._send(method, url, body, {**headers, **pay})
+        return self._settled(status, payload, rheaders, price, url)
+
+    def _settled(self, status: int, payload: Any, rheaders: dict[str, str], price: int,
+                 url: str) -> tuple[int, Any, dict[str, str]]:
         if P.PAYMENT_RECEIPT in rheaders:
             self.payments.append(Paid(rheaders[P.PAYMENT_RECEIPT], price, url))
-        elif status in (400, 401, 402, 409):
+        elif status in (400, 401, 402, 403, 409):
             reason = payload.get("error") if isinstance(payload, dict) else str(status)
             raise PaymentRejected(status, reason, payload.get("detail") if isinstance(payload, dict) else payload)
         return status, payload, rheaders
 
     async def register(self, server: str) -> tuple[int, Any]:
+        """Register the wallet's username and key, proving possession by signing the body."""
+        if self.wallet is None:
+            raise PaymentError("registering needs a wallet")
         body = json.dumps({"username": self.wallet.username, "pubkey": self.wallet.pubkey.hex()}).encode()
-        assert self.session is not None
-        async with self.session.post(f"{server}/v1/accounts", data=body,
-                                     headers={P.AUTHORIZATION: self.wallet.sign(body),
-                                              "Content-Type": "application/json"}) as resp:
-            return resp.status, await _body(resp)
+        status, payload, _ = await self._send("POST", f"{server.rstrip('/')}/v1/accounts", body,
+                                              {P.AUTHORIZATION: self.wallet.sign(body),
+                                               "Content-Type": "application/json"})
+        return status, payload
+
+    async def signed(self, method: str, url: str, json_body: Any = None) -> tuple[int, Any]:
+        """A request signed with the wallet's key (account, receipts, tokens)."""
+        if self.wallet is None:
+            raise PaymentError("signed requests need a wallet")
+        body = json.dumps(json_body).encode() if json_body is not None else b""
+        headers = signed_headers(self.wallet, method, url, body)
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+        status, payload, _ = await self._send(method, url, body or None, headers)
+        return status, payload
 
     async def signed_get(self, url: str) -> tuple[int, Any]:
-        assert self.session is not None
-        async with self.session.get(url, headers=signed_headers(self.wallet, "GET", url)) as resp:
-            return resp.status, await _body(resp)
+        return await self.signed("GET", url)
+
+    async def discover(self, server: str) -> list[Operation]:
+        """The server's priced operations, from /v1/catalog (or openapi.yaml's x-price when there is none)."""
+        server = server.rstrip("/")
+        status, payload, _ = await self._send("GET", f"{server}/v1/catalog", None, {})
+        if status == 200 and isinstance(payload, dict):
+            return [Operation(o["method"], o["path"], o.get("description", ""), o["price"])
+                    for o in payload.get("operations", [])]
+        status, payload, _ = await self._send("GET", f"{server}/openapi.yaml", None, {})
+        if status != 200:
+            raise PaymentError(f"{server} publishes neither /v1/catalog nor /openapi.yaml")
+        import yaml  # noqa: PLC0415  (only for servers without a catalog)
+
+        spec = yaml.safe_load(payload)
+        return [Operation(verb.upper(), path, op.get("summary", ""), op["x-price"])
+                for path, item in spec.get("paths", {}).items() for verb, op in item.items()
+                if isinstance(op, dict) and "x-price" in op]
 
 
 async def _body(resp: aiohttp.ClientResponse) -> Any:
@@ -189,57 +259,3 @@ async def _body(resp: aiohttp.ClientResponse) -> Any:
     if resp.content_type == "application/json":
         return json.loads(raw)
     return raw.decode(errors="replace")
-
-
-# --- CLI ---------------------------------------------------------------------------------------------
-def _cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.client", description="pay-per-call client")
-    p.add_argument("--wallet", default=os.environ.get("MICROTASKS_WALLET", "wallet.json"))
-    sub = p.add_subparsers(dest="cmd", required=True)
-    k = sub.add_parser("keygen", help="create a wallet file (0600)")
-    k.add_argument("username")
-    r = sub.add_parser("register", help="register the wallet's username and key")
-    r.add_argument("server")
-    b = sub.add_parser("balance", help="show the account (signed request)")
-    b.add_argument("server")
-    c = sub.add_parser("call", help="call a URL, paying a 402 up to --max-price")
-    c.add_argument("method")
-    c.add_argument("url")
-    c.add_argument("--data", help="request body, or @FILE")
-    c.add_argument("--max-price", type=int, required=True)
-    args = p.parse_args(argv)
-
-    if args.cmd == "keygen":
-        if Path(args.wallet).exists():
-            print(f"{args.wallet} exists; not overwriting", file=sys.stderr)
-            return 2
-        w = Wallet.generate(args.username)
-        w.save(args.wallet)
-        print(json.dumps({"username": w.username, "pubkey": w.pubkey.hex(), "wallet": args.wallet}))
-        return 0
-
-    wallet = Wallet.load(args.wallet)
-
-    async def run() -> int:
-        async with PaidSession(wallet, max_price=getattr(args, "max_price", 0)) as s:
-            if args.cmd == "register":
-                status, body = await s.register(args.server.rstrip("/"))
-            elif args.cmd == "balance":
-                status, body = await s.signed_get(f"{args.server.rstrip('/')}/v1/accounts/{wallet.username}")
-            else:
-                data = Path(args.data[1:]).read_bytes() if args.data and args.data.startswith("@") else args.data
-                try:
-                    status, body, headers = await s.request(args.method.upper(), args.url, data=data)
-                except PaymentError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return 2
-                if P.PAYMENT_RECEIPT in headers:
-                    print(f"paid {s.spent} sat, receipt {headers[P.PAYMENT_RECEIPT]}", file=sys.stderr)
-            print(json.dumps(body, indent=2) if not isinstance(body, str) else body)
-            return 0 if status < 400 else 1
-
-    return asyncio.run(run())
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())

@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 __all__ = [
-    "Ledger", "Outcome", "Result", "Hold", "AccountKind", "Balance", "ReconcileReport",
+    "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "AccountKind", "Balance", "ReconcileReport",
     "user_account", "REVENUE", "GRANTS",
 ]
 
@@ -54,6 +54,12 @@ class Outcome(str, enum.Enum):
     NOT_PENDING = "not_pending"        # capture/void of a transfer that is already posted or voided
     EXPIRED = "expired"                # capture after the hold's timeout: the hold was voided instead
     EXISTS = "exists"                  # account already open
+    TOKEN_INVALID = "token_invalid"    # unknown token id, wrong secret, or not the payer's
+    TOKEN_REVOKED = "token_revoked"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_MAX_PER_CALL = "token_max_per_call"
+    TOKEN_ROUTE = "token_route"
+    TOKEN_MAX_TOTAL = "token_max_total"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,16 @@ class Hold:
     debit: str
     credit: str
     amount: int
+    token: str = ""   # the spending token it was paid with, whose spend a void gives back
+
+
+@dataclass(frozen=True)
+class TokenSpend:
+    """Pay through a spending token: its caveats are checked and its spend counted in the hold's script."""
+
+    token_id: str
+    secret_hash: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -121,13 +137,30 @@ return {'ok'}
 """
 
 _TRANSFER = _NOW + """
--- KEYS: xfer, debit acct, credit acct, pending zset, journal, debit history, credit history
--- ARGV: id, debit, credit, amount, mode (post|pend), timeout_s, require_pubkey, meta (a JSON object)
+-- KEYS: xfer, debit acct, credit acct, pending zset, journal, debit history, credit history, token
+-- ARGV: id, debit, credit, amount, mode (post|pend), timeout_s, require_pubkey, meta (a JSON object),
+--       token secret hash ('' when not paid by token), resource path (for the token's route caveat)
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'replayed', unpack(redis.call('HGETALL', KEYS[1]))}
 end
 local amount = tonumber(ARGV[4])
 if ARGV[2] == ARGV[3] then return {'same_account'} end
+local token = ''
+if ARGV[9] ~= '' then
+  local t = redis.call('HMGET', KEYS[8], 'id', 'secret_hash', 'owner', 'revoked', 'expires_at', 'max_per_call',
+    'max_total', 'spent', 'routes')
+  if not t[1] or t[2] ~= ARGV[9] or t[3] ~= ARGV[2] then return {'token_invalid'} end
+  if t[4] == '1' then return {'token_revoked'} end
+  if tonumber(t[5]) > 0 and tonumber(t[5]) * 1000 <= now_ms then return {'token_expired'} end
+  if tonumber(t[6]) > 0 and amount > tonumber(t[6]) then return {'token_max_per_call'} end
+  local routes, allowed = cjson.decode(t[9]), false
+  for _, prefix in ipairs(routes) do
+    if string.sub(ARGV[10], 1, #prefix) == prefix then allowed = true end
+  end
+  if #routes > 0 and not allowed then return {'token_route'} end
+  if tonumber(t[8]) + amount > tonumber(t[7]) then return {'token_max_total'} end
+  token = t[1]
+end
 local d = redis.call('HMGET', KEYS[2], 'nonneg', 'dp', 'cp', 'dpend', 'meta:pubkey', 'kind')
 if not d[1] then return {'no_debit_account'} end
 if ARGV[7] ~= '' and d[5] ~= ARGV[7] then return {'pubkey_mismatch'} end
@@ -148,7 +181,8 @@ else
   redis.call('HINCRBY', KEYS[3], 'cp', amount)
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3], 'amount', amount,
-  'state', state, 'created', now_ms, 'expires', expires, 'meta', ARGV[8])
+  'state', state, 'created', now_ms, 'expires', expires, 'meta', ARGV[8], 'token', token)
+if token ~= '' then redis.call('HINCRBY', KEYS[8], 'spent', amount) end
 redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3],
   'amount', amount, 'ts', now_ms)
 -- per-user index of recent transfers (system accounts are audited through the journal instead)
@@ -158,8 +192,8 @@ return {'ok', state}
 """
 
 _RESOLVE = _NOW + """
--- KEYS: xfer, debit acct, credit acct, pending zset, journal. ARGV: id, action (post|void), reason
-local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires')
+-- KEYS: xfer, debit acct, credit acct, pending zset, journal, token. ARGV: id, action (post|void), reason
+local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token')
 if not x[1] then return {'not_found'} end
 if x[1] ~= 'pending' then return {'not_pending', x[1]} end
 local amount = tonumber(x[2])
@@ -175,6 +209,7 @@ if action == 'post' then
   redis.call('HINCRBY', KEYS[3], 'cp', amount)
   state, op = 'posted', 'capture'
 end
+if state == 'voided' and x[6] and x[6] ~= '' then redis.call('HINCRBY', KEYS[6], 'spent', -amount) end
 redis.call('HSET', KEYS[1], 'state', state, 'resolved', now_ms, 'reason', reason)
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', x[3], 'credit', x[4],
@@ -282,6 +317,12 @@ class Ledger:
     def _hist(self, name: str) -> str:
         return f"{self.tag}:hist:{name}"
 
+    def _token(self, token_id: str) -> str:
+        return f"{self.tag}:token:{token_id}"
+
+    def _tokens_of(self, owner: str) -> str:
+        return f"{self.tag}:tokens:{owner}"
+
     @property
     def journal_key(self) -> str:
         return f"{self.tag}:journal"
@@ -337,30 +378,34 @@ class Ledger:
     # transfers -------------------------------------------------------------------------------------
     async def post(self, transfer_id: str, debit: str, credit: str, amount: int, **meta: str) -> Result:
         """A single-phase transfer (atomic, idempotent by id)."""
-        return await self._run_transfer(transfer_id, debit, credit, amount, "post", 0, "", meta)
+        return await self._run_transfer(transfer_id, debit, credit, amount, "post", 0, "", None, meta)
 
     async def hold(
         self, transfer_id: str, debit: str, credit: str, amount: int, *, timeout: int,
-        require_pubkey: str = "", **meta: str,
+        require_pubkey: str = "", token: TokenSpend | None = None, **meta: str,
     ) -> Result:
         """Reserve `amount` as a pending transfer (atomic, idempotent by id).
 
-        With `require_pubkey`, the debit account's registered key must equal it, checked in the same
-        script as the balance so that a key change cannot race the payment.
+        With `require_pubkey`, the debit account's registered key must equal it; with `token`, the
+        token must be the debit account's, unrevoked, unexpired, allow this path and price, and have
+        `amount` left under max_total. All checked in the same script as the balance, so concurrent
+        payments can never overspend a token or race a key change.
         """
-        return await self._run_transfer(transfer_id, debit, credit, amount, "pend", timeout, require_pubkey, meta)
+        return await self._run_transfer(transfer_id, debit, credit, amount, "pend", timeout, require_pubkey,
+                                        token, meta)
 
     async def _run_transfer(
         self, transfer_id: str, debit: str, credit: str, amount: int, mode: str, timeout: int,
-        require_pubkey: str, meta: dict[str, str],
+        require_pubkey: str, token: TokenSpend | None, meta: dict[str, str],
     ) -> Result:
         if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
             raise ValueError(f"amount must be a positive integer of satoshis, got {amount!r}")
-        args: list[Any] = [transfer_id, debit, credit, amount, mode, timeout, require_pubkey, json.dumps(meta)]
+        args: list[Any] = [transfer_id, debit, credit, amount, mode, timeout, require_pubkey, json.dumps(meta),
+                           token.secret_hash if token else "", token.path if token else ""]
         res = await self._batch.call(
             self._transfer,
             [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending,
-             self.journal_key, self._hist(debit), self._hist(credit)],
+             self.journal_key, self._hist(debit), self._hist(credit), self._token(token.token_id if token else "-")],
             args,
         )
         outcome = Outcome(_s(res[0]))
@@ -370,16 +415,17 @@ class Ledger:
 
     async def capture(self, hold: Hold) -> Result:
         """Post a pending hold (atomic). A hold past its timeout is voided instead (EXPIRED)."""
-        return await self._finish(hold.id, hold.debit, hold.credit, "post", "captured")
+        return await self._finish(hold.id, hold.debit, hold.credit, hold.token, "post", "captured")
 
     async def void(self, hold: Hold, reason: str = "voided") -> Result:
         """Release a pending hold back to the payer (atomic, idempotent)."""
-        return await self._finish(hold.id, hold.debit, hold.credit, "void", reason)
+        return await self._finish(hold.id, hold.debit, hold.credit, hold.token, "void", reason)
 
-    async def _finish(self, transfer_id: str, debit: str, credit: str, action: str, reason: str) -> Result:
+    async def _finish(self, transfer_id: str, debit: str, credit: str, token: str, action: str, reason: str) -> Result:
         res = await self._batch.call(
             self._resolve,
-            [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending, self.journal_key],
+            [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending, self.journal_key,
+             self._token(token or "-")],
             [transfer_id, action, reason],
         )
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
@@ -391,13 +437,46 @@ class Ledger:
         voided = 0
         for raw in ids:
             transfer_id = _s(raw)
-            debit, credit = await self.redis.hmget(self._xfer(transfer_id), "debit", "credit")
+            debit, credit, token = await self.redis.hmget(self._xfer(transfer_id), "debit", "credit", "token")
             if debit is None:
                 await self.redis.zrem(self._pending, transfer_id)
                 continue
-            res = await self._finish(transfer_id, _s(debit), _s(credit), "void", "expired")
+            res = await self._finish(transfer_id, _s(debit), _s(credit), _s(token or ""), "void", "expired")
             voided += res.ok
         return voided
+
+    # spending tokens -------------------------------------------------------------------------------
+    async def create_token(self, token_id: str, owner: str, secret_hash: str, *, max_total: int,
+                           max_per_call: int = 0, expires_at: int = 0, routes: list[str] | None = None,
+                           label: str = "") -> None:
+        """Store a token (only the hash of its secret). One MULTI/EXEC: the token and the owner's index."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._token(token_id), mapping={
+                "id": token_id, "owner": owner, "secret_hash": secret_hash, "max_total": max_total,
+                "max_per_call": max_per_call, "expires_at": expires_at, "routes": json.dumps(routes or []),
+                "label": label, "spent": 0, "revoked": 0, "created": int(time.time()),
+            })
+            pipe.sadd(self._tokens_of(owner), token_id)
+            await pipe.execute()
+
+    async def token(self, token_id: str) -> dict[str, Any] | None:
+        row = await self.redis.hgetall(self._token(token_id))
+        if not row:
+            return None
+        out: dict[str, Any] = {_s(k): _s(v) for k, v in row.items()}
+        for key in ("max_total", "max_per_call", "expires_at", "spent", "created"):
+            out[key] = int(out[key])
+        out["routes"] = json.loads(out["routes"])
+        out["revoked"] = out["revoked"] == "1"
+        return out
+
+    async def tokens_of(self, owner: str) -> list[dict[str, Any]]:
+        ids = sorted(_s(i) for i in await self.redis.smembers(self._tokens_of(owner)))
+        return [t for t in [await self.token(i) for i in ids] if t]
+
+    async def revoke_token(self, token_id: str) -> None:
+        """Revoked tokens refuse new holds at once; holds already taken settle normally."""
+        await self.redis.hset(self._token(token_id), "revoked", 1)
 
     # audit -----------------------------------------------------------------------------------------
     async def reconcile(self, batch: int = 5000) -> ReconcileReport:

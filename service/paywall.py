@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from . import protocol as P
 from .challenge import render_402
 from .config import Settings
-from .errors import Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
+from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized
 from .ledger import REVENUE, Hold, Ledger, Outcome, user_account
 from .payments import Payment
 from .pricing import Quote, quote_request, route_rule
@@ -36,6 +36,12 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
     Outcome.PUBKEY_MISMATCH: (Unauthorized, "pubkey_mismatch", "payer_pubkey is not the key registered for this payer"),
     Outcome.REPLAYED: (Conflict, "payment_replayed", "this signed transfer was already used; sign a new one"),
     Outcome.INSUFFICIENT: (PaymentRequired, "insufficient_funds", "the payer's available balance is below the price"),
+    Outcome.TOKEN_INVALID: (Unauthorized, "token_invalid", "unknown token, or wrong secret"),
+    Outcome.TOKEN_REVOKED: (Unauthorized, "token_revoked", "this token was revoked by its owner"),
+    Outcome.TOKEN_EXPIRED: (Unauthorized, "token_expired", "this token has expired"),
+    Outcome.TOKEN_MAX_PER_CALL: (Forbidden, "token_max_per_call", "the price exceeds this token's max_per_call"),
+    Outcome.TOKEN_ROUTE: (Forbidden, "token_route", "this token may not pay for this route"),
+    Outcome.TOKEN_MAX_TOTAL: (Forbidden, "token_max_total", "this token's max_total would be exceeded"),
 }
 
 
@@ -92,10 +98,11 @@ def paywall_middleware() -> Callable:
 
 
 async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settings) -> Hold:
-    hold = Hold(payment.transfer_id, user_account(payment.payer), REVENUE, quote.amount)
+    token_id = payment.token.token_id if payment.token else ""
+    hold = Hold(payment.transfer_id, user_account(payment.payer), REVENUE, quote.amount, token_id)
     result = await ledger.hold(
         hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
-        require_pubkey=payment.payer_pubkey, resource=quote.resource, payer=payment.payer,
+        require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
         method=payment.method, request_hash=quote.request_hash,
     )
     if result.outcome is Outcome.APPLIED:

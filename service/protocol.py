@@ -1,8 +1,10 @@
 """Wire names shared by server and client: 21's BitTransfer headers, x402 v2 headers, our own."""
+import hashlib
+
 __all__ = [
     "PRICE", "BITCOIN_ADDRESS", "USERNAME", "BITCOIN_TRANSFER", "AUTHORIZATION", "PAYMENT_RECEIPT",
     "PAYMENT_REQUIRED", "PAYMENT_SIGNATURE", "PAYMENT_RESPONSE", "REQUEST_ID", "X402_VERSION",
-    "SIG_SCHEME", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message",
+    "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_AMOUNT", "METHOD_TOKEN", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message",
 ]
 
 # 21 / two1.bitrequests
@@ -15,6 +17,9 @@ AUTHORIZATION = "Authorization"
 # ours
 PAYMENT_RECEIPT = "Payment-Receipt"
 REQUEST_ID = "X-Request-Id"
+IDEMPOTENCY_KEY = "Idempotency-Key"  # token payments: the same key pays once
+PAYMENT_AMOUNT = "Payment-Amount"  # token payments: the amount the client agreed to; must equal the price
+TOKEN_SCHEME = "Token"  # spending tokens: "Authorization: Token <id>.<secret>"
 SIG_SCHEME = "MT-Sig"  # signed requests: "Authorization: MT-Sig <username>:<unix ts>:<base64 sig>"
 
 # x402 v2 HTTP transport
@@ -24,10 +29,9 @@ PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
 PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
 SCHEME_EXACT = "exact"
 METHOD_BITTRANSFER = "bittransfer"
+METHOD_TOKEN = "token"
 
 
 def request_message(method: str, path_qs: str, ts: str, body: bytes) -> bytes:
     """What an MT-Sig request signature signs: method, path?query, unix ts, sha256(body) hex."""
-    import hashlib
-
     return f"{method.upper()}\n{path_qs}\n{ts}\n{hashlib.sha256(body).hexdigest()}".encode()

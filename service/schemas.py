@@ -10,10 +10,11 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 from . import crypto
 from .errors import BadRequest, Unprocessable
 
-__all__ = ["RegisterSchema", "CreditSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
+__all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
 USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
 MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
+RESERVED_USERNAMES = {"me", "admin", "microtasks", "root", "system"}
 
 
 class RegisterSchema(Schema):
@@ -21,12 +22,26 @@ class RegisterSchema(Schema):
         USERNAME_RE, error="2-39 characters: lowercase letters, digits, '_', '.', '-', starting with a letter or digit"))
     pubkey = fields.String(required=True)
 
+    @validates("username")
+    def _username(self, value: str, data_key: str) -> None:
+        if value in RESERVED_USERNAMES:
+            raise ValidationError(f"{value!r} is reserved")
+
     @validates("pubkey")
     def _pubkey(self, value: str, data_key: str) -> None:
         try:
             crypto.parse_pubkey(value)
         except crypto.KeyError_ as exc:
             raise ValidationError(str(exc)) from None
+
+
+class TokenSchema(Schema):
+    max_total = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    max_per_call = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    expires_at = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, 2**40))
+    routes = fields.List(fields.String(validate=validate.Regexp(r"^/[A-Za-z0-9/_.{}-]{0,200}$")),
+                         load_default=list, validate=validate.Length(max=20))
+    label = fields.String(load_default="", validate=validate.Length(max=100))
 
 
 class CreditSchema(Schema):

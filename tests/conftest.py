@@ -9,10 +9,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from service.client import PaidSession, Wallet
 from service.config import Settings
 from service.ledger import Ledger
+from service.pricing import priced
 from service.redis_server import PrivateRedis, free_port
 
 ADMIN_TOKEN = "test-admin-token-3f9a"
@@ -111,3 +113,22 @@ def funded(http: Any, base_url: str, admin_post: Any) -> Callable[[int], Awaitab
 @pytest.fixture
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def failing_url(aiohttp_server, make_app) -> str:
+    """The real app plus two priced routes that fail: one raises, one answers 503."""
+
+    @priced("qa.validate")
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("handler bug")
+
+    @priced("qa.validate")
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503)
+
+    app = make_app()
+    app.router.add_post("/test/boom", boom)
+    app.router.add_post("/test/unavailable", unavailable)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")

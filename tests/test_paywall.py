@@ -8,11 +8,9 @@ import time
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from service.client import PaidSession, PriceTooHigh, transfer_headers
 from service.ledger import REVENUE, user_account
-from service.pricing import priced
 
 PRICE_ONE_DOC = 100 + 20
 
@@ -204,25 +202,6 @@ async def test_200_concurrent_calls_with_funds_for_100(http, base_url, manifest,
     assert (balance.posted, balance.pending_debits) == (0, 0)
     assert (await ledger.balance(REVENUE)).posted == 100 * PRICE_ONE_DOC
     assert (await ledger.reconcile()).ok
-
-
-@pytest.fixture
-async def failing_url(aiohttp_server, make_app) -> str:
-    """The real app plus two priced routes that fail: one raises, one answers 503."""
-
-    @priced("qa.validate")
-    async def boom(request: web.Request) -> web.Response:
-        raise RuntimeError("handler bug")
-
-    @priced("qa.validate")
-    async def unavailable(request: web.Request) -> web.Response:
-        return web.json_response({"error": "busy"}, status=503)
-
-    app = make_app()
-    app.router.add_post("/test/boom", boom)
-    app.router.add_post("/test/unavailable", unavailable)
-    server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/")
 
 
 @pytest.mark.parametrize("path,status", [("/test/boom", 500), ("/test/unavailable", 503)])

@@ -2,12 +2,13 @@
 every method's offer into the 402 (like aperture's MultiAuthenticator)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 
 from ..invoices import Invoice
+from ..ledger import TokenSpend
 from ..pricing import Quote
 
 __all__ = ["Payment", "PaymentMethod", "PaymentMethods"]
@@ -23,7 +24,7 @@ class Payment:
     amount: int
     payer_pubkey: str = ""     # hex; the ledger checks it is the payer's registered key, atomically
     x402: bool = False         # paid through PAYMENT-SIGNATURE: answer with PAYMENT-RESPONSE
-    meta: dict[str, str] = field(default_factory=dict)
+    token: TokenSpend | None = None  # paid with a spending token: its caveats are checked in the hold
 
 
 @runtime_checkable

@@ -1,0 +1,82 @@
+"""Spending tokens: `Authorization: Token <id>.<secret>`, issued by an account owner for CI jobs.
+
+The token pays from its owner's account within its caveats (max total, max per call, expiry, route
+prefixes, revocation); the ledger checks them and counts the spend in the same script as the hold.
+Only sha256(secret) is stored. With an `Idempotency-Key` header a retried call pays once; with
+`Payment-Amount` the call is refused (402) unless the price is exactly what the client agreed to.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from .. import protocol as P
+from ..config import Settings
+from ..errors import BadRequest, PaymentRequired, Unauthorized
+from ..invoices import Invoice
+from ..ledger import Ledger, TokenSpend
+from ..pricing import Quote
+from . import Payment
+
+__all__ = ["TokenPayment", "new_token", "secret_hash", "TOKEN_RE"]
+
+TOKEN_RE = re.compile(r"^(tk_[0-9a-f]{16})\.([A-Za-z0-9_-]{20,64})$")
+_IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def new_token() -> tuple[str, str]:
+    """(token id, secret)."""
+    return f"tk_{secrets.token_hex(8)}", secrets.token_urlsafe(24)
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenPayment:
+    name = P.METHOD_TOKEN
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self._owners: dict[str, str] = {}  # token id -> owner: immutable once issued, safe to cache
+
+    def present(self, request: web.Request) -> bool:
+        return request.headers.get(P.AUTHORIZATION, "").startswith(P.TOKEN_SCHEME + " ")
+
+    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
+        return self.offer_template(quote.amount)
+
+    def offer_template(self, amount: int) -> dict[str, Any]:
+        s = self.settings
+        return {"scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
+                "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
+                "extra": {"method": self.name, "username": s.payee_username,
+                          "header": "Authorization: Token <id>.<secret>"}}
+
+    async def verify(self, request: web.Request, quote: Quote) -> Payment:
+        match = TOKEN_RE.match(request.headers[P.AUTHORIZATION][len(P.TOKEN_SCHEME) + 1:].strip())
+        if not match:
+            raise BadRequest("malformed_token", "expected Authorization: Token tk_<16 hex>.<secret>")
+        token_id, secret = match.groups()
+        agreed = request.headers.get(P.PAYMENT_AMOUNT)
+        if agreed is not None and agreed != str(quote.amount):
+            raise PaymentRequired("wrong_amount", f"the price of this request is {quote.amount} sat, "
+                                                  f"{P.PAYMENT_AMOUNT} says {agreed}")
+        key = request.headers.get(P.IDEMPOTENCY_KEY)
+        if key is not None and not _IDEMPOTENCY_RE.match(key):
+            raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
+        owner = self._owners.get(token_id)
+        if owner is None:
+            record = await self.ledger.token(token_id)
+            if record is None:
+                raise Unauthorized("token_invalid", "unknown token, or wrong secret")
+            owner = self._owners.setdefault(token_id, record["owner"])
+        transfer_id = (f"tok_{token_id}_{hashlib.sha256(key.encode()).hexdigest()[:32]}" if key
+                       else f"tok_{token_id}_{secrets.token_hex(16)}")
+        return Payment(method=self.name, transfer_id=transfer_id, payer=owner.removeprefix("u:"),
+                       amount=quote.amount, token=TokenSpend(token_id, secret_hash(secret), request.path))
