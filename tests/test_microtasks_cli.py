@@ -1,0 +1,130 @@
+"""The `microtasks` CLI as a CI job runs it: real server over HTTP, plain output, exit codes, JUnit."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from service.ledger import user_account
+
+GOOD = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, image: "nginx:1.27"}]
+"""
+BAD = GOOD.replace("replicas: 1", 'replicas: "many"').replace("name: web}", "name: bad}")
+
+
+@pytest.fixture
+def cli(tmp_path, base_url):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MICROTASKS_")}
+    env.update(MICROTASKS_CONFIG_DIR=str(tmp_path / "config"), MICROTASKS_SERVER=base_url)
+
+    async def run(*args: str, extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.microtasks_cli", *args, env={**env, **(extra_env or {})},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, out.decode(), err.decode()
+
+    return run
+
+
+@pytest.fixture
+def manifests(tmp_path) -> Path:
+    d = tmp_path / "k8s"
+    d.mkdir()
+    (d / "web.yaml").write_text(GOOD)
+    (d / "notes.txt").write_text("not a manifest")
+    return d
+
+
+async def registered(cli, admin_post, username: str, amount: int) -> None:
+    code, out, err = await cli("wallet", "init", username)
+    assert code == 0, err
+    code, out, err = await cli("register")
+    assert code == 0, out + err
+    status, _ = await admin_post("/v1/admin/credits", {"username": username, "amount": amount, "reason": "t"})
+    assert status == 201
+
+
+async def test_wallet_is_private_and_register_and_balance_work(cli, admin_post, tmp_path):
+    await registered(cli, admin_post, "cli-alice", 700)
+    wallet = tmp_path / "config" / "wallet.json"
+    assert stat.S_IMODE(wallet.stat().st_mode) == 0o600
+    code, out, _ = await cli("balance")
+    assert code == 0 and json.loads(out)["balance"] == 700
+    code, _, err = await cli("wallet", "init", "cli-alice")
+    assert code == 2 and "exists" in err
+
+
+async def test_qa_run_pays_passes_and_writes_junit(cli, admin_post, manifests, tmp_path, ledger):
+    await registered(cli, admin_post, "cli-bob", 1000)
+    report = tmp_path / "report.xml"
+    code, out, err = await cli("qa", "run", "--suite", "schema", "--k8s", "1.31", str(manifests),
+                               "--max-price", "500", "--junit", str(report))
+    assert code == 0, out + err
+    assert "paid 120 sat" in out
+    assert not any(c in out for c in ("\x1b", "\r")), "non-TTY output must be plain lines"
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("1", "0")
+    assert (await ledger.balance(user_account("cli-bob"))).posted == 1000 - 120
+
+
+async def test_qa_run_with_findings_exits_1_and_reports_them(cli, admin_post, manifests, tmp_path):
+    await registered(cli, admin_post, "cli-carol", 1000)
+    (manifests / "bad.yaml").write_text(BAD)
+    report = tmp_path / "report.xml"
+    code, out, _ = await cli("qa", "run", str(manifests), "--max-price", "500", "--junit", str(report))
+    assert code == 1
+    assert "FAIL" in out and "spec.replicas" in out
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
+    failure = suite.find("testcase/failure")
+    assert "spec.replicas" in failure.get("message")
+
+
+async def test_price_above_cap_exits_2_and_pays_nothing(cli, admin_post, manifests, ledger):
+    await registered(cli, admin_post, "cli-dave", 1000)
+    code, _, err = await cli("qa", "run", str(manifests), "--max-price", "50")
+    assert code == 2 and "exceeds max_price" in err
+    assert (await ledger.balance(user_account("cli-dave"))).posted == 1000
+
+
+async def test_usage_errors_exit_2(cli, tmp_path):
+    code, _, err = await cli("qa", "run", str(tmp_path / "missing"), "--max-price", "5")
+    assert code == 2 and "no such file" in err
+    code, _, _ = await cli("qa", "run")
+    assert code == 2
+
+
+async def test_ci_job_pays_with_a_token_without_the_wallet(cli, admin_post, manifests, tmp_path, ledger):
+    await registered(cli, admin_post, "cli-erin", 1000)
+    code, out, err = await cli("token", "create", "--max-total", "300", "--route", "/v1/qa/", "--expires-in", "1d",
+                               "--label", "github-actions")
+    assert code == 0, err
+    token = json.loads(out)["token"]
+    (tmp_path / "config" / "wallet.json").unlink()  # a CI runner has only the token
+    code, out, err = await cli("qa", "run", str(manifests), "--max-price", "500", extra_env={"MICROTASKS_TOKEN": token})
+    assert code == 0, out + err
+    code, out, err = await cli("qa", "run", str(manifests), "--max-price", "500", "--budget", "100",
+                               extra_env={"MICROTASKS_TOKEN": token})
+    assert code == 2 and "budget" in err
+    assert (await ledger.balance(user_account("cli-erin"))).posted == 1000 - 120
+
+
+async def test_catalog_prints_priced_endpoints(cli):
+    code, out, _ = await cli("catalog")
+    assert code == 0 and "/v1/qa/validate" in out and "100 + 20 * documents" in out
