@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from service.pricing import PriceRule, route_rule
+from service.pricing import PriceRule, describe, route_rule
 from service.state import METHODS, PRICES, SETTINGS
 
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -28,9 +28,10 @@ def priced_operations(app: web.Application) -> list[dict[str, Any]]:
         marker = route_rule(route.handler)
         if marker is None:
             continue
-        rule = book[marker.rule]
-        out.append({"method": route.method, "path": route.resource.canonical, "description": rule.description,
-                    "price": rule.describe()})
+        price = describe(marker.rule, book)
+        description = book[marker.rule].description if marker.rule in book else route.handler.__doc__ or ""
+        out.append({"method": route.method, "path": route.resource.canonical, "description": description.strip(),
+                    "price": price})
     return out
 
 
@@ -43,7 +44,7 @@ async def openapi(request: web.Request) -> web.Response:
         live["paths"][path] = {}
         for verb, op in item.items():
             if isinstance(op, dict) and "x-price" in op:
-                op = {**op, "x-price": book[op["x-price"]["rule"]].describe()}
+                op = {**op, "x-price": describe(op["x-price"]["rule"], book)}
             live["paths"][path][verb] = op
     text = yaml.safe_dump({**spec, **live}, sort_keys=False, allow_unicode=True)
     return web.Response(text=text, content_type="application/yaml")
@@ -61,7 +62,8 @@ async def x402_discovery(request: web.Request) -> web.Response:
     base = f"{request.scheme}://{request.host}"
     items = []
     for op in priced_operations(request.app):
-        accepts = [m.offer_template(op["price"]["amount"]) for m in request.app[METHODS].methods]
+        amount = op["price"].get("amount", min((v["amount"] for v in op["price"].get("variants", {}).values()), default=0))
+        accepts = [m.offer_template(amount) for m in request.app[METHODS].methods]
         items.append({
             "resource": base + op["path"], "type": "http", "x402Version": 2, "accepts": accepts,
             "lastUpdated": int(time.time()),

@@ -1,16 +1,29 @@
-"""QA endpoints: synchronous manifest validation (priced per document)."""
+"""QA endpoints: the suites on offer, synchronous validation, and paid asynchronous runs."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
-from service.errors import BadRequest
+from service.auth import authenticate
+from service.errors import BadRequest, TooManyRequests
+from service.paywall import PAYMENT
 from service.pricing import priced
-from service.qa import manifests
-from service.state import SETTINGS
+from service.qa import manifests, suites
+from service.qa.bundle import from_archive
+from service.schemas import RunSchema, load_json
+from service.state import LEDGER, PRICES, RUNS, SETTINGS
 
 _DOCS = web.RequestKey("qa_documents", tuple)
+_RUN = web.RequestKey("qa_run_request", dict)
+_run_schema = RunSchema()
+
+
+async def _parse(request: web.Request, body: bytes | str) -> list[dict]:
+    limit = request.app[SETTINGS].max_documents
+    return await asyncio.get_running_loop().run_in_executor(
+        None, lambda: manifests.parse_manifests(body, max_documents=limit))
 
 
 async def _parsed(request: web.Request) -> tuple[list[dict], str, bool]:
@@ -20,9 +33,7 @@ async def _parsed(request: web.Request) -> tuple[list[dict], str, bool]:
         strict = request.query.get("strict", "false").lower()
         if strict not in ("true", "false", "1", "0"):
             raise BadRequest("invalid_parameter", "strict must be true or false")
-        body = await request.read()
-        docs = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: manifests.parse_manifests(body, max_documents=request.app[SETTINGS].max_documents))
+        docs = await _parse(request, await request.read())
         request[_DOCS] = (docs, version, strict in ("true", "1"))
     return request[_DOCS]
 
@@ -46,3 +57,70 @@ async def validate(request: web.Request) -> web.Response:
         "valid": invalid == 0,
         "documents": results,
     })
+
+
+async def list_suites(request: web.Request) -> web.Response:
+    book = request.app[PRICES]
+    return web.json_response({"suites": [
+        {"id": s.id, "description": s.description, "version": s.version,
+         "price": book[f"qa.run.{s.id}"].describe(),
+         "inputs": {"manifests": "YAML text (multi-document)", "archive": "base64 .tar.gz of .yaml/.yml files",
+                    "kubernetes_version": manifests.supported_versions(), "strict": "boolean"}}
+        for s in suites.SUITES.values()]})
+
+
+async def _run_request(request: web.Request) -> dict[str, Any]:
+    """The validated run request with its parsed documents, computed once (the price depends on it)."""
+    if _RUN not in request:
+        data = await load_json(request, _run_schema)
+        if suites.get(data["suite"]) is None:
+            raise BadRequest("unknown_suite", f"suite {data['suite']!r} is not offered; see GET /v1/qa/suites")
+        data["kubernetes_version"] = manifests.resolve_version(data["kubernetes_version"])
+        text = data["manifests"] if data["archive"] is None else from_archive(
+            data["archive"], max_bytes=request.app[SETTINGS].max_body)
+        data["text"], data["docs"] = text, await _parse(request, text)
+        request[_RUN] = data
+    return request[_RUN]
+
+
+async def _run_suite(request: web.Request) -> str:
+    return (await _run_request(request))["suite"]
+
+
+async def _run_documents(request: web.Request) -> int:
+    return len((await _run_request(request))["docs"])
+
+
+@priced("qa.run", units=_run_documents, variant=_run_suite)
+async def create_run(request: web.Request) -> web.Response:
+    """Buy a QA run: 202 with the run id; the payment is captured when the run is accepted here."""
+    data = await _run_request(request)
+    payment = request[PAYMENT]
+    store = request.app[RUNS]
+    limit = request.app[SETTINGS].qa_max_active
+    if await store.active(payment.payer) >= limit:
+        raise TooManyRequests("too_many_runs", f"at most {limit} runs queued or running per account; you were not charged",
+                              headers={"Retry-After": "10"})
+    run = await store.submit(owner=payment.payer, suite=data["suite"], k8s=data["kubernetes_version"],
+                             strict=data["strict"], body=data["text"], documents=len(data["docs"]),
+                             price=payment.amount, receipt=payment.transfer_id, webhook=data["webhook"])
+    location = f"/v1/qa/runs/{run['id']}"
+    return web.json_response({"id": run["id"], "status": run["status"], "location": location, "price": run["price"],
+                              "receipt": run["receipt"]}, status=202, headers={"Location": location})
+
+
+async def _owner(request: web.Request) -> str:
+    return await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window, allow_token=True)
+
+
+async def show_run(request: web.Request) -> web.Response:
+    owner = await _owner(request)
+    if "application/xml" in request.headers.get("Accept", ""):
+        return await junit(request)
+    return web.json_response(await request.app[RUNS].view(request.match_info["id"], owner))
+
+
+async def junit(request: web.Request) -> web.Response:
+    owner = await _owner(request)
+    xml = await request.app[RUNS].junit(request.match_info["id"], owner)
+    return web.Response(text=xml, content_type="application/xml")

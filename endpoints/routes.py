@@ -24,4 +24,8 @@ def setup(app: web.Application) -> None:
         web.post("/v1/admin/accounts", admin.create_account),
         web.post("/v1/admin/credits", admin.credit),
         web.post("/v1/qa/validate", qa.validate),
+        web.get("/v1/qa/suites", qa.list_suites),
+        web.post("/v1/qa/runs", qa.create_run),
+        web.get("/v1/qa/runs/{id}", qa.show_run),
+        web.get("/v1/qa/runs/{id}/junit.xml", qa.junit),
     ])

@@ -20,7 +20,8 @@ from .payments.bittransfer import BitTransfer
 from .payments.token import TokenPayment
 from .paywall import paywall_middleware
 from .pricing import price_book
-from .state import INVOICES, LEDGER, METHODS, PRICES, REDIS, SETTINGS
+from .qa.runs import Limits, RunStore, Worker
+from .state import INVOICES, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PRICES] = price_book(settings)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    app.cleanup_ctx.append(_workers_ctx)
     endpoint_routes.setup(app)
     return app
 
@@ -55,6 +57,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await ledger.ensure_system_accounts()
     app[INVOICES] = Invoices(await load_secret(redis, s.redis_prefix, s.invoice_secret),
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
+    app[RUNS] = RunStore(redis, s.redis_prefix)
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]), TokenPayment(s, ledger))
     log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
     yield
@@ -80,6 +83,26 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def qa_limits(s: Settings) -> Limits:
+    return Limits(max_active_per_account=s.qa_max_active, lease_seconds=s.qa_lease, max_attempts=s.qa_max_attempts)
+
+
+async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """QA_WORKERS in-process workers (default 1, so one `make run` serves runs); 0 when separate
+    `python -m service worker` processes do the work."""
+    s = app[SETTINGS]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(Worker(app[RUNS], app[LEDGER], qa_limits(s)).run_forever(stop))
+             for _ in range(s.qa_workers)]
+    yield
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _safe_url(url: str) -> str:

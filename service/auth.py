@@ -6,6 +6,7 @@ AUTH_WINDOW seconds.
 """
 from __future__ import annotations
 
+import hmac
 import time
 
 from aiohttp import web
@@ -18,9 +19,12 @@ from .ledger import Ledger, user_account
 __all__ = ["authenticate", "verify_body_signature"]
 
 
-async def authenticate(request: web.Request, ledger: Ledger, window: int) -> str:
-    """The username whose key signed this request; Unauthorized with the reason otherwise."""
+async def authenticate(request: web.Request, ledger: Ledger, window: int, *, allow_token: bool = False) -> str:
+    """The username whose key signed this request (or, with allow_token, who issued its spending
+    token: a CI job reads what it bought); Unauthorized with the reason otherwise."""
     scheme, _, value = request.headers.get(P.AUTHORIZATION, "").partition(" ")
+    if allow_token and scheme == P.TOKEN_SCHEME:
+        return await _token_owner(ledger, value.strip())
     if scheme != P.SIG_SCHEME:
         raise Unauthorized("auth_required", f"sign the request: Authorization: {P.SIG_SCHEME} <username>:<unix ts>:<signature>")
     parts = value.strip().split(":", 2)
@@ -53,3 +57,15 @@ def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes) -> 
         raise Unauthorized("malformed_signature", f"Authorization: {exc}") from None
     if not ok:
         raise Unauthorized("bad_signature", "the signature does not verify for this pubkey over the body")
+
+
+async def _token_owner(ledger: Ledger, value: str) -> str:
+    from .payments.token import TOKEN_RE, secret_hash  # noqa: PLC0415
+
+    match = TOKEN_RE.match(value)
+    record = await ledger.token(match.group(1)) if match else None
+    if record is None or not hmac.compare_digest(record["secret_hash"], secret_hash(match.group(2))):
+        raise Unauthorized("token_invalid", "unknown token, or wrong secret")
+    if record["revoked"] or (record["expires_at"] and record["expires_at"] <= time.time()):
+        raise Unauthorized("token_expired", "this token is revoked or expired")
+    return record["owner"].removeprefix("u:")

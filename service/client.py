@@ -123,7 +123,7 @@ class Operation:
 
     def fixed_price(self) -> int | None:
         """The price when it does not depend on the request (pay-first is possible), else None."""
-        return None if self.price.get("per_unit") else int(self.price["amount"])
+        return None if self.price.get("per_unit") or "variants" in self.price else int(self.price["amount"])
 
 
 @dataclass

@@ -55,6 +55,10 @@ class Settings:
     validate_base_price: int = 100
     validate_per_document: int = 20
     max_documents: int = 500
+    qa_workers: int = 1
+    qa_lease: int = 30
+    qa_max_attempts: int = 3
+    qa_max_active: int = 20
     log_level: str = "info"
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +93,10 @@ class Settings:
             validate_base_price=_int(env, "PRICE_VALIDATE_BASE", 100),
             validate_per_document=_int(env, "PRICE_VALIDATE_PER_DOCUMENT", 20),
             max_documents=_int(env, "MAX_DOCUMENTS", 500),
+            qa_workers=_int(env, "QA_WORKERS", 1),
+            qa_lease=_int(env, "QA_LEASE", 30),
+            qa_max_attempts=_int(env, "QA_MAX_ATTEMPTS", 3),
+            qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
             log_level=env.get("LOG_LEVEL", "info"),
         )
         return settings.with_(**overrides) if overrides else settings

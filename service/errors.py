@@ -5,7 +5,7 @@ from typing import Any
 
 __all__ = [
     "ApiError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "Conflict", "PayloadTooLarge",
-    "Unprocessable", "ServiceUnavailable", "PaymentRequired",
+    "Unprocessable", "TooManyRequests", "ServiceUnavailable", "PaymentRequired",
 ]
 
 
@@ -51,6 +51,10 @@ class PayloadTooLarge(ApiError):
 
 class Unprocessable(ApiError):
     status, code = 422, "validation_error"
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, "too_many_requests"
 
 
 class ServiceUnavailable(ApiError):

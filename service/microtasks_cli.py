@@ -151,10 +151,12 @@ async def cmd_catalog(args: argparse.Namespace, cfg: Config, out: Out) -> int:
     server = (args.url or cfg.need_server()).rstrip("/")
     async with PaidSession() as s:
         ops = await s.discover(server)
-    out.line(f"{'METHOD':7} {'PATH':32} {'PRICE (sat)':24} DESCRIPTION")
+    out.line(f"{'METHOD':7} {'PATH':24} {'PRICE (sat)':28} DESCRIPTION")
     for op in ops:
-        price = op.price.get("formula") if op.price.get("per_unit") else str(op.price["amount"])
-        out.line(f"{op.method:7} {op.path:32} {price:24} {op.description}")
+        for variant, price in (op.price.get("variants") or {"": op.price}).items():
+            shown = price.get("formula") if price.get("per_unit") else str(price["amount"])
+            label = f"{variant}: {shown}" if variant else shown
+            out.line(f"{op.method:7} {op.path:24} {label:28} {op.description}")
     return EXIT_OK
 
 

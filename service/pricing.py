@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .config import Settings
 
-__all__ = ["PriceRule", "Quote", "priced", "price_book", "route_rule", "quote_request", "request_hash"]
+__all__ = ["PriceRule", "Quote", "priced", "price_book", "route_rule", "quote_request", "request_hash", "describe"]
 
 UnitCounter = Callable[[web.Request], Awaitable[int]]
 
@@ -52,28 +52,48 @@ class Quote:
 
 def price_book(settings: Settings) -> dict[str, PriceRule]:
     """Every price rule of the service, from configuration."""
-    return {
+    from .qa.suites import SUITES  # noqa: PLC0415  (suites register themselves; operators may add more)
+
+    book = {
         "qa.validate": PriceRule(
             "qa.validate", settings.validate_base_price, settings.validate_per_document, "document",
             "Validate Kubernetes manifests against the API schemas of a Kubernetes version",
         ),
     }
+    for suite in SUITES.values():
+        name = f"qa.run.{suite.id}"
+        book[name] = PriceRule(name, suite.base_price, suite.per_document, "document",
+                               f"QA run, suite '{suite.id}': {suite.description}")
+    return book
+
+
+VariantPicker = Callable[[web.Request], Awaitable[str]]
 
 
 @dataclass(frozen=True)
 class _Priced:
     rule: str
     units: UnitCounter | None
+    variant: VariantPicker | None = None
 
 
-def priced(rule: str, *, units: UnitCounter | None = None) -> Callable:
-    """Mark a handler as paid: the paywall quotes it with price_book()[rule] and `units(request)`."""
+def priced(rule: str, *, units: UnitCounter | None = None, variant: VariantPicker | None = None) -> Callable:
+    """Mark a handler as paid: quoted with price_book()[rule] (or [f"{rule}.{await variant(request)}"],
+    e.g. one price per QA suite) times `units(request)`."""
 
     def mark(handler: Callable) -> Callable:
-        handler.__priced__ = _Priced(rule, units)  # type: ignore[attr-defined]
+        handler.__priced__ = _Priced(rule, units, variant)  # type: ignore[attr-defined]
         return handler
 
     return mark
+
+
+def describe(rule: str, book: dict[str, PriceRule]) -> dict[str, Any]:
+    """The `x-price` of a route: its rule, or the family of per-variant rules (`qa.run.schema`, ...)."""
+    if rule in book:
+        return book[rule].describe()
+    variants = {name[len(rule) + 1:]: r.describe() for name, r in sorted(book.items()) if name.startswith(rule + ".")}
+    return {"rule": rule, "currency": "sat", "formula": "by variant", "variants": variants}
 
 
 def route_rule(handler: Any) -> _Priced | None:
@@ -88,7 +108,7 @@ def request_hash(method: str, path_qs: str, body: bytes) -> str:
 
 
 async def quote_request(request: web.Request, marker: _Priced, book: dict[str, PriceRule]) -> Quote:
-    rule = book[marker.rule]
+    rule = book[f"{marker.rule}.{await marker.variant(request)}" if marker.variant else marker.rule]
     units = await marker.units(request) if marker.units else 0
     body = await request.read() if request.body_exists else b""
     return Quote(

@@ -5,12 +5,12 @@ import json
 from typing import Any
 
 from aiohttp import web
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
 from . import crypto
 from .errors import BadRequest, Unprocessable
 
-__all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
+__all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
 USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
 MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
@@ -42,6 +42,21 @@ class TokenSchema(Schema):
     routes = fields.List(fields.String(validate=validate.Regexp(r"^/[A-Za-z0-9/_.{}-]{0,200}$")),
                          load_default=list, validate=validate.Length(max=20))
     label = fields.String(load_default="", validate=validate.Length(max=100))
+
+
+class RunSchema(Schema):
+    suite = fields.String(required=True, validate=validate.Length(1, 64))
+    kubernetes_version = fields.String(load_default=None, validate=validate.Length(max=16))
+    manifests = fields.String(load_default=None)
+    archive = fields.String(load_default=None)
+    strict = fields.Boolean(load_default=False)
+    webhook = fields.Url(load_default=None, schemes={"http", "https"}, require_tld=False)
+
+    @validates_schema
+    def _one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if (data.get("manifests") is None) == (data.get("archive") is None):
+            raise ValidationError("give exactly one of 'manifests' (YAML text) or 'archive' (base64 tar.gz)",
+                                  field_name="manifests")
 
 
 class CreditSchema(Schema):

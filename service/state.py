@@ -9,8 +9,9 @@ from .invoices import Invoices
 from .ledger import Ledger
 from .payments import PaymentMethods
 from .pricing import PriceRule
+from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -18,3 +19,4 @@ LEDGER = web.AppKey("ledger", Ledger)
 INVOICES = web.AppKey("invoices", Invoices)
 PRICES = web.AppKey("prices", dict[str, PriceRule])
 METHODS = web.AppKey("methods", PaymentMethods)
+RUNS = web.AppKey("runs", RunStore)

@@ -35,9 +35,11 @@ async def test_rejection_raises_with_the_servers_reason(http, base_url, manifest
 async def test_discover_lists_priced_operations(http, base_url):
     async with PaidSession(session=http) as s:
         ops = await s.discover(base_url)
-    [op] = ops
-    assert (op.method, op.path, op.price["amount"], op.price["per_unit"]) == ("POST", "/v1/qa/validate", 100, 20)
+    by_path = {op.path: op for op in ops}
+    op = by_path["/v1/qa/validate"]
+    assert (op.method, op.price["amount"], op.price["per_unit"]) == ("POST", 100, 20)
     assert op.fixed_price() is None
+    assert set(by_path["/v1/qa/runs"].price["variants"]) >= {"schema"}
 
 
 async def test_pays_a_server_that_speaks_only_21_headers(aiohttp_server, http):

@@ -5,7 +5,7 @@ import yaml
 from openapi_spec_validator import validate
 
 from endpoints.marketplace import OPENAPI_PATH
-from service.pricing import price_book, route_rule
+from service.pricing import describe, price_book, route_rule
 
 
 def spec() -> dict:
@@ -38,7 +38,7 @@ def test_prices_agree_with_the_price_book(make_app, settings):
         if marker is None:
             assert "x-price" not in op, f"{route.method} {route.resource.canonical} is free but documents a price"
         else:
-            assert op["x-price"] == book[marker.rule].describe(), route.resource.canonical
+            assert op["x-price"] == describe(marker.rule, book), route.resource.canonical
 
 
 def test_21_marketplace_manifest_fields_are_kept():
@@ -55,10 +55,10 @@ async def test_served_spec_carries_the_operators_prices(aiohttp_server, make_app
     price = served["paths"]["/v1/qa/validate"]["post"]["x-price"]
     assert (price["amount"], price["per_unit"]) == (7, 3)
     async with http.get(server.make_url("/v1/catalog")) as r:
-        ops = (await r.json())["operations"]
-    assert ops == [{"method": "POST", "path": "/v1/qa/validate", "description": ops[0]["description"],
-                    "price": price}]
+        ops = {op["path"]: op for op in (await r.json())["operations"]}
+    assert ops["/v1/qa/validate"]["price"] == price and ops["/v1/qa/validate"]["method"] == "POST"
+    assert "schema" in ops["/v1/qa/runs"]["price"]["variants"]
     async with http.get(server.make_url("/.well-known/x402")) as r:
-        items = (await r.json())["items"]
-    assert items[0]["type"] == "http" and items[0]["accepts"][0]["amount"] == "7"
-    assert items[0]["resource"].endswith("/v1/qa/validate")
+        items = {item["resource"].rsplit("/", 1)[-1]: item for item in (await r.json())["items"]}
+    assert items["validate"]["type"] == "http" and items["validate"]["accepts"][0]["amount"] == "7"
+    assert items["validate"]["x402Version"] == 2 and items["validate"]["metadata"]["method"] == "POST"
