@@ -236,6 +236,18 @@ class PaidSession:
     async def signed_get(self, url: str) -> tuple[int, Any]:
         return await self.signed("GET", url)
 
+    async def owner_get(self, url: str, accept: str = "application/json") -> tuple[int, Any]:
+        """GET what this session's account owns (runs, results): with the token when there is one."""
+        if self.token:
+            status, payload, _ = await self._send("GET", url, None, {P.AUTHORIZATION: f"{P.TOKEN_SCHEME} {self.token}",
+                                                                  "Accept": accept})
+            return status, payload
+        if self.wallet is None:
+            raise PaymentError("reading results needs a wallet or a token")
+        status, payload, _ = await self._send("GET", url, None, {**signed_headers(self.wallet, "GET", url),
+                                                                "Accept": accept})
+        return status, payload
+
     async def discover(self, server: str) -> list[Operation]:
         """The server's priced operations, from /v1/catalog (or openapi.yaml's x-price when there is none)."""
         server = server.rstrip("/")

@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,57 +211,73 @@ def pack(files: list[Path]) -> tuple[bytes, list[tuple[str, int]]]:
     return ("\n---\n".join(chunks) + "\n").encode(), origin
 
 
-def junit(suite: str, result: dict[str, Any], origin: list[tuple[str, int]]) -> ET.ElementTree:
-    """One testcase per document (schema) or per document × rule (policy), failures with their messages."""
-    cases = []
-    for doc in result.get("documents", []):
-        src, idx = origin[doc["index"]] if doc["index"] < len(origin) else ("bundle", doc["index"])
-        name = f"{doc['kind']}/{doc.get('name') or '?'}"
-        failures = [f"{e['path'] or '(root)'}: {e['message']}" for e in doc.get("errors", [])]
-        cases.append((f"{src}#{idx}", f"schema {name}", failures, doc.get("valid") is None and doc.get("warnings")))
-    root = ET.Element("testsuites")
-    ts = ET.SubElement(root, "testsuite", name=f"microtasks.{suite}", tests=str(len(cases)),
-                       failures=str(sum(1 for c in cases if c[2])),
-                       skipped=str(sum(1 for c in cases if c[3] and not c[2])))
-    for classname, name, failures, skipped in cases:
-        tc = ET.SubElement(ts, "testcase", classname=classname, name=name)
-        for msg in failures:
-            ET.SubElement(tc, "failure", message=msg[:200]).text = msg
-        if skipped and not failures:
-            ET.SubElement(tc, "skipped", message="; ".join(skipped))
-    ET.indent(root)
-    return ET.ElementTree(root)
+class Progress:
+    """A spinner on a terminal; one plain line per status change otherwise (CI logs)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, out: Out) -> None:
+        self.out, self.last, self.tick = out, None, 0
+
+    def update(self, status: str, elapsed: float) -> None:
+        if self.out.tty:
+            self.tick += 1
+            print(f"\r{self.FRAMES[self.tick % 4]} {status} {elapsed:5.1f}s", end="", file=self.out.stream, flush=True)
+        elif status != self.last:
+            self.out.line(f"run {status} after {elapsed:.1f}s")
+        self.last = status
+
+    def done(self) -> None:
+        if self.out.tty:
+            print("\r", end="", file=self.out.stream, flush=True)
 
 
 async def cmd_qa_run(args: argparse.Namespace, cfg: Config, out: Out) -> int:
     server = cfg.need_server()
-    if args.suite != "schema":
-        raise UsageError(f"suite {args.suite!r} is not offered yet; this server runs the 'schema' suite")
     files = collect_manifests(args.paths)
     body, origin = pack(files)
-    out.line(f"packed {len(origin)} documents from {len(files)} files")
-    query = f"?kubernetes_version={args.k8s}" if args.k8s else ""
-    if args.strict:
-        query += ("&" if query else "?") + "strict=true"
+    out.line(f"packed {len(origin)} documents from {len(files)} files; suite {args.suite}")
+    request = {"suite": args.suite, "manifests": body.decode(), "strict": args.strict}
+    if args.k8s:
+        request["kubernetes_version"] = args.k8s
     async with _session(cfg, args.max_price, args.budget) as s:
-        status, result, _ = await s.request("POST", f"{server}/v1/qa/validate{query}", data=body,
-                                            headers={"Content-Type": "application/yaml"})
-    if status != 200:
-        out.line(f"error: {status} {result.get('error') if isinstance(result, dict) else ''}: "
-                 f"{result.get('detail') if isinstance(result, dict) else result}")
-        return EXIT_USAGE
-    out.line(f"paid {s.spent} sat, receipt {s.payments[-1].receipt}" if s.payments else "no payment was needed")
-    summary = result["summary"]
-    out.line(f"kubernetes {result['kubernetes_version']}: {summary['valid']} valid, {summary['invalid']} invalid, "
-             f"{summary['unchecked']} unchecked")
-    for doc in result["documents"]:
-        for err in doc["errors"]:
-            src, idx = origin[doc["index"]]
-            out.line(f"FAIL {src}#{idx} {doc['kind']}/{doc.get('name')}: {err['path']}: {err['message']}")
-    if args.junit:
-        junit(args.suite, result, origin).write(args.junit, encoding="utf-8", xml_declaration=True)
-        out.line(f"junit written to {args.junit}")
-    return EXIT_OK if result["valid"] else EXIT_FINDINGS
+        status, created, _ = await s.request("POST", f"{server}/v1/qa/runs", data=json.dumps(request),
+                                             headers={"Content-Type": "application/json"})
+        if status != 202:
+            detail = created.get("detail") if isinstance(created, dict) else created
+            out.line(f"error: {status} {created.get('error') if isinstance(created, dict) else ''}: {detail}")
+            return EXIT_USAGE
+        out.line(f"paid {s.spent} sat, receipt {s.payments[-1].receipt}; run {created['id']}")
+        progress, started = Progress(out), time.monotonic()
+        while True:
+            status, run = await s.owner_get(f"{server}{created['location']}")
+            if status != 200:
+                out.line(f"error: cannot read the run: {status} {run}")
+                return EXIT_USAGE
+            progress.update(run["status"], time.monotonic() - started)
+            if run["status"] in ("passed", "failed", "error"):
+                break
+            if time.monotonic() - started > args.timeout:
+                progress.done()
+                out.line(f"error: the run is still {run['status']} after {args.timeout}s; see {server}{created['location']}")
+                return EXIT_USAGE
+            await asyncio.sleep(0.5)
+        progress.done()
+        if run["status"] == "error":
+            out.line(f"error: the run failed on the server: {run['error']}; refunded: {run['refund'] or 'no'}")
+            return EXIT_USAGE
+        summary = run["summary"]
+        out.line(f"{run['status']}: {summary['testcases']} checks on {summary['documents']} documents, "
+                 f"{summary['failures']} failed, {summary['skipped']} skipped (kubernetes {run['kubernetes_version']})")
+        for f in run["findings"]:
+            src, idx = origin[f["document"]] if 0 <= f["document"] < len(origin) else ("bundle", "")
+            where = f" {f['path']}" if f["path"] else ""
+            out.line(f"FAIL {src}#{idx} {f['kind']}/{f['name']} [{f['rule']}]{where}: {f['message']}")
+        if args.junit:
+            status, xml = await s.owner_get(f"{server}{run['junit']}", accept="application/xml")
+            Path(args.junit).write_text(xml)
+            out.line(f"junit written to {args.junit}")
+    return EXIT_OK if run["status"] == "passed" else EXIT_FINDINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-price", type=int, required=True)
     run.add_argument("--budget", type=int)
     run.add_argument("--junit", help="write a JUnit XML report here")
+    run.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run")
     return p
 
 
