@@ -27,7 +27,7 @@ async def error_middleware(
     except ApiError as exc:
         return json_error(exc.status, exc.code, exc.detail, exc.headers)
     except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(413, "payload_too_large", f"request bodies are limited to {exc.max_size} bytes")
+        return json_error(413, "payload_too_large", exc.text)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
