@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from . import manifests
+from . import manifests, policy
 
-__all__ = ["Case", "Outcome", "Suite", "SUITES", "register", "get", "SchemaSuite"]
+__all__ = ["Case", "Outcome", "Suite", "SUITES", "register", "get", "SchemaSuite", "PolicySuite", "ConformanceSuite"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,46 @@ class SchemaSuite:
         return out
 
 
+class PolicySuite:
+    id = "policy"
+    description = ("Best-practice checks with a rule id, severity and fix hint each: image tags, requests and "
+                   "limits, probes, runAsNonRoot, privilege, host namespaces, Service selectors, PodDisruptionBudgets")
+    version = "1"
+    base_price, per_document = 200, 30
+    cross = False
+
+    def run(self, docs: list[dict[str, Any]], k8s_version: str, strict: bool) -> Outcome:
+        findings = policy.check_bundle(docs, cross=self.cross)
+        failed: dict[tuple[int, str], list[policy.Finding]] = {}
+        for f in findings:
+            failed.setdefault((f.document, f.rule), []).append(f)
+        out = Outcome()
+        for i, doc in enumerate(docs):
+            kind, name = _label(doc)
+            for r in policy.RULES.values():
+                if (r.cross and not self.cross) or not policy.applies(r, doc):
+                    continue
+                hits = failed.get((i, r.id), [])
+                if not hits:
+                    out.cases.append(Case(i, kind, name, r.id, "passed", r.severity))
+                for f in hits:
+                    out.cases.append(Case(i, kind, name, r.id, "failed", r.severity, f.path, f.message, r.fix))
+        return out
+
+
+class ConformanceSuite(PolicySuite):
+    id = "conformance"
+    description = ("The schema and policy suites together, plus cross-document checks: duplicate names, "
+                   "namespaces used but not defined, ConfigMap/Secret references that resolve to nothing")
+    base_price, per_document = 300, 40
+    cross = True
+
+    def run(self, docs: list[dict[str, Any]], k8s_version: str, strict: bool) -> Outcome:
+        out = SchemaSuite().run(docs, k8s_version, strict)
+        out.cases += super().run(docs, k8s_version, strict).cases
+        return out
+
+
 SUITES: dict[str, Suite] = {}
 
 
@@ -88,3 +128,5 @@ def get(suite_id: str) -> Suite | None:
 
 
 register(SchemaSuite())
+register(PolicySuite())
+register(ConformanceSuite())
