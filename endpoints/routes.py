@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import accounts, admin, health, marketplace, qa, tokens
+from . import accounts, admin, crowd, health, marketplace, qa, tokens
 
 __all__ = ["setup"]
 
@@ -28,4 +28,12 @@ def setup(app: web.Application) -> None:
         web.post("/v1/qa/runs", qa.create_run),
         web.get("/v1/qa/runs/{id}", qa.show_run),
         web.get("/v1/qa/runs/{id}/junit.xml", qa.junit),
+        web.post("/v1/qa/runners", crowd.register_runner),
+        web.post("/v1/qa/jobs", crowd.post_job),
+        web.post("/v1/qa/jobs/claim", crowd.claim),
+        web.get("/v1/qa/jobs/{id}", crowd.show_job),
+        web.post("/v1/qa/jobs/{id}/result", crowd.submit),
+        web.post("/v1/qa/jobs/{id}/results/{rid}/accept", crowd.accept),
+        web.post("/v1/qa/jobs/{id}/results/{rid}/reject", crowd.reject),
+        web.post("/v1/qa/jobs/{id}/close", crowd.close),
     ])

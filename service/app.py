@@ -21,7 +21,8 @@ from .payments.token import TokenPayment
 from .paywall import paywall_middleware
 from .pricing import price_book
 from .qa.runs import Limits, RunStore, Worker
-from .state import INVOICES, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .qa.crowd import Crowd
+from .state import CROWD, INVOICES, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -58,6 +59,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[INVOICES] = Invoices(await load_secret(redis, s.redis_prefix, s.invoice_secret),
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
     app[RUNS] = RunStore(redis, s.redis_prefix)
+    app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease)
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]), TokenPayment(s, ledger))
     log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
     yield
@@ -75,6 +77,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 voided = await ledger.sweep_expired()
                 if voided:
                     log.info("holds_expired", voided=voided)
+                closed = await app[CROWD].expire_jobs()
+                if closed:
+                    log.info("crowd_jobs_expired", closed=closed)
             except Exception as exc:  # keep sweeping when Redis comes back
                 log.warning("sweep_failed", error=str(exc))
 

@@ -59,6 +59,7 @@ class Settings:
     qa_lease: int = 30
     qa_max_attempts: int = 3
     qa_max_active: int = 20
+    crowd_lease: int = 600
     log_level: str = "info"
     extra: dict = field(default_factory=dict)
 
@@ -97,6 +98,7 @@ class Settings:
             qa_lease=_int(env, "QA_LEASE", 30),
             qa_max_attempts=_int(env, "QA_MAX_ATTEMPTS", 3),
             qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
+            crowd_lease=_int(env, "CROWD_LEASE", 600),
             log_level=env.get("LOG_LEVEL", "info"),
         )
         return settings.with_(**overrides) if overrides else settings

@@ -10,7 +10,8 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from . import crypto
 from .errors import BadRequest, Unprocessable
 
-__all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
+__all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
+           "ResultSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
 USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
 MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
@@ -57,6 +58,36 @@ class RunSchema(Schema):
         if (data.get("manifests") is None) == (data.get("archive") is None):
             raise ValidationError("give exactly one of 'manifests' (YAML text) or 'archive' (base64 tar.gz)",
                                   field_name="manifests")
+
+
+class RunnerSchema(Schema):
+    labels = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[a-z0-9][a-z0-9._/-]{0,62}$")),
+                         values=fields.String(validate=validate.Length(1, 63)), required=True,
+                         validate=validate.Length(max=20))
+
+
+class CrowdJobSchema(Schema):
+    title = fields.String(required=True, validate=validate.Length(1, 200))
+    instructions = fields.String(load_default="", validate=validate.Length(max=10_000))
+    manifests = fields.String(load_default=None, validate=validate.Length(max=1024 * 1024))
+    labels = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict,
+                         validate=validate.Length(max=20))
+    reward = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**9))
+    results_wanted = fields.Integer(required=True, strict=True, validate=validate.Range(1, 100))
+    expires_in = fields.Integer(load_default=86_400, strict=True, validate=validate.Range(10, 30 * 86_400))
+    auto_accept = fields.Boolean(load_default=False)
+
+
+class ClaimSchema(Schema):
+    runner = fields.String(required=True, validate=validate.Regexp(r"^rn_[0-9a-f]{16}$"))
+    wait = fields.Float(load_default=0.0, validate=validate.Range(0, 30))
+
+
+class ResultSchema(Schema):
+    runner = fields.String(required=True, validate=validate.Regexp(r"^rn_[0-9a-f]{16}$"))
+    status = fields.String(required=True, validate=validate.OneOf(["passed", "failed"]))
+    junit = fields.String(load_default="", validate=validate.Length(max=1024 * 1024))
+    log = fields.String(load_default="", validate=validate.Length(max=64 * 1024))
 
 
 class CreditSchema(Schema):

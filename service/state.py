@@ -9,9 +9,10 @@ from .invoices import Invoices
 from .ledger import Ledger
 from .payments import PaymentMethods
 from .pricing import PriceRule
+from .qa.crowd import Crowd
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -20,3 +21,4 @@ INVOICES = web.AppKey("invoices", Invoices)
 PRICES = web.AppKey("prices", dict[str, PriceRule])
 METHODS = web.AppKey("methods", PaymentMethods)
 RUNS = web.AppKey("runs", RunStore)
+CROWD = web.AppKey("crowd", Crowd)

@@ -1,0 +1,157 @@
+"""Crowd QA over HTTP: escrowed rewards, leases, one payment per accepted result, refunds of the rest."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.client import PaidSession
+from service.ledger import user_account
+from service.qa.crowd import Crowd
+
+JUNIT = '<testsuites><testsuite name="e2e" tests="1" failures="0"><testcase name="pods"/></testsuite></testsuites>'
+
+
+async def call(http, wallet, method, url, body=None):
+    async with PaidSession(wallet, session=http) as s:
+        return await s.signed(method, url, body)
+
+
+async def runner(http, base_url, wallet, **labels):
+    status, body = await call(http, wallet, "POST", f"{base_url}/v1/qa/runners", {"labels": labels})
+    assert status == 201, body
+    return body["id"]
+
+
+async def post_job(http, base_url, buyer, **fields):
+    job = {"title": "e2e on arm64", "labels": {"arch": "arm64"}, "reward": 100, "results_wanted": 3, **fields}
+    status, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs", job)
+    assert status == 201, body
+    return body
+
+
+async def claim_and_submit(http, base_url, wallet, runner_id, status="passed"):
+    code, leased = await call(http, wallet, "POST", f"{base_url}/v1/qa/jobs/claim", {"runner": runner_id})
+    if code == 204:
+        return None
+    assert code == 200, leased
+    code, result = await call(http, wallet, "POST", f"{base_url}/v1/qa/jobs/{leased['job']}/result",
+                              {"runner": runner_id, "status": status, "junit": JUNIT, "log": "ok"})
+    assert code == 201, result
+    return result
+
+
+async def test_three_wanted_four_runners_exactly_three_paid_rest_refunded(http, base_url, funded, ledger):
+    buyer = await funded(1000)
+    job = await post_job(http, base_url, buyer)
+    assert job["escrow"] == 300
+    assert (await ledger.balance(user_account(buyer.username))).posted == 700
+    runners = [await funded(0) for _ in range(4)]
+    ids = [await runner(http, base_url, w, arch="arm64", provider="bare-metal") for w in runners]
+    results = await asyncio.gather(*[claim_and_submit(http, base_url, w, rid) for w, rid in zip(runners, ids)])
+    submitted = [r for r in results if r]
+    assert len(submitted) == 3  # the 4th finds every slot leased
+    for r in submitted:
+        code, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/results/{r['id']}/accept")
+        assert code == 200 and body["state"] == "accepted"
+    code, again = await call(http, buyer, "POST",
+                             f"{base_url}/v1/qa/jobs/{job['id']}/results/{submitted[0]['id']}/accept")
+    assert code == 200  # accepting twice pays once
+    paid = [(await ledger.balance(user_account(w.username))).posted for w in runners]
+    assert sorted(paid) == [0, 100, 100, 100]
+    code, closed = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close")
+    assert closed["escrow"] == 0 and closed["status"] == "closed"
+    assert (await ledger.balance(user_account(buyer.username))).posted == 700
+    assert (await ledger.reconcile()).ok
+
+
+async def test_rejected_result_frees_its_slot_and_unearned_reward_returns(http, base_url, funded, ledger):
+    buyer = await funded(1000)
+    job = await post_job(http, base_url, buyer, results_wanted=1)
+    a, b = await funded(0), await funded(0)
+    ra, rb = await runner(http, base_url, a, arch="arm64"), await runner(http, base_url, b, arch="arm64")
+    first = await claim_and_submit(http, base_url, a, ra, "failed")
+    assert await claim_and_submit(http, base_url, b, rb) is None  # the one slot is taken
+    await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/results/{first['id']}/reject")
+    second = await claim_and_submit(http, base_url, b, rb)
+    assert second is not None
+    await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close")
+    assert (await ledger.balance(user_account(a.username))).posted == 0
+    assert (await ledger.balance(user_account(buyer.username))).posted == 1000
+    assert (await ledger.reconcile()).ok
+
+
+async def test_no_submit_without_a_lease_nor_twice(http, base_url, funded):
+    buyer, worker = await funded(1000), await funded(0)
+    job = await post_job(http, base_url, buyer)
+    rid = await runner(http, base_url, worker, arch="arm64")
+    body = {"runner": rid, "status": "passed"}
+    code, err = await call(http, worker, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/result", body)
+    assert (code, err["error"]) == (409, "no_lease")
+    await claim_and_submit(http, base_url, worker, rid)
+    code, err = await call(http, worker, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/result", body)
+    assert (code, err["error"]) == (409, "no_lease")
+    code, _ = await call(http, worker, "POST", f"{base_url}/v1/qa/jobs/claim", {"runner": rid})
+    assert code == 204  # a runner gets each job once
+
+
+async def test_labels_must_match(http, base_url, funded):
+    buyer, worker = await funded(1000), await funded(0)
+    await post_job(http, base_url, buyer)
+    rid = await runner(http, base_url, worker, arch="amd64")
+    code, _ = await call(http, worker, "POST", f"{base_url}/v1/qa/jobs/claim", {"runner": rid, "wait": 0.6})
+    assert code == 204
+
+
+async def test_expired_lease_goes_back_to_the_queue(aiohttp_server, make_app, http, ledger, settings):
+    server = await aiohttp_server(make_app(crowd_lease=1))
+    base = str(server.make_url("")).rstrip("/")
+    from service.client import Wallet
+
+    buyer, slow, fast = Wallet.generate("crowd-buyer"), Wallet.generate("crowd-slow"), Wallet.generate("crowd-fast")
+    for w in (buyer, slow, fast):
+        async with PaidSession(w, session=http) as s:
+            await s.register(base)
+    await ledger.post("grant-crowd", "sys:grants", user_account(buyer.username), 500)
+    job = await post_job(http, base, buyer, results_wanted=1)
+    r_slow, r_fast = await runner(http, base, slow, arch="arm64"), await runner(http, base, fast, arch="arm64")
+    code, _ = await call(http, slow, "POST", f"{base}/v1/qa/jobs/claim", {"runner": r_slow})
+    assert code == 200
+    code, _ = await call(http, fast, "POST", f"{base}/v1/qa/jobs/claim", {"runner": r_fast})
+    assert code == 204
+    await asyncio.sleep(1.2)
+    code, err = await call(http, slow, "POST", f"{base}/v1/qa/jobs/{job['id']}/result", {"runner": r_slow, "status": "passed"})
+    assert (code, err["error"]) == (409, "lease_expired")
+    assert await claim_and_submit(http, base, fast, r_fast) is not None
+
+
+async def test_two_independent_runners_agreeing_are_accepted_automatically(http, base_url, funded, ledger):
+    buyer = await funded(1000)
+    job = await post_job(http, base_url, buyer, results_wanted=2, auto_accept=True)
+    a, b = await funded(0), await funded(0)
+    await claim_and_submit(http, base_url, a, await runner(http, base_url, a, arch="arm64"))
+    assert (await ledger.balance(user_account(a.username))).posted == 0
+    await claim_and_submit(http, base_url, b, await runner(http, base_url, b, arch="arm64"))
+    assert [(await ledger.balance(user_account(w.username))).posted for w in (a, b)] == [100, 100]
+    code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
+    assert state["accepted"] == 2 and state["escrow"] == 0
+
+
+async def test_job_needs_the_escrow_funds(http, base_url, funded, ledger):
+    buyer = await funded(100)
+    status, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs",
+                              {"title": "x", "reward": 100, "results_wanted": 2})
+    assert (status, body["error"]) == (402, "insufficient_funds")
+    assert (await ledger.balance(user_account(buyer.username))).posted == 100
+
+
+async def test_expired_job_refunds_the_buyer(http, base_url, funded, ledger, settings):
+    buyer = await funded(1000)
+    job = await post_job(http, base_url, buyer, expires_in=10)
+    crowd = Crowd(ledger.redis, settings.redis_prefix, ledger)
+    await ledger.redis.zadd(crowd._k("open"), {job["id"]: 1})  # as if its expiry had passed
+    assert await crowd.expire_jobs() == 1
+    assert (await ledger.balance(user_account(buyer.username))).posted == 1000
+    code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
+    assert state["status"] == "expired" and state["escrow"] == 0
+    assert (await ledger.reconcile()).ok
