@@ -22,6 +22,7 @@ test: install
 
 bench: install
 	$(PY) bench/paid_vs_free.py $(ARGS)
+	$(PY) bench/qa_runs.py
 
 clean:
 	rm -rf $(VENV) var *.egg-info

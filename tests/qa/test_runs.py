@@ -219,3 +219,27 @@ async def test_worker_killed_mid_run_another_finishes_charged_once(extra_suites,
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
+
+
+async def test_webhook_receives_the_summary(http, base_url, funded, aiohttp_server):
+    from aiohttp import web
+
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = await aiohttp_server(app)
+    wallet = await funded(1000)
+    async with PaidSession(wallet, max_price=500, session=http) as s:
+        created = await buy(s, base_url, manifests=GOOD, webhook=str(receiver.make_url("/hook")))
+        await wait_done(s, base_url, created["id"])
+    for _ in range(50):
+        if received:
+            break
+        await asyncio.sleep(0.05)
+    assert received == [{"id": created["id"], "status": "passed", "summary": received[0]["summary"]}]
+    assert received[0]["summary"]["testcases"] == 2
