@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import accounts, admin, crowd, health, marketplace, qa, tokens
+from . import accounts, admin, crowd, experts, health, marketplace, qa, tokens
 
 __all__ = ["setup"]
 
@@ -36,4 +36,22 @@ def setup(app: web.Application) -> None:
         web.post("/v1/qa/jobs/{id}/results/{rid}/accept", crowd.accept),
         web.post("/v1/qa/jobs/{id}/results/{rid}/reject", crowd.reject),
         web.post("/v1/qa/jobs/{id}/close", crowd.close),
+        web.get("/v1/charities", experts.charities),
+        web.get("/v1/experts", experts.list_experts),
+        web.put("/v1/experts/me", experts.put_profile),
+        web.get("/v1/experts/me/questions", experts.my_questions),
+        web.get("/v1/experts/{username}", experts.show_expert),
+        web.post("/v1/experts/{username}/questions", experts.ask_expert),
+        web.post("/v1/experts/{username}/hire-requests", experts.hire_request),
+        web.get("/v1/lists", experts.lists),
+        web.post("/v1/lists", experts.create_list),
+        web.get("/v1/lists/{name}", experts.show_list),
+        web.post("/v1/lists/{name}/members/me", experts.join),
+        web.delete("/v1/lists/{name}/members/me", experts.leave),
+        web.post("/v1/lists/{name}/members/{username}/approve", experts.approve),
+        web.post("/v1/lists/{name}/questions", experts.ask_list),
+        web.get("/v1/questions/{id}", experts.show_question),
+        web.post("/v1/questions/{id}/reply", experts.reply),
+        web.post("/v1/questions/{id}/withdraw", experts.withdraw),
+        web.get("/v1/questions/{id}/responses", experts.responses),
     ])

@@ -22,7 +22,8 @@ from .paywall import paywall_middleware
 from .pricing import price_book
 from .qa.runs import Limits, RunStore, Worker
 from .qa.crowd import Crowd
-from .state import CROWD, INVOICES, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .experts import Experts
+from .state import CROWD, EXPERTS, INVOICES, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -60,6 +61,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
     app[RUNS] = RunStore(redis, s.redis_prefix)
     app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease)
+    app[EXPERTS] = Experts(redis, s.redis_prefix, ledger)
+    await app[EXPERTS].ensure_charities()
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]), TokenPayment(s, ledger))
     log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
     yield
@@ -80,6 +83,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 closed = await app[CROWD].expire_jobs()
                 if closed:
                     log.info("crowd_jobs_expired", closed=closed)
+                expired = await app[EXPERTS].expire_questions()
+                if expired:
+                    log.info("questions_expired", closed=expired)
             except Exception as exc:  # keep sweeping when Redis comes back
                 log.warning("sweep_failed", error=str(exc))
 

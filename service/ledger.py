@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 __all__ = [
-    "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "AccountKind", "Balance", "ReconcileReport",
+    "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
     "user_account", "REVENUE", "GRANTS",
 ]
 
@@ -60,6 +60,9 @@ class Outcome(str, enum.Enum):
     TOKEN_MAX_PER_CALL = "token_max_per_call"
     TOKEN_ROUTE = "token_route"
     TOKEN_MAX_TOTAL = "token_max_total"
+    NOTHING = "nothing"                # an all-of-it transfer from an empty account
+    GUARDED = "guarded"                # the guard's forbidden field is set (e.g. the question is closed)
+    CLAIMED = "claimed"                # the guard's claim field is taken (e.g. this member was paid)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,20 @@ class Hold:
     credit: str
     amount: int
     token: str = ""   # the spending token it was paid with, whose spend a void gives back
+
+
+ALL = "*"  # amount: everything the debit account has available (refunds of what was never earned)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Makes a transfer conditional on another hash in the same slot, in the same script: refuse when
+    `forbid` is set there, refuse when `claim` is set there and otherwise set it to `value`."""
+
+    key: str
+    forbid: str = ""
+    claim: str = ""
+    value: str = "1"
 
 
 @dataclass(frozen=True)
@@ -137,9 +154,11 @@ return {'ok'}
 """
 
 _TRANSFER = _NOW + """
--- KEYS: xfer, debit acct, credit acct, pending zset, journal, debit history, credit history, token
--- ARGV: id, debit, credit, amount, mode (post|pend), timeout_s, require_pubkey, meta (a JSON object),
---       token secret hash ('' when not paid by token), resource path (for the token's route caveat)
+-- KEYS: xfer, debit acct, credit acct, pending zset, journal, debit history, credit history, token, guard hash
+-- ARGV: id, debit, credit, amount ('*' = all the debit account has), mode (post|pend), timeout_s,
+--       require_pubkey, meta (a JSON object), token secret hash ('' when not paid by token), resource path
+--       (for the token's route caveat), guard: field that must be absent, field to claim, claim value,
+--       kind to open the credit account with when it does not exist ('' = it must exist)
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'replayed', unpack(redis.call('HGETALL', KEYS[1]))}
 end
@@ -165,10 +184,24 @@ local d = redis.call('HMGET', KEYS[2], 'nonneg', 'dp', 'cp', 'dpend', 'meta:pubk
 if not d[1] then return {'no_debit_account'} end
 if ARGV[7] ~= '' and d[5] ~= ARGV[7] then return {'pubkey_mismatch'} end
 local credit_kind = redis.call('HGET', KEYS[3], 'kind')
+if not credit_kind and ARGV[14] ~= '' then  -- an escrow opened by its first payment: no empty accounts
+  credit_kind = ARGV[14]
+  redis.call('HSET', KEYS[3], 'name', ARGV[3], 'kind', credit_kind, 'nonneg', 1, 'dp', 0, 'cp', 0, 'dpend', 0,
+    'cpend', 0, 'created', now_ms)
+  redis.call('SADD', KEYS[10], ARGV[3])
+  redis.call('XADD', KEYS[5], '*', 'op', 'open', 'account', ARGV[3], 'kind', credit_kind, 'ts', now_ms)
+end
 if not credit_kind then return {'no_credit_account'} end
+if ARGV[4] == '*' then
+  amount = tonumber(d[3]) - tonumber(d[2]) - tonumber(d[4])
+  if amount <= 0 then return {'nothing'} end
+end
+if ARGV[11] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[11]) == 1 then return {'guarded'} end
+if ARGV[12] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[12]) == 1 then return {'claimed'} end
 if d[1] == '1' and tonumber(d[3]) - tonumber(d[2]) - tonumber(d[4]) < amount then
   return {'insufficient'}
 end
+if ARGV[12] ~= '' then redis.call('HSET', KEYS[9], ARGV[12], ARGV[13]) end
 local state, op, expires = 'posted', 'post', 0
 if ARGV[5] == 'pend' then
   state, op = 'pending', 'pend'
@@ -188,7 +221,7 @@ redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', ARGV[2], 'cre
 -- per-user index of recent transfers (system accounts are audited through the journal instead)
 if d[6] == 'user' then redis.call('LPUSH', KEYS[6], ARGV[1]); redis.call('LTRIM', KEYS[6], 0, 999) end
 if credit_kind == 'user' then redis.call('LPUSH', KEYS[7], ARGV[1]); redis.call('LTRIM', KEYS[7], 0, 999) end
-return {'ok', state}
+return {'ok', state, amount}
 """
 
 _RESOLVE = _NOW + """
@@ -376,13 +409,16 @@ class Ledger:
         return _decode_transfer(row) if row else None
 
     # transfers -------------------------------------------------------------------------------------
-    async def post(self, transfer_id: str, debit: str, credit: str, amount: int, **meta: str) -> Result:
-        """A single-phase transfer (atomic, idempotent by id)."""
-        return await self._run_transfer(transfer_id, debit, credit, amount, "post", 0, "", None, meta)
+    async def post(self, transfer_id: str, debit: str, credit: str, amount: int | str, *,
+                   guard: Guard | None = None, **meta: str) -> Result:
+        """A single-phase transfer (atomic, idempotent by id). `amount=ALL` moves the debit account's
+        whole available balance; `guard` ties the transfer to a claim on another hash, atomically."""
+        return await self._run_transfer(transfer_id, debit, credit, amount, "post", 0, "", None, meta, guard)
 
     async def hold(
         self, transfer_id: str, debit: str, credit: str, amount: int, *, timeout: int,
-        require_pubkey: str = "", token: TokenSpend | None = None, **meta: str,
+        require_pubkey: str = "", token: TokenSpend | None = None, open_credit: AccountKind | None = None,
+        **meta: str,
     ) -> Result:
         """Reserve `amount` as a pending transfer (atomic, idempotent by id).
 
@@ -392,25 +428,34 @@ class Ledger:
         payments can never overspend a token or race a key change.
         """
         return await self._run_transfer(transfer_id, debit, credit, amount, "pend", timeout, require_pubkey,
-                                        token, meta)
+                                        token, meta, open_credit=open_credit)
 
     async def _run_transfer(
-        self, transfer_id: str, debit: str, credit: str, amount: int, mode: str, timeout: int,
-        require_pubkey: str, token: TokenSpend | None, meta: dict[str, str],
+        self, transfer_id: str, debit: str, credit: str, amount: int | str, mode: str, timeout: int,
+        require_pubkey: str, token: TokenSpend | None, meta: dict[str, str], guard: Guard | None = None,
+        open_credit: AccountKind | None = None,
     ) -> Result:
-        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        valid = amount == ALL and mode == "post" and token is None
+        if not valid and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
             raise ValueError(f"amount must be a positive integer of satoshis, got {amount!r}")
+        if guard is not None and not guard.key.startswith(self.tag + ":"):
+            raise ValueError("a guard key must carry the ledger's hash tag (one Redis Cluster slot)")
         args: list[Any] = [transfer_id, debit, credit, amount, mode, timeout, require_pubkey, json.dumps(meta),
-                           token.secret_hash if token else "", token.path if token else ""]
+                           token.secret_hash if token else "", token.path if token else "",
+                           guard.forbid if guard else "", guard.claim if guard else "", guard.value if guard else "",
+                           open_credit.value if open_credit else ""]
         res = await self._batch.call(
             self._transfer,
             [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending,
-             self.journal_key, self._hist(debit), self._hist(credit), self._token(token.token_id if token else "-")],
+             self.journal_key, self._hist(debit), self._hist(credit), self._token(token.token_id if token else "-"),
+             guard.key if guard else f"{self.tag}:guard:-", self._accounts],
             args,
         )
         outcome = Outcome(_s(res[0]))
         if outcome is Outcome.REPLAYED:
             return Result(outcome, _decode_transfer(_pairs(res[1:])))
+        if len(res) > 2:
+            return Result(outcome, {"id": transfer_id, "state": _s(res[1]), "amount": int(res[2])})
         return Result(outcome, {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
 
     async def capture(self, hold: Hold) -> Result:

@@ -19,14 +19,15 @@ from . import protocol as P
 from .challenge import render_402
 from .config import Settings
 from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized
-from .ledger import REVENUE, Hold, Ledger, Outcome, user_account
+from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
 from .payments import Payment
 from .pricing import Quote, quote_request, route_rule
 from .state import INVOICES, LEDGER, METHODS, PRICES, SETTINGS
 
-__all__ = ["paywall_middleware", "PAYMENT"]
+__all__ = ["paywall_middleware", "PAYMENT", "HOLD"]
 
 PAYMENT = web.RequestKey("payment", Payment)  # the verified Payment, for handlers that need the payer
+HOLD = web.RequestKey("hold", Hold)  # the hold the paywall will capture if the handler succeeds
 log = structlog.get_logger("paywall")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,6 +72,7 @@ def paywall_middleware() -> Callable:
             log.info("payment_refused", reason=exc.code, method=method.name)
             return _challenge(request, quote, exc.code, exc.detail)
         request[PAYMENT] = payment
+        request[HOLD] = hold
         try:
             response = await handler(request)
         except BaseException as exc:  # priced handlers return their success; anything raised is a failure
@@ -99,10 +101,11 @@ def paywall_middleware() -> Callable:
 
 async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settings) -> Hold:
     token_id = payment.token.token_id if payment.token else ""
-    hold = Hold(payment.transfer_id, user_account(payment.payer), REVENUE, quote.amount, token_id)
+    hold = Hold(payment.transfer_id, user_account(payment.payer), quote.credit or REVENUE, quote.amount, token_id)
     result = await ledger.hold(
         hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
         require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
+        open_credit=AccountKind.ESCROW if hold.credit.startswith("escrow:") else None,
         method=payment.method, request_hash=quote.request_hash,
     )
     if result.outcome is Outcome.APPLIED:

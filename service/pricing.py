@@ -23,6 +23,7 @@ class PriceRule:
     per_unit: int = 0
     unit: str | None = None
     description: str = ""
+    set_by: str = ""   # the price is set per request by someone else (e.g. "the expert's profile price")
 
     def amount(self, units: int = 0) -> int:
         return self.base + self.per_unit * units
@@ -30,7 +31,9 @@ class PriceRule:
     def describe(self) -> dict[str, Any]:
         """The `x-price` extension published in openapi.yaml and the catalog."""
         out: dict[str, Any] = {"rule": self.name, "amount": self.base, "currency": "sat"}
-        if self.per_unit:
+        if self.set_by:
+            out["formula"] = f"set by {self.set_by}"
+        elif self.per_unit:
             out["per_unit"] = self.per_unit
             out["unit"] = self.unit
             out["formula"] = f"{self.base} + {self.per_unit} * {self.unit}s"
@@ -48,6 +51,7 @@ class Quote:
     units: int
     resource: str          # "POST /v1/qa/validate"
     request_hash: str
+    credit: str = ""       # the account paid into ("" = the operator's revenue)
 
 
 def price_book(settings: Settings) -> dict[str, PriceRule]:
@@ -60,6 +64,12 @@ def price_book(settings: Settings) -> dict[str, PriceRule]:
             "Validate Kubernetes manifests against the API schemas of a Kubernetes version",
         ),
     }
+    book["experts.question"] = PriceRule("experts.question", 0, description="Ask an expert; paid on reply",
+                                         set_by="the expert's profile price (GET /v1/experts/{username})")
+    book["experts.hire"] = PriceRule("experts.hire", 0, description="A hire request to an expert; paid on reply",
+                                     set_by="the expert's profile price (GET /v1/experts/{username})")
+    book["lists.question"] = PriceRule("lists.question", 0, description="Ask a list; each reply is paid one share",
+                                       set_by="the list's price per response × max_responses")
     for suite in SUITES.values():
         name = f"qa.run.{suite.id}"
         book[name] = PriceRule(name, suite.base_price, suite.per_document, "document",
@@ -68,6 +78,8 @@ def price_book(settings: Settings) -> dict[str, PriceRule]:
 
 
 VariantPicker = Callable[[web.Request], Awaitable[str]]
+AmountPicker = Callable[[web.Request], Awaitable[int]]
+CreditPicker = Callable[[web.Request], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -75,14 +87,18 @@ class _Priced:
     rule: str
     units: UnitCounter | None
     variant: VariantPicker | None = None
+    amount: AmountPicker | None = None
+    credit: CreditPicker | None = None
 
 
-def priced(rule: str, *, units: UnitCounter | None = None, variant: VariantPicker | None = None) -> Callable:
+def priced(rule: str, *, units: UnitCounter | None = None, variant: VariantPicker | None = None,
+           amount: AmountPicker | None = None, credit: CreditPicker | None = None) -> Callable:
     """Mark a handler as paid: quoted with price_book()[rule] (or [f"{rule}.{await variant(request)}"],
-    e.g. one price per QA suite) times `units(request)`."""
+    e.g. one price per QA suite) times `units(request)`, or by `amount(request)` when the price is set by
+    someone else (an expert's own price). The money goes to revenue, or to `credit(request)` (an escrow)."""
 
     def mark(handler: Callable) -> Callable:
-        handler.__priced__ = _Priced(rule, units, variant)  # type: ignore[attr-defined]
+        handler.__priced__ = _Priced(rule, units, variant, amount, credit)  # type: ignore[attr-defined]
         return handler
 
     return mark
@@ -110,9 +126,11 @@ def request_hash(method: str, path_qs: str, body: bytes) -> str:
 async def quote_request(request: web.Request, marker: _Priced, book: dict[str, PriceRule]) -> Quote:
     rule = book[f"{marker.rule}.{await marker.variant(request)}" if marker.variant else marker.rule]
     units = await marker.units(request) if marker.units else 0
+    amount = await marker.amount(request) if marker.amount else rule.amount(units)
     body = await request.read() if request.body_exists else b""
     return Quote(
-        amount=rule.amount(units), rule=rule, units=units,
+        amount=amount, rule=rule, units=units,
         resource=f"{request.method} {request.path}",
         request_hash=request_hash(request.method, request.path_qs, body),
+        credit=await marker.credit(request) if marker.credit else "",
     )

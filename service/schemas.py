@@ -11,7 +11,8 @@ from . import crypto
 from .errors import BadRequest, Unprocessable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
-           "ResultSchema", "load_json", "USERNAME_RE", "MAX_AMOUNT"]
+           "ResultSchema", "ProfileSchema", "QuestionSchema", "ListQuestionSchema", "ListSchema", "ReplySchema",
+           "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
 USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
 MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
@@ -88,6 +89,51 @@ class ResultSchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf(["passed", "failed"]))
     junit = fields.String(load_default="", validate=validate.Length(max=1024 * 1024))
     log = fields.String(load_default="", validate=validate.Length(max=64 * 1024))
+
+
+class ProfileSchema(Schema):
+    display_name = fields.String(required=True, validate=validate.Length(1, 100))
+    bio = fields.String(load_default="", validate=validate.Length(max=4000))
+    tags = fields.List(fields.String(validate=validate.Regexp(r"^[a-z0-9][a-z0-9.+-]{0,31}$")), load_default=list,
+                       validate=validate.Length(max=20))
+    price = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**8))
+    reply_hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
+    payout = fields.String(load_default="keep", validate=validate.Regexp(r"^(keep|charity:[a-z0-9-]{1,64})$"))
+    links = fields.Dict(keys=fields.String(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
+                        validate=validate.Length(max=10))
+    available_for_hire = fields.Boolean(load_default=False)
+    webhook = fields.Url(load_default=None, schemes={"http", "https"}, require_tld=False)
+
+
+class QuestionSchema(Schema):
+    text = fields.String(required=True, validate=validate.Length(1, 5000))
+
+
+class FormFieldSchema(Schema):
+    id = fields.String(required=True, validate=validate.Regexp(r"^[a-z0-9_]{1,32}$"))
+    type = fields.String(required=True, validate=validate.OneOf(["choice", "number", "text"]))
+    label = fields.String(required=True, validate=validate.Length(1, 500))
+    options = fields.List(fields.String(validate=validate.Length(1, 200)), load_default=list,
+                          validate=validate.Length(max=50))
+
+
+class ListQuestionSchema(Schema):
+    text = fields.String(required=True, validate=validate.Length(1, 5000))
+    max_responses = fields.Integer(required=True, strict=True, validate=validate.Range(1, 1000))
+    hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
+    form = fields.List(fields.Nested(FormFieldSchema), load_default=None, validate=validate.Length(1, 50))
+
+
+class ListSchema(Schema):
+    name = fields.String(required=True, validate=validate.Regexp(r"^[a-z0-9][a-z0-9-]{1,39}$"))
+    description = fields.String(load_default="", validate=validate.Length(max=2000))
+    price = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**8))
+    approval_required = fields.Boolean(load_default=False)
+
+
+class ReplySchema(Schema):
+    text = fields.String(required=True, validate=validate.Length(1, 20_000))
+    answers = fields.Dict(load_default=None)
 
 
 class CreditSchema(Schema):

@@ -5,6 +5,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from .config import Settings
+from .experts import Experts
 from .invoices import Invoices
 from .ledger import Ledger
 from .payments import PaymentMethods
@@ -12,7 +13,7 @@ from .pricing import PriceRule
 from .qa.crowd import Crowd
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -22,3 +23,4 @@ PRICES = web.AppKey("prices", dict[str, PriceRule])
 METHODS = web.AppKey("methods", PaymentMethods)
 RUNS = web.AppKey("runs", RunStore)
 CROWD = web.AppKey("crowd", Crowd)
+EXPERTS = web.AppKey("experts", Experts)
