@@ -5,10 +5,12 @@ from service import accounts, crypto
 from service import protocol as P
 from service.auth import authenticate, verify_body_signature
 from service.errors import Forbidden
-from service.schemas import RegisterSchema, load_json
-from service.state import LEDGER, SETTINGS
+from service.schemas import PayoutSchema, RegisterSchema, WithdrawalSchema, load_json
+from service.state import LEDGER, PAYOUTS, SETTINGS
 
 _register = RegisterSchema()
+_payout = PayoutSchema()
+_withdrawal = WithdrawalSchema()
 
 
 async def register(request: web.Request) -> web.Response:
@@ -31,3 +33,26 @@ async def show(request: web.Request) -> web.Response:
 async def receipt(request: web.Request) -> web.Response:
     username = await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window)
     return web.json_response(await accounts.receipt_view(request.app[LEDGER], request.match_info["id"], username))
+
+
+async def me(request: web.Request) -> web.Response:
+    """Balance, pending holds, earnings by source, payout preference and withdrawals of the signed-in account."""
+    username = await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window)
+    payouts = request.app[PAYOUTS]
+    view = await accounts.account_view(request.app[LEDGER], username, 20)
+    return web.json_response({**view, "earnings": await payouts.earnings(username),
+                              "payout": await payouts.preference(username),
+                              "withdrawals": await payouts.of(username)})
+
+
+async def set_payout(request: web.Request) -> web.Response:
+    username = await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window)
+    data = await load_json(request, _payout)
+    return web.json_response(await request.app[PAYOUTS].set_preference(username, data["payout"], data["minimum"]))
+
+
+async def withdraw(request: web.Request) -> web.Response:
+    username = await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window)
+    data = await load_json(request, _withdrawal)
+    wd = await request.app[PAYOUTS].withdraw(username, data["amount"], data["address"])
+    return web.json_response(wd, status=201)

@@ -23,7 +23,8 @@ from .pricing import price_book
 from .qa.runs import Limits, RunStore, Worker
 from .qa.crowd import Crowd
 from .experts import Experts
-from .state import CROWD, EXPERTS, INVOICES, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .payouts import Payouts
+from .state import CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -61,7 +62,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
     app[RUNS] = RunStore(redis, s.redis_prefix)
     app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease)
-    app[EXPERTS] = Experts(redis, s.redis_prefix, ledger)
+    app[PAYOUTS] = Payouts(redis, s.redis_prefix, ledger, network=s.network, hold_days=s.withdrawal_hold_days,
+                           minimum_withdrawal=s.minimum_withdrawal)
+    app[EXPERTS] = Experts(redis, s.redis_prefix, ledger, app[PAYOUTS])
     await app[EXPERTS].ensure_charities()
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]), TokenPayment(s, ledger))
     log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
@@ -86,6 +89,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 expired = await app[EXPERTS].expire_questions()
                 if expired:
                     log.info("questions_expired", closed=expired)
+                queued = await app[PAYOUTS].auto_withdraw()
+                if queued:
+                    log.info("auto_withdrawals_queued", count=queued)
             except Exception as exc:  # keep sweeping when Redis comes back
                 log.warning("sweep_failed", error=str(exc))
 

@@ -60,6 +60,8 @@ class Settings:
     qa_max_attempts: int = 3
     qa_max_active: int = 20
     crowd_lease: int = 600
+    withdrawal_hold_days: int = 14
+    minimum_withdrawal: int = 10_000
     log_level: str = "info"
     extra: dict = field(default_factory=dict)
 
@@ -99,6 +101,8 @@ class Settings:
             qa_max_attempts=_int(env, "QA_MAX_ATTEMPTS", 3),
             qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
             crowd_lease=_int(env, "CROWD_LEASE", 600),
+            withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
+            minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),
         )
         return settings.with_(**overrides) if overrides else settings

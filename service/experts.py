@@ -26,8 +26,9 @@ import structlog
 
 from .errors import Conflict, Forbidden, NotFound, Unprocessable
 from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
+from .payouts import Payouts, charity_account
 
-__all__ = ["Experts", "CHARITIES", "charity_account"]
+__all__ = ["Experts", "CHARITIES"]
 
 log = structlog.get_logger("experts")
 
@@ -39,15 +40,11 @@ CHARITIES = {
 }
 
 
-def charity_account(charity_id: str) -> str:
-    return f"charity:{charity_id}"
-
-
 class Experts:
     """Owns every `{prefix}:xp:*` key; money moves only through the ledger."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, ledger: Ledger) -> None:
-        self.redis, self.ledger = redis, ledger
+    def __init__(self, redis: aioredis.Redis, prefix: str, ledger: Ledger, payouts: Payouts) -> None:
+        self.redis, self.ledger, self.payouts = redis, ledger, payouts
         self.tag = "{" + prefix + "}"
 
     def _k(self, *parts: str) -> str:
@@ -73,16 +70,15 @@ class Experts:
 
     # profiles --------------------------------------------------------------------------------------
     async def put_profile(self, username: str, data: dict[str, Any]) -> dict[str, Any]:
-        payout = data["payout"]
-        if payout.startswith("charity:") and not await self.redis.hexists(self._k("charities"), payout[8:]):
-            raise Unprocessable("validation_error", {"payout": [f"unknown charity {payout[8:]!r}; see GET /v1/charities"]})
+        if data.get("payout"):
+            await self.payouts.set_preference(username, data["payout"])
         key = self._k("profile", username)
         old = await self.redis.hgetall(key)
         secret = old.get("webhook_secret") or secrets.token_hex(16)
         record = {
             "username": username, "display_name": data["display_name"], "bio": data["bio"],
             "tags": json.dumps(sorted(set(data["tags"]))), "price": data["price"], "reply_hours": data["reply_hours"],
-            "payout": payout, "links": json.dumps(data["links"]), "available_for_hire": int(data["available_for_hire"]),
+            "links": json.dumps(data["links"]), "available_for_hire": int(data["available_for_hire"]),
             "webhook": data["webhook"] or "", "webhook_secret": secret,
             "created": old.get("created") or int(time.time()),
         }
@@ -104,7 +100,8 @@ class Experts:
         times = [int(t) for t in await self.redis.lrange(self._k("replytimes", username), 0, -1)]
         return {
             "username": username, "display_name": p["display_name"], "bio": p["bio"], "tags": json.loads(p["tags"]),
-            "price": int(p["price"]), "reply_hours": int(p["reply_hours"]), "payout": p["payout"],
+            "price": int(p["price"]), "reply_hours": int(p["reply_hours"]),
+            "payout": (await self.payouts.preference(username))["mode"],
             "links": json.loads(p["links"]), "available_for_hire": p["available_for_hire"] == "1",
             "stats": {"answered": int(p.get("answered", 0)), "expired": int(p.get("expired", 0)),
                       "median_reply_seconds": statistics.median(times) if times else None},
@@ -113,9 +110,6 @@ class Experts:
     async def list_experts(self, tag: str | None) -> list[dict[str, Any]]:
         names = await self.redis.smembers(self._k("tag", tag) if tag else self._k("experts"))
         return [await self.profile(n) for n in sorted(names)]
-
-    def payout_account(self, username: str, payout: str) -> str:
-        return charity_account(payout[8:]) if payout.startswith("charity:") else user_account(username)
 
     # lists -----------------------------------------------------------------------------------------
     async def create_list(self, owner: str, name: str, description: str, price: int, approval: bool) -> dict[str, Any]:
@@ -238,9 +232,7 @@ class Experts:
         form = json.loads(q["form"]) if q.get("form") else None
         if form:
             answers = validate_answers(form, answers or {})
-        profile = await self.redis.hgetall(self._k("profile", username))
-        payout = profile.get("payout", "keep")
-        credit = self.payout_account(username, payout)
+        credit = await self.payouts.earnings_account(username)
         now = int(time.time() * 1000)
         record = {"by": username, "text": text, "answers": answers, "at": now / 1000,
                   "paid": int(q["price_each"]), "paid_to": credit}

@@ -23,11 +23,12 @@ from redis.exceptions import NoScriptError
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
-    "user_account", "REVENUE", "GRANTS",
+    "user_account", "REVENUE", "GRANTS", "BITCOIN",
 ]
 
 REVENUE = "sys:revenue"
 GRANTS = "sys:grants"
+BITCOIN = "sys:bitcoin"  # the chain boundary: deposits come from it, withdrawals go to it
 
 
 def user_account(username: str) -> str:
@@ -381,6 +382,7 @@ class Ledger:
     async def ensure_system_accounts(self) -> None:
         await self.open_account(REVENUE, AccountKind.REVENUE)
         await self.open_account(GRANTS, AccountKind.CHAIN)
+        await self.open_account(BITCOIN, AccountKind.CHAIN)
 
     async def account_meta(self, name: str, key: str) -> str | None:
         value = await self.redis.hget(self._acct(name), f"meta:{key}")

@@ -11,7 +11,7 @@ from . import crypto
 from .errors import BadRequest, Unprocessable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
-           "ResultSchema", "ProfileSchema", "QuestionSchema", "ListQuestionSchema", "ListSchema", "ReplySchema",
+           "ResultSchema", "ProfileSchema", "QuestionSchema", "ListQuestionSchema", "ListSchema", "ReplySchema", "PayoutSchema", "WithdrawalSchema",
            "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
 USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
@@ -98,7 +98,7 @@ class ProfileSchema(Schema):
                        validate=validate.Length(max=20))
     price = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**8))
     reply_hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
-    payout = fields.String(load_default="keep", validate=validate.Regexp(r"^(keep|charity:[a-z0-9-]{1,64})$"))
+    payout = fields.String(load_default=None, validate=validate.Regexp(r"^(keep|charity:[a-z0-9-]{1,64})$"))
     links = fields.Dict(keys=fields.String(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
                         validate=validate.Length(max=10))
     available_for_hire = fields.Boolean(load_default=False)
@@ -134,6 +134,18 @@ class ListSchema(Schema):
 class ReplySchema(Schema):
     text = fields.String(required=True, validate=validate.Length(1, 20_000))
     answers = fields.Dict(load_default=None)
+
+
+class PayoutSchema(Schema):
+    payout = fields.String(required=True, validate=validate.Regexp(
+        r"^(keep|charity:[a-z0-9-]{1,64}|address:[A-Za-z0-9]{14,90})$",
+        error="keep, charity:<id> or address:<bitcoin address>"))
+    minimum = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+
+
+class WithdrawalSchema(Schema):
+    amount = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    address = fields.String(required=True, validate=validate.Length(14, 90))
 
 
 class CreditSchema(Schema):

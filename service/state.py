@@ -7,13 +7,14 @@ from aiohttp import web
 from .config import Settings
 from .experts import Experts
 from .invoices import Invoices
+from .payouts import Payouts
 from .ledger import Ledger
 from .payments import PaymentMethods
 from .pricing import PriceRule
 from .qa.crowd import Crowd
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -24,3 +25,4 @@ METHODS = web.AppKey("methods", PaymentMethods)
 RUNS = web.AppKey("runs", RunStore)
 CROWD = web.AppKey("crowd", Crowd)
 EXPERTS = web.AppKey("experts", Experts)
+PAYOUTS = web.AppKey("payouts", Payouts)

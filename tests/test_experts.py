@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from service.client import PaidSession
-from service.experts import Experts, charity_account
+from service.experts import Experts
+from service.payouts import Payouts, charity_account
 from service.ledger import user_account
 
 PRICE = 500
@@ -41,7 +42,8 @@ async def ask(http, base_url, asker, path, body, max_price=10_000):
 
 @pytest.fixture
 def xp(ledger, settings):
-    return Experts(ledger.redis, settings.redis_prefix, ledger)
+    return Experts(ledger.redis, settings.redis_prefix, ledger,
+                   Payouts(ledger.redis, settings.redis_prefix, ledger, network=settings.network))
 
 
 async def expire(xp: Experts, qid: str) -> None:
