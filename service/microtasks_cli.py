@@ -280,6 +280,38 @@ async def cmd_qa_run(args: argparse.Namespace, cfg: Config, out: Out) -> int:
     return EXIT_OK if run["status"] == "passed" else EXIT_FINDINGS
 
 
+async def cmd_ask(args: argparse.Namespace, cfg: Config, out: Out) -> int:
+    """Ask an expert (or a list with --list): the price is held in escrow until a reply or the deadline."""
+    server = cfg.need_server()
+    if args.list:
+        path, body = f"/v1/lists/{args.target}/questions", {"text": args.question, "max_responses": args.max_responses}
+    else:
+        path, body = f"/v1/experts/{args.target}/questions", {"text": args.question}
+    async with _session(cfg, args.max_price, args.budget) as s:
+        status, q, _ = await s.request("POST", f"{server}{path}", data=json.dumps(body),
+                                       headers={"Content-Type": "application/json"})
+        if status != 201:
+            out.line(f"error: {status} {q.get('error') if isinstance(q, dict) else ''}: "
+                     f"{q.get('detail') if isinstance(q, dict) else q}")
+            return EXIT_USAGE
+        out.line(f"asked {q['to']}: question {q['id']}, {s.spent} sat held until a reply or "
+                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(q['deadline']))}")
+        while args.wait and not q["replies"] and q["status"] in ("open",):
+            await asyncio.sleep(2)
+            _, q = await s.signed_get(f"{server}/v1/questions/{q['id']}")
+        for r in q["replies"]:
+            out.line(f"reply from {r['by']}: {r['text']}")
+    return EXIT_OK
+
+
+async def cmd_question(args: argparse.Namespace, cfg: Config, out: Out) -> int:
+    server, wallet = cfg.need_server(), cfg.wallet()
+    async with PaidSession(wallet) as s:
+        status, q = await s.signed_get(f"{server}/v1/questions/{args.id}")
+    out.json(q)
+    return EXIT_OK if status == 200 else EXIT_FINDINGS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microtasks", description="Pay-per-call Kubernetes QA and experts")
     p.add_argument("--server", help="service URL (env MICROTASKS_SERVER)")
@@ -325,10 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=int)
     run.add_argument("--junit", help="write a JUnit XML report here")
     run.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run")
+    ask = sub.add_parser("ask", help="ask an expert (or a list with --list), paid on reply")
+    ask.add_argument("target", help="expert username, or list name with --list")
+    ask.add_argument("question")
+    ask.add_argument("--list", action="store_true")
+    ask.add_argument("--max-responses", type=int, default=1)
+    ask.add_argument("--max-price", type=int, required=True)
+    ask.add_argument("--budget", type=int)
+    ask.add_argument("--wait", action="store_true", help="wait for the reply")
+    q = sub.add_parser("question", help="show a question, its replies and money state")
+    q.add_argument("id")
     return p
 
 
-COMMANDS = {"wallet": cmd_wallet, "register": cmd_register, "balance": cmd_balance, "token": cmd_token,
+COMMANDS = {"ask": cmd_ask, "question": cmd_question, "wallet": cmd_wallet, "register": cmd_register, "balance": cmd_balance, "token": cmd_token,
             "catalog": cmd_catalog, "call": cmd_call, "qa": cmd_qa_run}
 
 

@@ -128,3 +128,23 @@ async def test_ci_job_pays_with_a_token_without_the_wallet(cli, admin_post, mani
 async def test_catalog_prints_priced_endpoints(cli):
     code, out, _ = await cli("catalog")
     assert code == 0 and "/v1/qa/validate" in out and "100 + 20 * documents" in out
+
+
+async def test_ask_an_expert_pays_into_escrow_and_shows_the_reply(cli, admin_post, funded, http, base_url, ledger):
+    expert = await funded(0)
+    from service.client import PaidSession
+
+    async with PaidSession(expert, session=http) as s:
+        status, _ = await s.signed("PUT", f"{base_url}/v1/experts/me", {"display_name": "E", "price": 300})
+    assert status == 200
+    await registered(cli, admin_post, "cli-asker", 1000)
+    code, out, err = await cli("ask", expert.username, "Which CNI?", "--max-price", "200")
+    assert code == 2 and "exceeds max_price" in err
+    code, out, err = await cli("ask", expert.username, "Which CNI?", "--max-price", "500")
+    assert code == 0, out + err
+    qid = out.split("question ")[1].split(",")[0]
+    assert (await ledger.balance(user_account("cli-asker"))).posted == 700
+    async with PaidSession(expert, session=http) as s:
+        await s.signed("POST", f"{base_url}/v1/questions/{qid}/reply", {"text": "Cilium"})
+    code, out, _ = await cli("question", qid)
+    assert code == 0 and json.loads(out)["replies"][0]["text"] == "Cilium"
