@@ -4,9 +4,9 @@ from aiohttp import web
 from service import accounts, crypto
 from service import protocol as P
 from service.auth import authenticate, verify_body_signature
-from service.errors import Forbidden
+from service.errors import Forbidden, NotFound
 from service.schemas import PayoutSchema, RegisterSchema, WithdrawalSchema, load_json
-from service.state import LEDGER, PAYOUTS, SETTINGS
+from service.state import ADDRESSES, LEDGER, PAYOUTS, SETTINGS
 
 _register = RegisterSchema()
 _payout = PayoutSchema()
@@ -56,3 +56,13 @@ async def withdraw(request: web.Request) -> web.Response:
     data = await load_json(request, _withdrawal)
     wd = await request.app[PAYOUTS].withdraw(username, data["amount"], data["address"])
     return web.json_response(wd, status=201)
+
+
+async def deposit_address(request: web.Request) -> web.Response:
+    username = await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window)
+    book = request.app.get(ADDRESSES)
+    if book is None:
+        raise NotFound("deposits_disabled", "this server has no PAYEE_XPUB configured")
+    s = request.app[SETTINGS]
+    return web.json_response({"address": await book.deposit_address(username), "network": s.network,
+                              "confirmations": s.deposit_confirmations})

@@ -19,6 +19,7 @@ def setup(app: web.Application) -> None:
         web.get("/v1/accounts/me", accounts.me),
         web.put("/v1/accounts/me/payout", accounts.set_payout),
         web.post("/v1/accounts/me/withdrawals", accounts.withdraw),
+        web.get("/v1/accounts/me/deposit-address", accounts.deposit_address),
         web.get("/v1/accounts/{username}", accounts.show),
         web.post("/v1/accounts/me/tokens", tokens.create),
         web.get("/v1/accounts/me/tokens", tokens.index),

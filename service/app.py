@@ -24,7 +24,10 @@ from .qa.runs import Limits, RunStore, Worker
 from .qa.crowd import Crowd
 from .experts import Experts
 from .payouts import Payouts
-from .state import CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .chain.addresses import AddressBook
+from .chain.backends import backend_from_settings
+from .payments.onchain import OnChain
+from .state import ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -66,9 +69,20 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
                            minimum_withdrawal=s.minimum_withdrawal)
     app[EXPERTS] = Experts(redis, s.redis_prefix, ledger, app[PAYOUTS])
     await app[EXPERTS].ensure_charities()
-    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES]), TokenPayment(s, ledger))
+    methods: list = [TokenPayment(s, ledger)]
+    owns = None
+    if s.payee_xpub:
+        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network)
+        owns = app[ADDRESSES].owns
+    if s.chain:
+        app[CHAIN] = backend_from_settings(s.chain, s.chain_url or "", s.chain_cookie)
+        book = app.get(ADDRESSES)
+        methods.append(OnChain(s, app[CHAIN], owns or _none_owned, book.mark_paid if book else _noop))
+    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
     log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
     yield
+    if CHAIN in app:
+        await app[CHAIN].close()
     await redis.aclose()
 
 
@@ -100,6 +114,14 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _none_owned(address: str) -> bool:
+    return False
+
+
+async def _noop(address: str) -> None:
+    return None
 
 
 def qa_limits(s: Settings) -> Limits:

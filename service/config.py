@@ -60,6 +60,12 @@ class Settings:
     qa_max_attempts: int = 3
     qa_max_active: int = 20
     crowd_lease: int = 600
+    payee_xpub: str | None = None
+    chain: str | None = None           # esplora | bitcoind
+    chain_url: str | None = None
+    chain_cookie: str | None = None
+    onchain_max_zeroconf: int = 50_000
+    deposit_confirmations: int = 3
     withdrawal_hold_days: int = 14
     minimum_withdrawal: int = 10_000
     log_level: str = "info"
@@ -101,6 +107,12 @@ class Settings:
             qa_max_attempts=_int(env, "QA_MAX_ATTEMPTS", 3),
             qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
             crowd_lease=_int(env, "CROWD_LEASE", 600),
+            payee_xpub=env.get("PAYEE_XPUB") or None,
+            chain=env.get("CHAIN") or None,
+            chain_url=env.get("CHAIN_URL") or None,
+            chain_cookie=env.get("CHAIN_COOKIE") or None,
+            onchain_max_zeroconf=_int(env, "ONCHAIN_MAX_ZEROCONF", 50_000),
+            deposit_confirmations=_int(env, "DEPOSIT_CONFIRMATIONS", 3),
             withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
             minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),

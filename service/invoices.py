@@ -43,25 +43,26 @@ class Invoices:
         self.payee = payee
         self.address = address
 
-    def _mac(self, expires: int, nonce: str, amount: int, request_hash: str) -> str:
-        msg = f"{expires}|{nonce}|{amount}|{self.payee}|{self.address}|{request_hash}".encode()
+    def _mac(self, expires: int, nonce: str, amount: int, address: str, request_hash: str) -> str:
+        msg = f"{expires}|{nonce}|{amount}|{self.payee}|{address}|{request_hash}".encode()
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
 
-    def issue(self, quote: Quote, now: float | None = None) -> Invoice:
+    def issue(self, quote: Quote, address: str | None = None, now: float | None = None) -> Invoice:
+        """`address`: the invoice's own receiving address (derived from the xpub), else the static one."""
         expires = int((now or time.time()) + self.ttl)
         nonce = secrets.token_hex(6)
-        invoice_id = f"inv_{expires}_{nonce}_{self._mac(expires, nonce, quote.amount, quote.request_hash)}"
-        return Invoice(invoice_id, quote.amount, self.payee, self.address, quote.resource,
-                       quote.request_hash, expires)
+        address = address or self.address
+        invoice_id = f"inv_{expires}_{nonce}_{self._mac(expires, nonce, quote.amount, address, quote.request_hash)}"
+        return Invoice(invoice_id, quote.amount, self.payee, address, quote.resource, quote.request_hash, expires)
 
-    def check(self, invoice_id: str, quote: Quote, now: float | None = None) -> str | None:
-        """None if `invoice_id` was issued by us for this very request and amount and is unexpired;
-        otherwise the reason code."""
+    def check(self, invoice_id: str, quote: Quote, address: str, now: float | None = None) -> str | None:
+        """None if `invoice_id` was issued by us for this very request, amount and address and is
+        unexpired; otherwise the reason code."""
         parts = invoice_id.split("_")
         if len(parts) != 4 or parts[0] != "inv" or not parts[1].isdigit():
             return "invoice_invalid"
         expires, nonce, mac = int(parts[1]), parts[2], parts[3]
-        if not hmac.compare_digest(mac, self._mac(expires, nonce, quote.amount, quote.request_hash)):
+        if not hmac.compare_digest(mac, self._mac(expires, nonce, quote.amount, address, quote.request_hash)):
             return "invoice_mismatch"
         if expires < (now or time.time()):
             return "invoice_expired"

@@ -23,12 +23,13 @@ from redis.exceptions import NoScriptError
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
-    "user_account", "REVENUE", "GRANTS", "BITCOIN",
+    "user_account", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
 
 REVENUE = "sys:revenue"
 GRANTS = "sys:grants"
 BITCOIN = "sys:bitcoin"  # the chain boundary: deposits come from it, withdrawals go to it
+UNCLAIMED = "sys:unclaimed"  # on-chain payments for calls that then failed, kept for the operator to refund
 
 
 def user_account(username: str) -> str:
@@ -383,6 +384,7 @@ class Ledger:
         await self.open_account(REVENUE, AccountKind.REVENUE)
         await self.open_account(GRANTS, AccountKind.CHAIN)
         await self.open_account(BITCOIN, AccountKind.CHAIN)
+        await self.open_account(UNCLAIMED, AccountKind.ESCROW)
 
     async def account_meta(self, name: str, key: str) -> str | None:
         value = await self.redis.hget(self._acct(name), f"meta:{key}")

@@ -92,6 +92,23 @@ class Payouts:
     async def queued(self) -> list[dict[str, Any]]:
         return [await self.get(i) for i in await self.redis.zrange(self._k("wd", "queue"), 0, -1)]
 
+    async def requeue(self, txid: str) -> None:
+        """Forget an unbroadcast batch: its withdrawals go back to the queue for the next one."""
+        for wd_id in await self.batch(txid):
+            await self.redis.hset(self._k("wd", wd_id), "state", "queued")
+
+    async def mark_batched(self, ids: list[str], txid: str) -> None:
+        """Remember which withdrawals a batch transaction pays (its txid survives signing: segwit)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("wd", "batch", txid))
+            pipe.rpush(self._k("wd", "batch", txid), *ids)
+            for wd_id in ids:
+                pipe.hset(self._k("wd", wd_id), mapping={"state": "batched", "batch": txid})
+            await pipe.execute()
+
+    async def batch(self, txid: str) -> list[str]:
+        return await self.redis.lrange(self._k("wd", "batch", txid), 0, -1)
+
     async def settle(self, wd_id: str, txid: str) -> dict[str, Any]:
         """The batch paying it was broadcast: post the hold (idempotent)."""
         wd = await self.get(wd_id)

@@ -20,9 +20,9 @@ from .challenge import render_402
 from .config import Settings
 from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
-from .payments import Payment
+from .payments import KeepsFailedPayments, Payment
 from .pricing import Quote, quote_request, route_rule
-from .state import INVOICES, LEDGER, METHODS, PRICES, SETTINGS
+from .state import ADDRESSES, INVOICES, LEDGER, METHODS, PRICES, SETTINGS
 
 __all__ = ["paywall_middleware", "PAYMENT", "HOLD"]
 
@@ -46,8 +46,11 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
 }
 
 
-def _challenge(request: web.Request, quote: Quote, error: str = "payment_required", detail: Any = None) -> web.Response:
-    invoice = request.app[INVOICES].issue(quote)
+async def _challenge(request: web.Request, quote: Quote, error: str = "payment_required",
+                     detail: Any = None) -> web.Response:
+    book = request.app.get(ADDRESSES)
+    address = await book.for_invoice(request.app[SETTINGS].invoice_ttl) if book else None
+    invoice = request.app[INVOICES].issue(quote, address)
     return render_402(str(request.url), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
 
 
@@ -64,22 +67,27 @@ def paywall_middleware() -> Callable:
         quote = await quote_request(request, marker, app[PRICES])
         method = app[METHODS].select(request)
         if method is None:
-            return _challenge(request, quote)
+            return await _challenge(request, quote)
         try:
             payment = await method.verify(request, quote)
             hold = await _hold(ledger, payment, quote, settings)
         except PaymentRequired as exc:
             log.info("payment_refused", reason=exc.code, method=method.name)
-            return _challenge(request, quote, exc.code, exc.detail)
+            return await _challenge(request, quote, exc.code, exc.detail)
+        keeps = isinstance(method, KeepsFailedPayments)
         request[PAYMENT] = payment
         request[HOLD] = hold
         try:
             response = await handler(request)
         except BaseException as exc:  # priced handlers return their success; anything raised is a failure
             await _void(ledger, hold, f"handler raised {type(exc).__name__}")
+            if keeps:
+                await method.on_void(ledger, payment)
             raise
         if not 200 <= response.status < 300:
             await _void(ledger, hold, f"status {response.status}")
+            if keeps:
+                await method.on_void(ledger, payment)
             return response
         try:
             result = await ledger.capture(hold)
@@ -101,7 +109,8 @@ def paywall_middleware() -> Callable:
 
 async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settings) -> Hold:
     token_id = payment.token.token_id if payment.token else ""
-    hold = Hold(payment.transfer_id, user_account(payment.payer), quote.credit or REVENUE, quote.amount, token_id)
+    debit = payment.debit or user_account(payment.payer)
+    hold = Hold(payment.transfer_id, debit, quote.credit or REVENUE, quote.amount, token_id)
     result = await ledger.hold(
         hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
         require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,

@@ -4,7 +4,8 @@ import hashlib
 __all__ = [
     "PRICE", "BITCOIN_ADDRESS", "USERNAME", "BITCOIN_TRANSFER", "AUTHORIZATION", "PAYMENT_RECEIPT",
     "PAYMENT_REQUIRED", "PAYMENT_SIGNATURE", "PAYMENT_RESPONSE", "REQUEST_ID", "X402_VERSION",
-    "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_AMOUNT", "METHOD_TOKEN", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message",
+    "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_AMOUNT", "METHOD_TOKEN", "METHOD_ONCHAIN",
+    "BITCOIN_TRANSACTION", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message",
 ]
 
 # 21 / two1.bitrequests
@@ -12,6 +13,7 @@ PRICE = "Price"
 BITCOIN_ADDRESS = "Bitcoin-Address"
 USERNAME = "Username"
 BITCOIN_TRANSFER = "Bitcoin-Transfer"
+BITCOIN_TRANSACTION = "Bitcoin-Transaction"
 AUTHORIZATION = "Authorization"
 
 # ours
@@ -30,6 +32,7 @@ PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
 SCHEME_EXACT = "exact"
 METHOD_BITTRANSFER = "bittransfer"
 METHOD_TOKEN = "token"
+METHOD_ONCHAIN = "onchain"
 
 
 def request_message(method: str, path_qs: str, ts: str, body: bytes) -> bytes:

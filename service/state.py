@@ -4,6 +4,8 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from .chain.addresses import AddressBook
+from .chain.backends import ChainBackend
 from .config import Settings
 from .experts import Experts
 from .invoices import Invoices
@@ -14,7 +16,7 @@ from .pricing import PriceRule
 from .qa.crowd import Crowd
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -26,3 +28,5 @@ RUNS = web.AppKey("runs", RunStore)
 CROWD = web.AppKey("crowd", Crowd)
 EXPERTS = web.AppKey("experts", Experts)
 PAYOUTS = web.AppKey("payouts", Payouts)
+ADDRESSES = web.AppKey("addresses", AddressBook)  # only with PAYEE_XPUB
+CHAIN = web.AppKey("chain", ChainBackend)  # only with CHAIN set

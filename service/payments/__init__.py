@@ -2,7 +2,7 @@
 every method's offer into the 402 (like aperture's MultiAuthenticator)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -11,7 +11,7 @@ from ..invoices import Invoice
 from ..ledger import TokenSpend
 from ..pricing import Quote
 
-__all__ = ["Payment", "PaymentMethod", "PaymentMethods"]
+__all__ = ["Payment", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Payment:
     payer_pubkey: str = ""     # hex; the ledger checks it is the payer's registered key, atomically
     x402: bool = False         # paid through PAYMENT-SIGNATURE: answer with PAYMENT-RESPONSE
     token: TokenSpend | None = None  # paid with a spending token: its caveats are checked in the hold
+    debit: str = ""            # the account paying ("" = the payer's user account; on-chain: the chain account)
+    settle_data: dict[str, str] = field(default_factory=dict)  # method-specific facts (txid, amount paid)
 
 
 @runtime_checkable
@@ -34,14 +36,22 @@ class PaymentMethod(Protocol):
     def present(self, request: web.Request) -> bool:
         """Does this request carry this method's payment headers?"""
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
-        """This method's entry in the 402's x402 `accepts` list."""
+    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
+        """This method's entry in the 402's x402 `accepts` list (None: not for this price)."""
 
     def offer_template(self, amount: int) -> dict[str, Any]:
         """The same entry without an invoice, for discovery documents."""
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
         """Check the payment against the quote without touching money; raise an ApiError with the reason."""
+
+
+@runtime_checkable
+class KeepsFailedPayments(Protocol):
+    """A method whose money cannot simply go back when the call fails (coins already on chain): it
+    books it somewhere for a refund instead."""
+
+    async def on_void(self, ledger: Any, payment: Payment) -> None: ...
 
 
 class PaymentMethods:
@@ -55,4 +65,5 @@ class PaymentMethods:
         return None
 
     def offers(self, quote: Quote, invoice: Invoice) -> list[dict[str, Any]]:
-        return [method.offer(quote, invoice) for method in self.methods]
+        """Every method's offer; a method returns None when it cannot take this price (on-chain limits)."""
+        return [offer for method in self.methods if (offer := method.offer(quote, invoice)) is not None]

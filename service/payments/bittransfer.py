@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -65,9 +65,10 @@ def transfer_id_of(transfer_json: str) -> str:
 class BitTransfer:
     name = P.METHOD_BITTRANSFER
 
-    def __init__(self, settings: Settings, invoices: Invoices) -> None:
+    def __init__(self, settings: Settings, invoices: Invoices, owns: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.settings = settings
         self.invoices = invoices
+        self.owns = owns  # is this one of our derived receiving addresses? (with an xpub configured)
 
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
@@ -127,14 +128,15 @@ class BitTransfer:
         except ValidationError as exc:
             raise BadRequest("malformed_transfer", exc.messages) from None
         s = self.settings
-        if t["payee_username"] != s.payee_username or t["payee_address"] != s.payee_address:
-            raise PaymentRequired("wrong_payee", f"pay {s.payee_username} at {s.payee_address}")
+        ours = t["payee_address"] == s.payee_address or (self.owns is not None and await self.owns(t["payee_address"]))
+        if t["payee_username"] != s.payee_username or not ours:
+            raise PaymentRequired("wrong_payee", f"pay {s.payee_username} at the invoice's Bitcoin-Address")
         if t["amount"] != quote.amount:
             raise PaymentRequired("wrong_amount", f"the price of this request is {quote.amount} sat, the transfer pays {t['amount']}")
         if abs(time.time() - t["timestamp"]) > s.transfer_window:
             raise PaymentRequired("stale_transfer", f"timestamp must be within {s.transfer_window} s of the server's clock")
         if t["invoice"] is not None:
-            reason = self.invoices.check(t["invoice"], quote)
+            reason = self.invoices.check(t["invoice"], quote, t["payee_address"])
             if reason:
                 raise PaymentRequired(reason, "the invoice was not issued for this request, or has expired")
         if t["description"] and urlsplit(t["description"]).path != request.path:

@@ -1,0 +1,1 @@
+"""Bitcoin rails: addresses derived from the operator's xpub, chain backends, deposits, withdrawals."""

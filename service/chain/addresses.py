@@ -1,0 +1,111 @@
+"""Receiving addresses derived from the operator's extended public key (BIP32/BIP84; the server never
+holds a private key). Each invoice and each deposit gets its own index, allocated atomically in Redis
+(INCR), so no two share an address across server processes. Invoice addresses that expire unpaid go
+back to a pool and are handed out again, so the run of unused addresses stays within the gap limit
+that wallets restored from the xpub scan."""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ..bitcoin import BITCOINLIB_NETWORK
+
+__all__ = ["AddressBook", "derive"]
+
+GAP_LIMIT = 20
+
+
+@lru_cache(maxsize=8)
+def _external_chain(xpub: str, network: str) -> Any:
+    from bitcoinlib.keys import HDKey  # noqa: PLC0415
+
+    key = HDKey(xpub, network=BITCOINLIB_NETWORK[network])
+    if key.is_private:
+        raise ValueError("PAYEE_XPUB must be an extended PUBLIC key; the server never holds private keys")
+    return key.child_public(0)  # the external (receiving) chain: m/.../0
+
+
+@lru_cache(maxsize=65536)
+def derive(xpub: str, network: str, index: int) -> str:
+    """Address `index` of the external chain (p2wpkh for zpub/vpub, as the key's own type says)."""
+    return _external_chain(xpub, network).child_public(index).address()
+
+
+_LEASE = """
+-- KEYS: lease zset (address -> lease expiry ms, for invoice addresses never paid), used set
+-- ARGV: now_ms, lease_ms. Reuse an address whose invoice expired unpaid; '' if none is free.
+local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #free == 0 then return '' end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), free[1])
+return free[1]
+"""
+
+
+class AddressBook:
+    """Owns the `{prefix}:addr:*` keys."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, xpub: str, network: str) -> None:
+        self.redis, self.xpub, self.network = redis, xpub, network
+        self.tag = "{" + prefix + "}"
+        self._lease = redis.register_script(_LEASE)
+        _external_chain(xpub, network)  # fail at startup on a bad key
+
+    def _k(self, *parts: str) -> str:
+        return ":".join([self.tag, "addr", *parts])
+
+    async def _new(self, purpose: str, **fields: Any) -> str:
+        index = await self.redis.incr(self._k("next")) - 1
+        address = derive(self.xpub, self.network, index)
+        await self.redis.hset(self._k("info", address), mapping={"index": index, "purpose": purpose, **fields})
+        await self.redis.sadd(self._k("all"), address)
+        return address
+
+    async def for_invoice(self, lease_seconds: int) -> str:
+        """An address for one invoice: a free one from the pool, else the next index (pool ≤ gap limit)."""
+        now = int(time.time() * 1000)
+        address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_seconds * 1000])
+        if address:
+            return address
+        pool = await self.redis.zcard(self._k("lease"))
+        if pool >= GAP_LIMIT:  # every pooled address is leased: share the one whose lease ends first
+            oldest = await self.redis.zrange(self._k("lease"), 0, 0)
+            return oldest[0]
+        address = await self._new("invoice")
+        await self.redis.zadd(self._k("lease"), {address: now + lease_seconds * 1000})
+        return address
+
+    async def mark_paid(self, address: str) -> None:
+        """A paid invoice address leaves the pool for good (it now has history)."""
+        await self.redis.zrem(self._k("lease"), address)
+        await self.redis.sadd(self._k("used"), address)
+
+    async def deposit_address(self, username: str) -> str:
+        """The account's deposit address; a fresh one once the current one has received funds."""
+        current = await self.redis.hget(self._k("deposit"), username)
+        if current and not await self.redis.sismember(self._k("used"), current):
+            return current
+        address = await self._new("deposit", owner=username)
+        await self.redis.hset(self._k("deposit"), username, address)
+        await self.redis.sadd(self._k("deposits"), address)
+        return address
+
+    async def deposit_addresses(self) -> dict[str, str]:
+        """address -> owner, for the watcher."""
+        out = {}
+        for address in await self.redis.smembers(self._k("deposits")):
+            owner = await self.redis.hget(self._k("info", address), "owner")
+            if owner:
+                out[address] = owner
+        return out
+
+    async def owns(self, address: str) -> bool:
+        return bool(await self.redis.sismember(self._k("all"), address))
+
+    async def info(self, address: str) -> dict[str, str]:
+        return await self.redis.hgetall(self._k("info", address))
+
+    async def all_addresses(self) -> list[str]:
+        return sorted(await self.redis.smembers(self._k("all")))

@@ -1,0 +1,169 @@
+"""Chain backends behind one interface: Esplora REST (mempool.space / blockstream style) and Bitcoin
+Core JSON-RPC. Both time out, retry transient failures with backoff, and raise ChainError with a reason."""
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import aiohttp
+
+__all__ = ["ChainError", "Received", "ChainBackend", "Esplora", "Bitcoind", "backend_from_settings"]
+
+
+class ChainError(Exception):
+    """The backend refused (reason from the node) or could not be reached."""
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.transient = reason, transient
+
+
+@dataclass(frozen=True)
+class Received:
+    """One output paying a watched address."""
+
+    txid: str
+    vout: int
+    address: str
+    value: int
+    confirmations: int
+
+
+@runtime_checkable
+class ChainBackend(Protocol):
+    async def broadcast(self, tx_hex: str) -> str:
+        """Submit a raw transaction; its txid, or ChainError with the node's reason."""
+
+    async def received(self, address: str) -> list[Received]:
+        """Outputs paying `address` (mempool included, with 0 confirmations)."""
+
+    async def utxos(self, address: str) -> list[Received]:
+        """Unspent outputs of `address` (what a withdrawal batch can spend)."""
+
+    async def close(self) -> None: ...
+
+
+class _Http:
+    def __init__(self, timeout: float, retries: int) -> None:
+        self.timeout, self.retries = timeout, retries
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def retrying(self, call: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except ChainError as exc:
+                if not exc.transient or attempt == self.retries:
+                    raise
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if attempt == self.retries:
+                    raise ChainError(f"chain backend unreachable: {type(exc).__name__}", transient=True) from None
+            await asyncio.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
+class Esplora(_Http):
+    def __init__(self, url: str, *, timeout: float = 10, retries: int = 2) -> None:
+        super().__init__(timeout, retries)
+        self.url = url.rstrip("/")
+
+    async def _get(self, path: str) -> Any:
+        async def call() -> Any:
+            async with self.session().get(f"{self.url}{path}") as r:
+                if r.status >= 500:
+                    raise ChainError(f"esplora {r.status}", transient=True)
+                if r.status != 200:
+                    raise ChainError(f"esplora {r.status}: {(await r.text())[:200]}")
+                return await r.json(content_type=None)
+        return await self.retrying(call)
+
+    async def broadcast(self, tx_hex: str) -> str:
+        async def call() -> str:
+            async with self.session().post(f"{self.url}/tx", data=tx_hex) as r:
+                text = (await r.text()).strip()
+                if r.status >= 500 and "bad-txns" not in text and "RPC error" not in text:
+                    raise ChainError(f"esplora {r.status}", transient=True)
+                if r.status != 200:
+                    raise ChainError(f"rejected by the network: {text[:300]}")
+                return text
+        return await self.retrying(call)
+
+    async def received(self, address: str) -> list[Received]:
+        tip = int(await self._get("/blocks/tip/height"))
+        out = []
+        for tx in await self._get(f"/address/{address}/txs"):
+            status = tx.get("status", {})
+            conf = tip - status["block_height"] + 1 if status.get("confirmed") else 0
+            for vout, o in enumerate(tx.get("vout", [])):
+                if o.get("scriptpubkey_address") == address:
+                    out.append(Received(tx["txid"], vout, address, int(o["value"]), conf))
+        return out
+
+
+    async def utxos(self, address: str) -> list[Received]:
+        tip = int(await self._get("/blocks/tip/height"))
+        return [Received(u["txid"], u["vout"], address, int(u["value"]),
+                         tip - u["status"]["block_height"] + 1 if u.get("status", {}).get("confirmed") else 0)
+                for u in await self._get(f"/address/{address}/utxo")]
+
+
+class Bitcoind(_Http):
+    """Bitcoin Core JSON-RPC (URL with user:password, or a cookie file)."""
+
+    def __init__(self, url: str, *, cookie_file: str | None = None, timeout: float = 10, retries: int = 2) -> None:
+        super().__init__(timeout, retries)
+        self.url, self.cookie_file = url, cookie_file
+
+    def _auth(self) -> dict[str, str]:
+        if self.cookie_file:
+            with open(self.cookie_file) as f:
+                return {"Authorization": "Basic " + base64.b64encode(f.read().strip().encode()).decode()}
+        return {}
+
+    async def rpc(self, method: str, *params: Any) -> Any:
+        async def call() -> Any:
+            body = {"jsonrpc": "1.0", "id": "microtasks", "method": method, "params": list(params)}
+            async with self.session().post(self.url, json=body, headers=self._auth()) as r:
+                if r.status == 401:
+                    raise ChainError("bitcoind refused the credentials")
+                payload = await r.json(content_type=None)
+                if payload.get("error"):
+                    err = payload["error"]
+                    raise ChainError(f"bitcoind: {err.get('message')} ({err.get('code')})",
+                                     transient=err.get("code") == -28)  # -28: warming up
+                if r.status >= 500:
+                    raise ChainError(f"bitcoind {r.status}", transient=True)
+                return payload["result"]
+        return await self.retrying(call)
+
+    async def broadcast(self, tx_hex: str) -> str:
+        return await self.rpc("sendrawtransaction", tx_hex)
+
+    async def received(self, address: str) -> list[Received]:
+        tip = await self.rpc("getblockcount")
+        scan = await self.rpc("scantxoutset", "start", [f"addr({address})"])
+        return [Received(u["txid"], u["vout"], address, round(u["amount"] * 100_000_000),
+                         tip - u["height"] + 1 if u.get("height") else 0) for u in scan.get("unspents", [])]
+
+
+    async def utxos(self, address: str) -> list[Received]:
+        return await self.received(address)  # scantxoutset reports unspent outputs only
+
+
+def backend_from_settings(kind: str, url: str, cookie_file: str | None = None) -> ChainBackend:
+    if kind == "esplora":
+        return Esplora(url)
+    if kind == "bitcoind":
+        return Bitcoind(url, cookie_file=cookie_file)
+    raise ValueError(f"CHAIN must be esplora or bitcoind, got {kind!r}")
