@@ -13,7 +13,8 @@ from service.paywall import PAYMENT
 from service.pricing import priced
 from service.schemas import (ListQuestionSchema, ListSchema, ProfileSchema, QuestionSchema, ReplySchema,
                              load_json)
-from service.state import EXPERTS, LEDGER, SETTINGS
+from service.rates import FiatAmount, parse_usd, usd_to_sats
+from service.state import EXPERTS, LEDGER, RATES, SETTINGS
 
 _profile, _question, _list_q, _list, _reply = (ProfileSchema(), QuestionSchema(), ListQuestionSchema(),
                                                ListSchema(), ReplySchema())
@@ -67,7 +68,12 @@ async def _ask(request: web.Request) -> dict[str, Any]:
             hire = request.path.endswith("/hire-requests")
             if hire and not profile["available_for_hire"]:
                 raise BadRequest("not_for_hire", f"{profile['username']} is not available for hire")
-            ctx = {"kind": "hire" if hire else "expert", "target": profile["username"], "price_each": profile["price"],
+            price = profile["price"]
+            if profile["price_usd"]:  # dollars → sats at the current rate, rounded up; the invoice shows the rate
+                rate = await request.app[RATES].current()
+                usd = parse_usd(profile["price_usd"])
+                price = FiatAmount(usd_to_sats(usd, rate), str(usd), rate)
+            ctx = {"kind": "hire" if hire else "expert", "target": profile["username"], "price_each": price,
                    "shares": 1, "hours": profile["reply_hours"], "form": None, "recipients": [profile["username"]]}
         ctx["text"], ctx["id"] = data["text"], f"q_{secrets.token_hex(10)}"
         request[_ASK] = ctx
@@ -76,7 +82,7 @@ async def _ask(request: web.Request) -> dict[str, Any]:
 
 async def _ask_amount(request: web.Request) -> int:
     ctx = await _ask(request)
-    return ctx["price_each"] * ctx["shares"]
+    return ctx["price_each"] if ctx["shares"] == 1 else ctx["price_each"] * ctx["shares"]
 
 
 async def _ask_escrow(request: web.Request) -> str:
@@ -90,7 +96,7 @@ async def _store(request: web.Request) -> web.Response:
     if not recipients:
         raise Forbidden("no_recipient", "you cannot ask yourself (or a list with no other approved member)")
     q = await _xp(request).store_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],
-                                          price_each=ctx["price_each"], shares=ctx["shares"], hours=ctx["hours"],
+                                          price_each=int(ctx["price_each"]), shares=ctx["shares"], hours=ctx["hours"],
                                           recipients=recipients, form=ctx["form"])
     return web.json_response(q, status=201, headers={"Location": f"/v1/questions/{q['id']}"})
 

@@ -27,7 +27,8 @@ from .payouts import Payouts
 from .chain.addresses import AddressBook
 from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain
-from .state import ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .rates import FixedRate, HttpRate
+from .state import RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -44,6 +45,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[PRICES] = price_book(settings)
+    app[RATES] = (HttpRate(settings.usd_rate_url, settings.usd_rate_path, settings.usd_rate_max_age)
+                  if settings.usd_rate_url else FixedRate(settings.usd_rate))
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     app.cleanup_ctx.append(_workers_ctx)

@@ -66,6 +66,10 @@ class Settings:
     chain_cookie: str | None = None
     onchain_max_zeroconf: int = 50_000
     deposit_confirmations: int = 3
+    usd_rate: str = "60000"            # USD per BTC, the fixed (offline) source
+    usd_rate_url: str | None = None    # a live source instead (with its JSON path)
+    usd_rate_path: str = "bitcoin.usd"
+    usd_rate_max_age: int = 60
     withdrawal_hold_days: int = 14
     minimum_withdrawal: int = 10_000
     log_level: str = "info"
@@ -113,6 +117,10 @@ class Settings:
             chain_cookie=env.get("CHAIN_COOKIE") or None,
             onchain_max_zeroconf=_int(env, "ONCHAIN_MAX_ZEROCONF", 50_000),
             deposit_confirmations=_int(env, "DEPOSIT_CONFIRMATIONS", 3),
+            usd_rate=env.get("USD_RATE", "60000"),
+            usd_rate_url=env.get("USD_RATE_URL") or None,
+            usd_rate_path=env.get("USD_RATE_PATH", "bitcoin.usd"),
+            usd_rate_max_age=_int(env, "USD_RATE_MAX_AGE", 60),
             withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
             minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),

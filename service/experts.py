@@ -77,7 +77,8 @@ class Experts:
         secret = old.get("webhook_secret") or secrets.token_hex(16)
         record = {
             "username": username, "display_name": data["display_name"], "bio": data["bio"],
-            "tags": json.dumps(sorted(set(data["tags"]))), "price": data["price"], "reply_hours": data["reply_hours"],
+            "tags": json.dumps(sorted(set(data["tags"]))), "price": data["price"] or 0,
+            "price_usd": data["price_usd"].removeprefix("$") if data["price_usd"] else "", "reply_hours": data["reply_hours"],
             "links": json.dumps(data["links"]), "available_for_hire": int(data["available_for_hire"]),
             "webhook": data["webhook"] or "", "webhook_secret": secret,
             "created": old.get("created") or int(time.time()),
@@ -100,7 +101,7 @@ class Experts:
         times = [int(t) for t in await self.redis.lrange(self._k("replytimes", username), 0, -1)]
         return {
             "username": username, "display_name": p["display_name"], "bio": p["bio"], "tags": json.loads(p["tags"]),
-            "price": int(p["price"]), "reply_hours": int(p["reply_hours"]),
+            "price": int(p["price"]) or None, "price_usd": p.get("price_usd") or None, "reply_hours": int(p["reply_hours"]),
             "payout": (await self.payouts.preference(username))["mode"],
             "links": json.loads(p["links"]), "available_for_hire": p["available_for_hire"] == "1",
             "stats": {"answered": int(p.get("answered", 0)), "expired": int(p.get("expired", 0)),

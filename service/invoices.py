@@ -27,13 +27,17 @@ class Invoice:
     resource: str
     request_hash: str
     expires_at: int
+    fiat: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id, "amount": self.amount, "currency": "sat", "payee": self.payee,
             "resource": self.resource, "request_hash": self.request_hash,
             "expires_at": self.expires_at, "address": self.address,
         }
+        if self.fiat:
+            out["fiat"] = self.fiat
+        return out
 
 
 class Invoices:
@@ -53,7 +57,8 @@ class Invoices:
         nonce = secrets.token_hex(6)
         address = address or self.address
         invoice_id = f"inv_{expires}_{nonce}_{self._mac(expires, nonce, quote.amount, address, quote.request_hash)}"
-        return Invoice(invoice_id, quote.amount, self.payee, address, quote.resource, quote.request_hash, expires)
+        return Invoice(invoice_id, int(quote.amount), self.payee, address, quote.resource, quote.request_hash, expires,
+                       quote.fiat)
 
     def check(self, invoice_id: str, quote: Quote, address: str, now: float | None = None) -> str | None:
         """None if `invoice_id` was issued by us for this very request, amount and address and is

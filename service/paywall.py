@@ -110,7 +110,7 @@ def paywall_middleware() -> Callable:
 async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settings) -> Hold:
     token_id = payment.token.token_id if payment.token else ""
     debit = payment.debit or user_account(payment.payer)
-    hold = Hold(payment.transfer_id, debit, quote.credit or REVENUE, quote.amount, token_id)
+    hold = Hold(payment.transfer_id, debit, quote.credit or REVENUE, int(quote.amount), token_id)
     result = await ledger.hold(
         hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
         require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,

@@ -52,6 +52,7 @@ class Quote:
     resource: str          # "POST /v1/qa/validate"
     request_hash: str
     credit: str = ""       # the account paid into ("" = the operator's revenue)
+    fiat: dict[str, Any] | None = None  # how a dollar price was converted (rate, source), for the invoice
 
 
 def price_book(settings: Settings) -> dict[str, PriceRule]:
@@ -126,11 +127,12 @@ def request_hash(method: str, path_qs: str, body: bytes) -> str:
 async def quote_request(request: web.Request, marker: _Priced, book: dict[str, PriceRule]) -> Quote:
     rule = book[f"{marker.rule}.{await marker.variant(request)}" if marker.variant else marker.rule]
     units = await marker.units(request) if marker.units else 0
-    amount = await marker.amount(request) if marker.amount else rule.amount(units)
+    amount = await marker.amount(request) if marker.amount else rule.amount(units)  # may be a FiatAmount
     body = await request.read() if request.body_exists else b""
     return Quote(
         amount=amount, rule=rule, units=units,
         resource=f"{request.method} {request.path}",
         request_hash=request_hash(request.method, request.path_qs, body),
         credit=await marker.credit(request) if marker.credit else "",
+        fiat=amount.describe() if hasattr(amount, "describe") else None,
     )

@@ -96,13 +96,20 @@ class ProfileSchema(Schema):
     bio = fields.String(load_default="", validate=validate.Length(max=4000))
     tags = fields.List(fields.String(validate=validate.Regexp(r"^[a-z0-9][a-z0-9.+-]{0,31}$")), load_default=list,
                        validate=validate.Length(max=20))
-    price = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**8))
+    price = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, 10**8))
+    price_usd = fields.String(load_default=None, validate=validate.Regexp(
+        r"^\$?\d{1,6}(\.\d{1,2})?$", error="a dollar amount such as 0.50 or $12"))
     reply_hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
     payout = fields.String(load_default=None, validate=validate.Regexp(r"^(keep|charity:[a-z0-9-]{1,64})$"))
     links = fields.Dict(keys=fields.String(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
                         validate=validate.Length(max=10))
     available_for_hire = fields.Boolean(load_default=False)
     webhook = fields.Url(load_default=None, schemes={"http", "https"}, require_tld=False)
+
+    @validates_schema
+    def _one_price(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if (data.get("price") is None) == (data.get("price_usd") is None):
+            raise ValidationError("give exactly one of 'price' (sat) or 'price_usd'", field_name="price")
 
 
 class QuestionSchema(Schema):

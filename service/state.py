@@ -14,9 +14,10 @@ from .ledger import Ledger
 from .payments import PaymentMethods
 from .pricing import PriceRule
 from .qa.crowd import Crowd
+from .rates import RateSource
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN", "RATES"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -30,3 +31,4 @@ EXPERTS = web.AppKey("experts", Experts)
 PAYOUTS = web.AppKey("payouts", Payouts)
 ADDRESSES = web.AppKey("addresses", AddressBook)  # only with PAYEE_XPUB
 CHAIN = web.AppKey("chain", ChainBackend)  # only with CHAIN set
+RATES = web.AppKey("rates", RateSource)
