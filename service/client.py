@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -129,7 +129,8 @@ class Operation:
 @dataclass
 class PaidSession:
     """Pays 402s up to `max_price` per call and `budget` per session, with a key (`wallet`, signed
-    BitTransfers) or a spending `token`; `payments` lists what was paid."""
+    BitTransfers), a spending `token`, or on chain through `onchain_signer` (the caller's wallet signs a
+    transaction paying the invoice's address); `payments` lists what was paid."""
 
     wallet: Wallet | None = None
     max_price: int = 0
@@ -137,6 +138,7 @@ class PaidSession:
     token: str | None = None
     session: aiohttp.ClientSession | None = None
     payments: list[Paid] = field(default_factory=list)
+    onchain_signer: Callable[[str, int], Awaitable[str]] | None = None  # (address, amount) -> signed raw tx hex
 
     async def __aenter__(self) -> "PaidSession":
         if self.session is None:
@@ -159,7 +161,10 @@ class PaidSession:
         if self.budget is not None and price > self.budget - self.spent:
             raise BudgetExceeded(price, self.budget - self.spent)
 
-    def _payment_headers(self, url: str, price: int, payee: str, address: str, invoice: str | None) -> dict[str, str]:
+    async def _payment_headers(self, url: str, price: int, payee: str, address: str,
+                               invoice: str | None) -> dict[str, str]:
+        if self.onchain_signer is not None:
+            return {P.BITCOIN_TRANSACTION: await self.onchain_signer(address, price)}
         if self.token:
             return {P.AUTHORIZATION: f"{P.TOKEN_SCHEME} {self.token}", P.IDEMPOTENCY_KEY: secrets.token_hex(16),
                     P.PAYMENT_AMOUNT: str(price)}
@@ -185,7 +190,7 @@ class PaidSession:
         if price is not None and (self.token or payee):
             self._check_price(price)
             username, address = payee or ("", "")
-            first = {**headers, **self._payment_headers(url, price, username, address, None)}
+            first = {**headers, **await self._payment_headers(url, price, username, address, None)}
             status, payload, rheaders = await self._send(method, url, body, first)
             if status != 402:
                 return self._settled(status, payload, rheaders, price, url)
@@ -198,8 +203,8 @@ class PaidSession:
         price = int(rheaders[P.PRICE])
         self._check_price(price)
         invoice = payload.get("invoice", {}).get("id") if isinstance(payload, dict) else None
-        pay = self._payment_headers(url, price, rheaders.get(P.USERNAME, ""), rheaders.get(P.BITCOIN_ADDRESS, ""),
-                                    invoice)
+        pay = await self._payment_headers(url, price, rheaders.get(P.USERNAME, ""),
+                                          rheaders.get(P.BITCOIN_ADDRESS, ""), invoice)
         status, payload, rheaders = await self._send(method, url, body, {**headers, **pay})
         return self._settled(status, payload, rheaders, price, url)
 

@@ -131,3 +131,18 @@ async def test_invoices_get_distinct_addresses_within_the_gap_limit(http, url):
     addresses = [await invoice_address(http, url) for _ in range(25)]
     assert len(set(addresses[:20])) == 20  # one per outstanding invoice, up to the gap limit
     assert set(addresses[20:]) <= set(addresses[:20])  # then the pool is shared instead of growing
+
+
+async def test_client_pays_on_chain_through_a_signer_callback(http, url, esplora, ledger):
+    from service.client import PaidSession
+
+    signed: list[tuple[str, int]] = []
+
+    async def signer(address: str, amount: int) -> str:
+        signed.append((address, amount))
+        return pay(address, max(amount, 600))[0]
+
+    async with PaidSession(max_price=500, onchain_signer=signer, session=http) as s:
+        status, body, headers = await s.request("POST", url, data=MANIFEST)
+    assert status == 200 and headers["Payment-Receipt"].startswith("tx_") and signed[0][1] == PRICE
+    assert s.payments[0].amount == PRICE and len(esplora.broadcasts) == 1
