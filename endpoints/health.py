@@ -1,7 +1,9 @@
 """Liveness (process up) and readiness (Redis reachable) probes."""
+import asyncio
+
 from aiohttp import web
 
-from service.state import REDIS
+from service.state import HEALTH, REDIS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -9,8 +11,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    health = request.app[HEALTH]
+    if not health.ok:
+        state = "unreachable" if not health.reachable else "starting"
+        return web.json_response({"status": "unavailable", "redis": state}, status=503)
     try:
-        await request.app[REDIS].ping()
-    except Exception as exc:  # any failure to reach Redis means not ready
+        async with asyncio.timeout(1):
+            await request.app[REDIS].ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach Redis means not ready
         return web.json_response({"status": "unavailable", "redis": type(exc).__name__}, status=503)
     return web.json_response({"status": "ready", "redis": "ok"})

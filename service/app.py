@@ -28,7 +28,7 @@ from .chain.addresses import AddressBook
 from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain
 from .rates import FixedRate, HttpRate
-from .state import RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .state import HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -54,6 +54,19 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+class RedisHealth:
+    """Is the ledger usable right now? Bootstrapped once (system accounts, invoice secret, charities),
+    then pinged every second; priced routes answer 503 while it is not, instead of a 402 nobody can pay."""
+
+    def __init__(self) -> None:
+        self.bootstrapped = False
+        self.reachable = False
+
+    @property
+    def ok(self) -> bool:
+        return self.bootstrapped and self.reachable
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     redis = aioredis.Redis.from_url(
@@ -63,15 +76,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     ledger = Ledger(redis, s.redis_prefix, timeout=s.redis_timeout)
     app[LEDGER] = ledger
-    await ledger.ensure_system_accounts()
-    app[INVOICES] = Invoices(await load_secret(redis, s.redis_prefix, s.invoice_secret),
+    app[INVOICES] = Invoices(s.invoice_secret.encode() if s.invoice_secret else None,
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
     app[RUNS] = RunStore(redis, s.redis_prefix)
     app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease)
     app[PAYOUTS] = Payouts(redis, s.redis_prefix, ledger, network=s.network, hold_days=s.withdrawal_hold_days,
                            minimum_withdrawal=s.minimum_withdrawal)
     app[EXPERTS] = Experts(redis, s.redis_prefix, ledger, app[PAYOUTS])
-    await app[EXPERTS].ensure_charities()
     methods: list = [TokenPayment(s, ledger)]
     owns = None
     if s.payee_xpub:
@@ -82,11 +93,45 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         book = app.get(ADDRESSES)
         methods.append(OnChain(s, app[CHAIN], owns or _none_owned, book.mark_paid if book else _noop))
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
-    log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
+    app[HEALTH] = health = RedisHealth()
+    monitor = asyncio.create_task(_monitor(app, health))
+    for _ in range(20):  # usually ready at once; a Redis that is down does not stop the server starting
+        if health.ok:
+            break
+        await asyncio.sleep(0.05)
     yield
+    monitor.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await monitor
     if CHAIN in app:
         await app[CHAIN].close()
     await redis.aclose()
+
+
+async def _monitor(app: web.Application, health: RedisHealth) -> None:
+    """Bootstrap the ledger as soon as Redis answers, then keep the health flag current."""
+    s, redis = app[SETTINGS], app[REDIS]
+    while True:
+        try:
+            async with asyncio.timeout(max(s.redis_timeout, 0.5)):
+                await redis.ping()
+                if not health.bootstrapped:
+                    await app[LEDGER].ensure_system_accounts()
+                    if app[INVOICES].secret is None:
+                        app[INVOICES].secret = await load_secret(redis, s.redis_prefix, None)
+                    await app[EXPERTS].ensure_charities()
+                    health.bootstrapped = True
+                    log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
+            if not health.reachable:
+                log.info("redis_reachable")
+            health.reachable = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means the ledger is not usable now
+            if health.reachable or not health.bootstrapped:
+                log.warning("redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+            health.reachable = False
+        await asyncio.sleep(1 if health.ok else 0.25)
 
 
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .errors import ServiceUnavailable
 from .pricing import Quote
 
 __all__ = ["Invoice", "Invoices", "load_secret"]
@@ -41,15 +42,18 @@ class Invoice:
 
 
 class Invoices:
-    def __init__(self, secret: bytes, *, ttl: int, payee: str, address: str) -> None:
-        self._secret = secret
+    def __init__(self, secret: bytes | None, *, ttl: int, payee: str, address: str) -> None:
+        self.secret = secret  # None until loaded from Redis (the health monitor does that)
         self.ttl = ttl
         self.payee = payee
         self.address = address
 
     def _mac(self, expires: int, nonce: str, amount: int, address: str, request_hash: str) -> str:
         msg = f"{expires}|{nonce}|{amount}|{self.payee}|{address}|{request_hash}".encode()
-        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
+        if self.secret is None:
+            raise ServiceUnavailable("ledger_unavailable", "the service is starting; retry shortly",
+                                     headers={"Retry-After": "1"})
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:32]
 
     def issue(self, quote: Quote, address: str | None = None, now: float | None = None) -> Invoice:
         """`address`: the invoice's own receiving address (derived from the xpub), else the static one."""

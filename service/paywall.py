@@ -22,7 +22,7 @@ from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Un
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
 from .payments import KeepsFailedPayments, Payment
 from .pricing import Quote, quote_request, route_rule
-from .state import ADDRESSES, INVOICES, LEDGER, METHODS, PRICES, SETTINGS
+from .state import ADDRESSES, HEALTH, INVOICES, LEDGER, METHODS, PRICES, SETTINGS
 
 __all__ = ["paywall_middleware", "PAYMENT", "HOLD"]
 
@@ -63,6 +63,9 @@ def paywall_middleware() -> Callable:
         if marker is None:
             return await handler(request)
         app = request.app
+        if not app[HEALTH].ok:
+            raise ServiceUnavailable("ledger_unavailable", "the ledger cannot be reached; nothing was charged",
+                                     headers={"Retry-After": "1"})
         settings, ledger = app[SETTINGS], app[LEDGER]
         quote = await quote_request(request, marker, app[PRICES])
         method = app[METHODS].select(request)

@@ -1,0 +1,211 @@
+"""Faults, each ending with a reconcile: Redis restarted or unreachable, a server killed mid-call, a
+graceful stop with a paid call in flight. Real processes, real redis-server."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from service.client import PaidSession, Wallet, transfer_headers
+from service.ledger import Ledger, user_account
+from service.redis_server import PrivateRedis, free_port
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n"
+PRICE = 120       # /v1/qa/validate with one document
+SLOW_PRICE = 100  # /test/slow: the base price, no documents
+ADMIN = "faults-admin"
+
+
+class Server:
+    def __init__(self, tmp: Path, redis_url: str, prefix: str, script: str | None = None, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        full_env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "ADMIN_TOKEN": ADMIN,
+                    "INVOICE_SECRET": "faults", "PORT": str(self.port), "MICROTASKS_VAR": str(tmp / "var"),
+                    "QA_WORKERS": "0", **env}
+        cmd = [sys.executable, script] if script else [sys.executable, "-m", "service", "serve"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+
+    async def wait(self, path: str = "/healthz", status: int = 200, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log.read_text()
+                try:
+                    async with s.get(f"{self.url}{path}") as r:
+                        if r.status == status:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"{path} never answered {status}: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"f-{os.urandom(5).hex()}"
+
+
+async def register_funded(http, url: str, amount: int) -> Wallet:
+    wallet = Wallet.generate(f"f{os.urandom(5).hex()}")
+    async with PaidSession(wallet, session=http) as s:
+        status, _ = await s.register(url)
+        assert status == 201
+    async with http.post(f"{url}/v1/admin/credits", json={"username": wallet.username, "amount": amount,
+                                                          "reason": "t"}, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 201
+    return wallet
+
+
+async def ledger_for(url: str, prefix: str) -> tuple[Ledger, aioredis.Redis]:
+    r = aioredis.Redis.from_url(url, decode_responses=True)
+    return Ledger(r, prefix), r
+
+
+async def test_redis_unreachable_at_start_then_back(tmp_path, prefix, http):
+    port = free_port()
+    server = Server(tmp_path, f"redis://127.0.0.1:{port}/0", prefix)
+    redis_server = None
+    try:
+        await server.wait("/healthz")
+        async with http.get(f"{server.url}/readyz") as r:
+            assert r.status == 503
+        async with http.post(f"{server.url}/v1/qa/validate", data=MANIFEST) as r:
+            body = await r.json()
+            assert (r.status, body["error"]) == (503, "ledger_unavailable") and "Price" not in r.headers
+        redis_server = PrivateRedis(tmp_path / "late-redis", port=port).start()
+        await server.wait("/readyz", 200, timeout=15)
+        async with http.post(f"{server.url}/v1/qa/validate", data=MANIFEST) as r:
+            assert r.status == 402
+    finally:
+        server.stop()
+        if redis_server:
+            redis_server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_redis_restart_mid_stream_charges_each_call_at_most_once(tmp_path, prefix, http, sig):
+    port = free_port()
+    rs = PrivateRedis(tmp_path / "redis", port=port, appendfsync="always").start()
+    server = Server(tmp_path, rs.url, prefix, HOLD_TIMEOUT="2", REDIS_TIMEOUT_MS="1000")
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 100 * PRICE)
+        url = f"{server.url}/v1/qa/validate"
+        sent: list[dict] = []
+        outcomes: dict[str, list[int]] = {}
+
+        async def call(headers: dict) -> None:
+            try:
+                async with http.post(url, data=MANIFEST, headers=headers) as r:
+                    outcomes.setdefault(headers["Bitcoin-Transfer"], []).append(r.status)
+            except aiohttp.ClientError:
+                outcomes.setdefault(headers["Bitcoin-Transfer"], []).append(-1)
+
+        for i in range(60):
+            headers = transfer_headers(wallet, amount=PRICE, payee_username="microtasks",
+                                       payee_address="tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", url=url)
+            sent.append(headers)
+            await call(headers)
+            if i == 20:
+                rs.stop(sig)             # Redis goes away mid-stream ...
+            if i == 35:
+                rs.start()               # ... and comes back with its AOF
+        await server.wait("/readyz", timeout=15)
+        statuses = [s for v in outcomes.values() for s in v]
+        assert set(statuses) <= {200, 503}, statuses
+        assert 503 in statuses and 200 in statuses
+        for headers in sent:             # every client retries what failed, with the same signed transfer
+            if outcomes[headers["Bitcoin-Transfer"]][-1] != 200:
+                await call(headers)
+        await asyncio.sleep(3.5)         # holds of calls cut off mid-way expire and are voided
+        ledger, r = await ledger_for(rs.url, prefix)
+        try:
+            await ledger.sweep_expired()
+            served = sum(1 for v in outcomes.values() if 200 in v)
+            balance = await ledger.balance(user_account(wallet.username))
+            assert balance.pending_debits == 0
+            assert balance.posted == 100 * PRICE - served * PRICE   # charged exactly for what was served
+            assert all(v.count(200) <= 1 for v in outcomes.values())  # nothing settled twice
+            report = await ledger.reconcile()
+            assert report.ok, report.mismatches
+        finally:
+            await r.aclose()
+    finally:
+        server.stop()
+        rs.stop()
+
+
+async def test_server_killed_after_the_hold_the_sweeper_voids_it(tmp_path, prefix, http, redis_url):
+    first = Server(tmp_path, redis_url, prefix, script=str(HERE / "slow_server.py"), HOLD_TIMEOUT="2",
+                   SLOW_SECONDS="30")
+    second = None
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await first.wait("/readyz")
+        wallet = await register_funded(http, first.url, 1000)
+        async with PaidSession(wallet, max_price=500, session=http) as s:
+            call = asyncio.ensure_future(s.request("POST", f"{first.url}/test/slow", data=b"{}"))
+            deadline = time.monotonic() + 10
+            while (await ledger.balance(user_account(wallet.username))).pending_debits == 0:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            first.stop(signal.SIGKILL)   # killed between the hold and the capture
+            with pytest.raises(aiohttp.ClientError):
+                await call
+        assert (await ledger.balance(user_account(wallet.username))).pending_debits == SLOW_PRICE
+        second = Server(tmp_path, redis_url, prefix, HOLD_TIMEOUT="2")  # any live process sweeps
+        await second.wait("/readyz")
+        deadline = time.monotonic() + 15
+        while (await ledger.balance(user_account(wallet.username))).pending_debits:
+            assert time.monotonic() < deadline, "the expired hold was never voided"
+            await asyncio.sleep(0.2)
+        balance = await ledger.balance(user_account(wallet.username))
+        assert (balance.posted, balance.available) == (1000, 1000)
+        assert (await ledger.reconcile()).ok
+    finally:
+        first.stop()
+        if second:
+            second.stop()
+        await r.aclose()
+
+
+async def test_graceful_stop_finishes_and_settles_the_call_in_flight(tmp_path, prefix, http, redis_url):
+    server = Server(tmp_path, redis_url, prefix, script=str(HERE / "slow_server.py"), SLOW_SECONDS="2")
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 1000)
+        async with PaidSession(wallet, max_price=500, session=http) as s:
+            call = asyncio.ensure_future(s.request("POST", f"{server.url}/test/slow", data=b"{}"))
+            while (await ledger.balance(user_account(wallet.username))).pending_debits == 0:
+                await asyncio.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            status, body, headers = await call
+        assert status == 200 and body == {"done": True} and headers["Payment-Receipt"]
+        server.proc.wait(20)
+        balance = await ledger.balance(user_account(wallet.username))
+        assert (balance.posted, balance.pending_debits) == (1000 - SLOW_PRICE, 0)
+        assert (await ledger.reconcile()).ok
+    finally:
+        server.stop()
+        await r.aclose()
