@@ -22,9 +22,8 @@ def payment_required_body(url: str, quote: Quote, invoice: Invoice, accepts: lis
         "resource": {"url": url, "description": quote.rule.description, "mimeType": "application/json"},
         "accepts": accepts,
         "invoice": invoice.to_json(),
+        "detail": detail if detail is not None else f"pay {quote.amount} sat to call {quote.resource}",
     }
-    if detail is not None:
-        body["detail"] = detail
     return body
 
 
