@@ -28,7 +28,8 @@ from .chain.addresses import AddressBook
 from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain
 from .rates import FixedRate, HttpRate
-from .state import HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .ratelimit import RateLimiter, rate_limit_middleware
+from .state import LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 
 __all__ = ["create_app"]
@@ -41,7 +42,7 @@ def create_app(settings: Settings) -> web.Application:
         raise ValueError("settings.redis_url is required (the CLI starts a private Redis when REDIS_URL is unset)")
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[request_context_middleware, error_middleware, paywall_middleware()],
+        middlewares=[request_context_middleware, error_middleware, rate_limit_middleware, paywall_middleware()],
     )
     app[SETTINGS] = settings
     app[PRICES] = price_book(settings)
@@ -93,6 +94,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         book = app.get(ADDRESSES)
         methods.append(OnChain(s, app[CHAIN], owns or _none_owned, book.mark_paid if book else _noop))
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
+    app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
     monitor = asyncio.create_task(_monitor(app, health))
     for _ in range(20):  # usually ready at once; a Redis that is down does not stop the server starting

@@ -70,6 +70,9 @@ class Settings:
     usd_rate_url: str | None = None    # a live source instead (with its JSON path)
     usd_rate_path: str = "bitcoin.usd"
     usd_rate_max_age: int = 60
+    rate_limit_ip: int = 3000          # requests per minute per client IP on /v1 (0: off)
+    rate_limit_account: int = 1200     # paid calls per minute per account (0: off)
+    trust_proxy: bool = False          # take the client IP from X-Forwarded-For
     withdrawal_hold_days: int = 14
     minimum_withdrawal: int = 10_000
     log_level: str = "info"
@@ -121,6 +124,9 @@ class Settings:
             usd_rate_url=env.get("USD_RATE_URL") or None,
             usd_rate_path=env.get("USD_RATE_PATH", "bitcoin.usd"),
             usd_rate_max_age=_int(env, "USD_RATE_MAX_AGE", 60),
+            rate_limit_ip=_int(env, "RATE_LIMIT_IP_PER_MINUTE", 3000),
+            rate_limit_account=_int(env, "RATE_LIMIT_ACCOUNT_PER_MINUTE", 1200),
+            trust_proxy=env.get("TRUST_PROXY", "") in ("1", "true", "yes"),
             withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
             minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),

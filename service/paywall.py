@@ -22,7 +22,7 @@ from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Un
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
 from .payments import KeepsFailedPayments, Payment
 from .pricing import Quote, quote_request, route_rule
-from .state import ADDRESSES, HEALTH, INVOICES, LEDGER, METHODS, PRICES, SETTINGS
+from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
 
 __all__ = ["paywall_middleware", "PAYMENT", "HOLD"]
 
@@ -73,6 +73,8 @@ def paywall_middleware() -> Callable:
             return await _challenge(request, quote)
         try:
             payment = await method.verify(request, quote)
+            if payment.payer:
+                await app[LIMITER].check("account", payment.payer, settings.rate_limit_account)
             hold = await _hold(ledger, payment, quote, settings)
         except PaymentRequired as exc:
             log.info("payment_refused", reason=exc.code, method=method.name)

@@ -17,7 +17,7 @@ from .qa.crowd import Crowd
 from .rates import RateSource
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN", "RATES", "HEALTH"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN", "RATES", "HEALTH", "LIMITER"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -33,3 +33,4 @@ ADDRESSES = web.AppKey("addresses", AddressBook)  # only with PAYEE_XPUB
 CHAIN = web.AppKey("chain", ChainBackend)  # only with CHAIN set
 RATES = web.AppKey("rates", RateSource)
 HEALTH = web.AppKey("health", object)  # service.app.RedisHealth
+LIMITER = web.AppKey("limiter", object)  # service.ratelimit.RateLimiter
