@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, TimeoutError as RedisTimeoutError
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
@@ -306,6 +306,8 @@ class _ScriptBatcher:
                 if isinstance(results[i], NoScriptError):
                     results[i] = await script(keys=keys, args=args)  # loads it, then runs it once
         except Exception as exc:  # the connection failed: every caller learns it
+            if isinstance(exc, TimeoutError):  # our deadline, not redis-py's: still a Redis error (503)
+                exc = RedisTimeoutError(f"no reply from Redis within {self.timeout} s")
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)

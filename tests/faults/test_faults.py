@@ -209,3 +209,48 @@ async def test_graceful_stop_finishes_and_settles_the_call_in_flight(tmp_path, p
     finally:
         server.stop()
         await r.aclose()
+
+
+async def test_slow_redis_answers_503_within_the_timeout_and_leaves_no_hold(tmp_path, prefix, http):
+    rs = PrivateRedis(tmp_path / "redis", port=free_port()).start()
+    server = Server(tmp_path, rs.url, prefix, HOLD_TIMEOUT="2", REDIS_TIMEOUT_MS="300")
+    admin = aioredis.Redis.from_url(rs.url, decode_responses=True)
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 100 * PRICE)
+        url = f"{server.url}/v1/qa/validate"
+        sent = [transfer_headers(wallet, amount=PRICE, payee_username="microtasks",
+                                 payee_address="tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", url=url)
+                for _ in range(10)]
+        outcomes: dict[str, list[int]] = {}
+
+        async def call(headers: dict) -> None:
+            async with http.post(url, data=MANIFEST, headers=headers) as r:
+                outcomes.setdefault(headers["Bitcoin-Transfer"], []).append(r.status)
+
+        await admin.execute_command("CLIENT", "PAUSE", "6000", "ALL")  # every command now waits 6 s
+        paused_at = time.monotonic()
+        await asyncio.gather(*(call(h) for h in sent))
+        answered_within = time.monotonic() - paused_at
+        assert {s for v in outcomes.values() for s in v} == {503}
+        assert answered_within < 5, "callers waited for Redis instead of getting a bounded 503"
+        await asyncio.sleep(6.2 - answered_within)  # Redis answers again
+        await server.wait("/readyz", timeout=15)
+        for headers in sent:             # the clients retry with the same signed transfers
+            await call(headers)
+        await asyncio.sleep(3.5)         # holds whose replies came too late expire and are voided
+        ledger, r = await ledger_for(rs.url, prefix)
+        try:
+            await ledger.sweep_expired()
+            served = sum(1 for v in outcomes.values() if 200 in v)
+            assert served >= 1
+            assert all(v.count(200) <= 1 for v in outcomes.values())
+            balance = await ledger.balance(user_account(wallet.username))
+            assert (balance.pending_debits, balance.posted) == (0, 100 * PRICE - served * PRICE)
+            assert (await ledger.reconcile()).ok
+        finally:
+            await r.aclose()
+    finally:
+        await admin.aclose()
+        server.stop()
+        rs.stop()
