@@ -1,8 +1,9 @@
-"""Liveness (process up) and readiness (Redis reachable) probes."""
+"""Liveness (process up) and readiness (Redis reachable) probes, and Prometheus metrics."""
 import asyncio
 
 from aiohttp import web
 
+from service import metrics
 from service.state import HEALTH, REDIS
 
 
@@ -21,3 +22,8 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # noqa: BLE001 - any failure to reach Redis means not ready
         return web.json_response({"status": "unavailable", "redis": type(exc).__name__}, status=503)
     return web.json_response({"status": "ready", "redis": "ok"})
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    body, content_type = await metrics.exposition(request)
+    return web.Response(body=body, headers={"Content-Type": content_type})

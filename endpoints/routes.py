@@ -12,6 +12,7 @@ def setup(app: web.Application) -> None:
     app.router.add_routes([
         web.get("/healthz", health.healthz),
         web.get("/readyz", health.readyz),
+        web.get("/metrics", health.prometheus),
         web.get("/openapi.yaml", marketplace.openapi),
         web.get("/v1/catalog", marketplace.catalog),
         web.get("/.well-known/x402", marketplace.x402_discovery),

@@ -28,6 +28,7 @@ from .chain.addresses import AddressBook
 from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain
 from .rates import FixedRate, HttpRate
+from .metrics import EXPIRED, REDIS_LATENCY, metrics_middleware
 from .ratelimit import RateLimiter, rate_limit_middleware
 from .state import LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
@@ -42,7 +43,7 @@ def create_app(settings: Settings) -> web.Application:
         raise ValueError("settings.redis_url is required (the CLI starts a private Redis when REDIS_URL is unset)")
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[request_context_middleware, error_middleware, rate_limit_middleware, paywall_middleware()],
+        middlewares=[metrics_middleware, request_context_middleware, error_middleware, rate_limit_middleware, paywall_middleware()],
     )
     app[SETTINGS] = settings
     app[PRICES] = price_book(settings)
@@ -116,7 +117,8 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
     while True:
         try:
             async with asyncio.timeout(max(s.redis_timeout, 0.5)):
-                await redis.ping()
+                with REDIS_LATENCY.time():
+                    await redis.ping()
                 if not health.bootstrapped:
                     await app[LEDGER].ensure_system_accounts()
                     if app[INVOICES].secret is None:
@@ -146,6 +148,7 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 voided = await ledger.sweep_expired()
                 if voided:
+                    EXPIRED.inc(voided)
                     log.info("holds_expired", voided=voided)
                 closed = await app[CROWD].expire_jobs()
                 if closed:

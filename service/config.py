@@ -43,6 +43,7 @@ class Settings:
     redis_timeout: float = 5.0
     var_dir: Path = Path("var")
     admin_token: str | None = None
+    metrics_token: str | None = None   # set: /metrics wants `Authorization: Bearer <it>`
     network: str = "testnet"
     payee_username: str = "microtasks"
     payee_address: str = DEFAULT_TESTNET_ADDRESS
@@ -97,6 +98,7 @@ class Settings:
             redis_timeout=float(_int(env, "REDIS_TIMEOUT_MS", 5000)) / 1000,
             var_dir=Path(env.get("MICROTASKS_VAR", "var")),
             admin_token=env.get("ADMIN_TOKEN") or None,
+            metrics_token=env.get("METRICS_TOKEN") or None,
             network=network,
             payee_username=env.get("PAYEE_USERNAME", "microtasks"),
             payee_address=address,

@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from . import metrics
 from .errors import Conflict, Forbidden, NotFound, Unprocessable
 from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
 from .payouts import Payouts, charity_account
@@ -49,6 +50,9 @@ class Experts:
 
     def _k(self, *parts: str) -> str:
         return ":".join([self.tag, "xp", *parts])
+
+    async def open_questions(self) -> int:
+        return int(await self.redis.zcard(self._k("open")))
 
     # charities -------------------------------------------------------------------------------------
     async def ensure_charities(self) -> None:
@@ -274,6 +278,7 @@ class Experts:
             f"xp:{qid}:refund", self.escrow(qid), user_account(q["asker"]), ALL,
             guard=Guard(self._k("q", qid), claim="closed", value=reason), reason=f"question {qid} {reason}")
         if result.outcome is Outcome.APPLIED:
+            metrics.SATS.labels("refunded").inc(int(result.transfer.get("amount") or 0))
             await self.redis.hset(self._k("q", qid), "refund", f"xp:{qid}:refund")
             if reason == "expired" and q["kind"] != "list" and not any(k.startswith("reply:") for k in q):
                 await self.redis.hincrby(self._k("profile", q["target"]), "expired", 1)

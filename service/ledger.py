@@ -496,6 +496,18 @@ class Ledger:
             voided += res.ok
         return voided
 
+    async def pending_summary(self) -> tuple[int, float]:
+        """(holds pending, age in seconds of the oldest one by its creation): for /metrics."""
+        count = await self.redis.zcard(self._pending)
+        if not count:
+            return 0, 0.0
+        created = []
+        for raw in await self.redis.zrange(self._pending, 0, 9):  # the ten nearest deadlines
+            value = await self.redis.hget(self._xfer(_s(raw)), "created")
+            if value is not None:
+                created.append(int(value))
+        return count, max(0.0, time.time() - min(created) / 1000) if created else 0.0
+
     # spending tokens -------------------------------------------------------------------------------
     async def create_token(self, token_id: str, owner: str, secret_hash: str, *, max_total: int,
                            max_per_call: int = 0, expires_at: int = 0, routes: list[str] | None = None,

@@ -19,6 +19,7 @@ from . import protocol as P
 from .challenge import render_402
 from .config import Settings
 from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized
+from . import metrics
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
 from .payments import KeepsFailedPayments, Payment
 from .pricing import Quote, quote_request, route_rule
@@ -51,6 +52,7 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     book = request.app.get(ADDRESSES)
     address = await book.for_invoice(request.app[SETTINGS].invoice_ttl) if book else None
     invoice = request.app[INVOICES].issue(quote, address)
+    metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
     return render_402(str(request.url), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
 
 
@@ -85,12 +87,12 @@ def paywall_middleware() -> Callable:
         try:
             response = await handler(request)
         except BaseException as exc:  # priced handlers return their success; anything raised is a failure
-            await _void(ledger, hold, f"handler raised {type(exc).__name__}")
+            await _void(ledger, hold, payment.method, f"handler raised {type(exc).__name__}")
             if keeps:
                 await method.on_void(ledger, payment)
             raise
         if not 200 <= response.status < 300:
-            await _void(ledger, hold, f"status {response.status}")
+            await _void(ledger, hold, payment.method, f"status {response.status}")
             if keeps:
                 await method.on_void(ledger, payment)
             return response
@@ -102,6 +104,8 @@ def paywall_middleware() -> Callable:
         if result.outcome is not Outcome.APPLIED:
             log.warning("capture_refused", transfer=hold.id, outcome=result.outcome.value)
             raise ServiceUnavailable("hold_expired", "the request outlived its payment hold; you were not charged")
+        metrics.PAYMENTS.labels(payment.method, "captured").inc()
+        metrics.SATS.labels("captured").inc(hold.amount)
         response.headers[P.PAYMENT_RECEIPT] = hold.id
         if payment.x402:
             receipt = {"success": True, "transaction": hold.id, "network": settings.caip2, "payer": payment.payer}
@@ -129,8 +133,12 @@ async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settin
     raise error_type(code, detail)
 
 
-async def _void(ledger: Ledger, hold: Hold, reason: str) -> None:
+async def _void(ledger: Ledger, hold: Hold, method: str, reason: str) -> None:
     try:
-        await asyncio.shield(ledger.void(hold, reason))
+        result = await asyncio.shield(ledger.void(hold, reason))
     except RedisError as exc:  # the sweeper voids it on timeout
         log.error("void_failed", transfer=hold.id, error=str(exc))
+        return
+    if result.ok:
+        metrics.PAYMENTS.labels(method, "voided").inc()
+        metrics.SATS.labels("voided").inc(hold.amount)

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .. import metrics
 from ..errors import Conflict, NotFound, PaymentRequired
 from ..ledger import AccountKind, Ledger, Outcome, user_account
 
@@ -82,6 +83,9 @@ class Crowd:
 
     def _k(self, *parts: str) -> str:
         return ":".join([self.tag, "crowd", *parts])
+
+    async def open_jobs(self) -> int:
+        return int(await self.redis.zcard(self._k("open")))
 
     @staticmethod
     def escrow(job_id: str) -> str:
@@ -231,6 +235,7 @@ class Crowd:
                                          user_account(j["buyer"]), balance.posted,
                                          reason=f"crowd job {job_id} {reason}: unearned rewards")
             if res.outcome is Outcome.APPLIED:
+                metrics.SATS.labels("refunded").inc(balance.posted)
                 await self.redis.hset(self._k("job", job_id), "refund", f"crowd:{job_id}:refund:{attempt}")
                 break
         return await self.job(job_id, j["buyer"])

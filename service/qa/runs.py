@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from .. import metrics
 from ..errors import NotFound
 from ..ledger import REVENUE, Ledger, user_account
 from . import manifests, suites
@@ -77,6 +78,17 @@ class RunStore:
 
     async def active(self, owner: str) -> int:
         return int(await self.redis.get(self._active(owner)) or 0)
+
+    async def depth(self) -> int:
+        """Runs queued and not yet finished: undelivered entries plus those a worker holds unacknowledged."""
+        try:
+            groups = await self.redis.xinfo_groups(self.queue)
+        except ResponseError:  # no queue yet
+            return 0
+        group = next((g for g in groups if g.get("name") == GROUP), None)
+        if group is None:
+            return int(await self.redis.xlen(self.queue))
+        return int(group.get("lag") or 0) + int(group.get("pending") or 0)
 
     async def submit(self, *, owner: str, suite: str, k8s: str, strict: bool, body: str, documents: int,
                      price: int, receipt: str, webhook: str | None) -> dict[str, Any]:
@@ -246,6 +258,8 @@ class Worker:
         refund_id = f"refund:{run['receipt']}"
         result = await self.ledger.post(refund_id, REVENUE, user_account(run["owner"]), run["price"],
                                         reason=f"QA run {run['id']} failed: {error}")
+        if result.ok:
+            metrics.SATS.labels("refunded").inc(int(run["price"]))
         if result.outcome.value not in ("ok", "replayed"):
             log.error("refund_failed", run=run["id"], outcome=result.outcome.value)
             refund_id = ""
