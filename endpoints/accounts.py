@@ -3,7 +3,7 @@ from aiohttp import web
 
 from service import accounts, crypto
 from service import protocol as P
-from service.auth import authenticate, verify_body_signature
+from service.auth import authenticate, require_signature, verify_body_signature
 from service.errors import Forbidden, NotFound
 from service.schemas import PayoutSchema, RegisterSchema, WithdrawalSchema, load_json
 from service.state import ADDRESSES, LEDGER, PAYOUTS, SETTINGS
@@ -14,9 +14,10 @@ _withdrawal = WithdrawalSchema()
 
 
 async def register(request: web.Request) -> web.Response:
+    signature = require_signature(request.headers.get(P.AUTHORIZATION))
     data = await load_json(request, _register)
     pubkey = crypto.parse_pubkey(data["pubkey"])
-    verify_body_signature(pubkey, request.headers.get(P.AUTHORIZATION), await request.read())
+    verify_body_signature(pubkey, signature, await request.read())
     body = await accounts.register(request.app[LEDGER], data["username"], pubkey)
     return web.json_response(body, status=201, headers={"Location": f"/v1/accounts/{data['username']}"})
 

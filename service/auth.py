@@ -16,7 +16,7 @@ from . import protocol as P
 from .errors import Unauthorized
 from .ledger import Ledger, user_account
 
-__all__ = ["authenticate", "verify_body_signature"]
+__all__ = ["authenticate", "require_signature", "verify_body_signature"]
 
 
 async def authenticate(request: web.Request, ledger: Ledger, window: int, *, allow_token: bool = False) -> str:
@@ -47,10 +47,16 @@ async def authenticate(request: web.Request, ledger: Ledger, window: int, *, all
     return username
 
 
-def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes) -> None:
-    """Proof of key possession at registration: the Authorization header signs the exact body bytes."""
+def require_signature(signature: str | None) -> str:
+    """A registration without its proof is refused before its body is even read."""
     if not signature:
         raise Unauthorized("signature_required", "Authorization must hold the signature of the request body")
+    return signature
+
+
+def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes) -> None:
+    """Proof of key possession at registration: the Authorization header signs the exact body bytes."""
+    signature = require_signature(signature)
     try:
         ok = crypto.verify(pubkey, signature, body)
     except crypto.KeyError_ as exc:
