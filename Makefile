@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench load clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: install
 bench: install
 	$(PY) bench/paid_vs_free.py $(ARGS)
 	$(PY) bench/qa_runs.py
+
+load: install
+	$(PY) bench/mixed_load.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info
