@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from typing import Any, AsyncIterator, Iterator
 
@@ -60,12 +61,59 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from .app import create_app  # noqa: PLC0415
 
     settings = settings.with_(host=args.host or settings.host, port=args.port or settings.port)
+    if args.workers > 1:
+        return _serve_workers(settings, args.workers)
     with redis_url_for(settings, for_server=True) as url:
         app = create_app(settings.with_(redis_url=url))
         log.info("serving", host=settings.host, port=settings.port, network=settings.network,
                  payee=settings.payee_username, admin_api=bool(settings.admin_token))
         web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
                     reuse_port=args.reuse_port, loop=_event_loop())
+    return 0
+
+
+def _serve_workers(settings: Settings, workers: int) -> int:
+    """N server processes on one port (SO_REUSEPORT: the kernel spreads connections), one Redis; a child
+    that dies is restarted; SIGTERM/SIGINT stop them all gracefully (each finishes its paid calls)."""
+    import shutil  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    with redis_url_for(settings, for_server=True) as url:
+        env = {**os.environ, "REDIS_URL": url, "HOST": settings.host, "PORT": str(settings.port)}
+        if "PROMETHEUS_MULTIPROC_DIR" not in env:  # /metrics then merges every worker's counters
+            metrics_dir = settings.var_dir / f"metrics-{os.getpid()}"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        cmd = [sys.executable, "-m", "service", "serve", "--reuse-port"]
+        children = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+        stopping = False
+
+        def stop(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("serving_workers", workers=workers, host=settings.host, port=settings.port)
+        while not stopping:
+            for i, child in enumerate(children):
+                if child.poll() is not None and not stopping:
+                    log.warning("worker_restarted", exit_code=child.returncode, pid=child.pid)
+                    children[i] = subprocess.Popen(cmd, env=env)
+            time.sleep(0.5)
+        for child in children:
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if env.get("PROMETHEUS_MULTIPROC_DIR", "").endswith(f"metrics-{os.getpid()}"):
+            shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0
 
 
@@ -220,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (PORT, default 8402)")
     serve.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several processes on one port")
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("WEB_WORKERS", "1")),
+                       help="server processes sharing the port (WEB_WORKERS, default 1)")
     sub.add_parser("reconcile", help="replay the journal; check balances match it and sum to zero (exit 1 if not)")
     credit = sub.add_parser("credit", help="credit an account from the operator's grants account")
     credit.add_argument("username")

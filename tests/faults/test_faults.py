@@ -27,14 +27,15 @@ ADMIN = "faults-admin"
 
 
 class Server:
-    def __init__(self, tmp: Path, redis_url: str, prefix: str, script: str | None = None, **env: str) -> None:
+    def __init__(self, tmp: Path, redis_url: str, prefix: str, script: str | None = None, args: tuple[str, ...] = (),
+                 **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
         full_env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "ADMIN_TOKEN": ADMIN,
                     "INVOICE_SECRET": "faults", "PORT": str(self.port), "MICROTASKS_VAR": str(tmp / "var"),
                     "QA_WORKERS": "0", **env}
-        cmd = [sys.executable, script] if script else [sys.executable, "-m", "service", "serve"]
+        cmd = [sys.executable, script] if script else [sys.executable, "-m", "service", "serve", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
 
     async def wait(self, path: str = "/healthz", status: int = 200, timeout: float = 20) -> None:
@@ -254,3 +255,37 @@ async def test_slow_redis_answers_503_within_the_timeout_and_leaves_no_hold(tmp_
         await admin.aclose()
         server.stop()
         rs.stop()
+
+
+async def test_worker_processes_share_the_port_a_dead_one_is_replaced(tmp_path, prefix, http, redis_url):
+    server = Server(tmp_path, redis_url, prefix, args=("--workers", "2"))
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 1000)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGKILL)
+        async with aiohttp.ClientSession() as fresh, PaidSession(wallet, max_price=500, session=fresh) as s:
+            for _ in range(4):  # the survivor (and soon the replacement) keeps serving
+                status, _, _ = await s.request("POST", f"{server.url}/v1/qa/validate", data=MANIFEST)
+                assert status == 200
+        deadline = time.monotonic() + 15
+        while True:
+            now = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+            if len(now) == 2 and str(children[0]) not in now:
+                break
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as fresh, fresh.get(f"{server.url}/metrics") as resp:  # merged across workers
+            assert 'microtasks_payments_total{method="bittransfer",outcome="captured"} 4.0' in await resp.text()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert not subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True).stdout
+        balance = await ledger.balance(user_account(wallet.username))
+        assert (balance.posted, balance.pending_debits) == (1000 - 4 * PRICE, 0)
+        assert (await ledger.reconcile()).ok
+    finally:
+        server.stop()
+        await r.aclose()
