@@ -1,6 +1,7 @@
 """Discovery: the OpenAPI document (with live prices), the JSON catalog, and x402 Bazaar items."""
 from __future__ import annotations
 
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -12,7 +13,10 @@ from aiohttp import web
 from service.pricing import PriceRule, describe, route_rule
 from service.state import METHODS, PRICES, SETTINGS
 
-OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+# the checkout's copy, or the one a wheel installs under <prefix>/share/microtasks (the container image)
+OPENAPI_PATH = next((p for p in (Path(__file__).resolve().parent.parent / "openapi.yaml",
+                                 Path(sys.prefix) / "share" / "microtasks" / "openapi.yaml") if p.exists()),
+                    Path(__file__).resolve().parent.parent / "openapi.yaml")
 
 
 @lru_cache(maxsize=1)

@@ -81,13 +81,13 @@ def _serve_workers(settings: Settings, workers: int) -> int:
     import time  # noqa: PLC0415
 
     with redis_url_for(settings, for_server=True) as url:
-        env = {**os.environ, "REDIS_URL": url, "HOST": settings.host, "PORT": str(settings.port)}
+        env = {**os.environ, "REDIS_URL": url, "HOST": settings.host, "PORT": str(settings.port), "WEB_WORKERS": "1"}
         if "PROMETHEUS_MULTIPROC_DIR" not in env:  # /metrics then merges every worker's counters
             metrics_dir = settings.var_dir / f"metrics-{os.getpid()}"
             shutil.rmtree(metrics_dir, ignore_errors=True)
             metrics_dir.mkdir(parents=True)
             env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        cmd = [sys.executable, "-m", "service", "serve", "--reuse-port"]
+        cmd = [sys.executable, "-m", "service", "serve", "--reuse-port", "--workers", "1"]
         children = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
         stopping = False
 

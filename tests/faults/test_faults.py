@@ -258,7 +258,7 @@ async def test_slow_redis_answers_503_within_the_timeout_and_leaves_no_hold(tmp_
 
 
 async def test_worker_processes_share_the_port_a_dead_one_is_replaced(tmp_path, prefix, http, redis_url):
-    server = Server(tmp_path, redis_url, prefix, args=("--workers", "2"))
+    server = Server(tmp_path, redis_url, prefix, WEB_WORKERS="2")  # as the container image starts it
     ledger, r = await ledger_for(redis_url, prefix)
     try:
         await server.wait("/readyz")
@@ -266,6 +266,8 @@ async def test_worker_processes_share_the_port_a_dead_one_is_replaced(tmp_path, 
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
                                                    text=True).stdout.split()]
         assert len(children) == 2
+        for child in children:  # each serves; none becomes a manager of its own (WEB_WORKERS is inherited)
+            assert not subprocess.run(["pgrep", "-P", str(child)], capture_output=True, text=True).stdout
         os.kill(children[0], signal.SIGKILL)
         async with aiohttp.ClientSession() as fresh, PaidSession(wallet, max_price=500, session=fresh) as s:
             for _ in range(4):  # the survivor (and soon the replacement) keeps serving
