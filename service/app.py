@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 from typing import AsyncIterator
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
@@ -29,6 +28,7 @@ from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain
 from .rates import FixedRate, HttpRate
 from .metrics import EXPIRED, REDIS_LATENCY, metrics_middleware
+from .redis_client import connect, safe_url
 from .ratelimit import RateLimiter, rate_limit_middleware
 from .state import LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
@@ -71,10 +71,7 @@ class RedisHealth:
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    redis = aioredis.Redis.from_url(
-        s.redis_url, decode_responses=True, socket_timeout=None, socket_connect_timeout=s.redis_timeout,
-        max_connections=256,
-    )
+    redis = connect(s.redis_url, timeout=s.redis_timeout)
     app[REDIS] = redis
     ledger = Ledger(redis, s.redis_prefix, timeout=s.redis_timeout)
     app[LEDGER] = ledger
@@ -125,7 +122,7 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
                         app[INVOICES].secret = await load_secret(redis, s.redis_prefix, None)
                     await app[EXPERTS].ensure_charities()
                     health.bootstrapped = True
-                    log.info("ledger_ready", redis=_safe_url(s.redis_url), prefix=s.redis_prefix)
+                    log.info("ledger_ready", redis=safe_url(s.redis_url), prefix=s.redis_prefix)
             if not health.reachable:
                 log.info("redis_reachable")
             health.reachable = True
@@ -195,11 +192,3 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _safe_url(url: str) -> str:
-    """Redis URL without its password, for logs."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

@@ -9,7 +9,6 @@ import os
 import sys
 from typing import Any, AsyncIterator, Iterator
 
-import redis.asyncio as aioredis
 import structlog
 
 from . import accounts, crypto
@@ -17,6 +16,7 @@ from .config import ConfigError, Settings
 from .errors import ApiError
 from .ledger import Ledger
 from .logs import configure_logging
+from .redis_client import connect
 from .redis_server import PrivateRedis
 
 __all__ = ["main"]
@@ -46,7 +46,7 @@ def redis_url_for(settings: Settings, *, for_server: bool) -> Iterator[str]:
 
 @contextlib.asynccontextmanager
 async def open_ledger(url: str, prefix: str) -> AsyncIterator[Ledger]:
-    redis = aioredis.Redis.from_url(url, decode_responses=True)
+    redis = connect(url)
     try:
         ledger = Ledger(redis, prefix)
         await ledger.ensure_system_accounts()
@@ -125,7 +125,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from .qa.runs import RunStore, Worker  # noqa: PLC0415
 
     async def work(url: str) -> int:
-        redis = aioredis.Redis.from_url(url, decode_responses=True)
+        redis = connect(url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -158,7 +158,7 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
 
     if not settings.payee_xpub or not settings.chain:
         raise SystemExit("configure PAYEE_XPUB and CHAIN (esplora|bitcoind) with CHAIN_URL first")
-    redis = aioredis.Redis.from_url(url, decode_responses=True)
+    redis = connect(url)
     backend = backend_from_settings(settings.chain, settings.chain_url or "", settings.chain_cookie)
     try:
         ledger = Ledger(redis, settings.redis_prefix)

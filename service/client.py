@@ -173,8 +173,20 @@ class PaidSession:
         return transfer_headers(self.wallet, amount=price, payee_username=payee, payee_address=address, url=url,
                                 invoice=invoice)
 
-    async def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+    async def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str], *,
+                    unpaid: bool = False) -> tuple[int, Any, dict[str, str]]:
+        """One request. An unpaid one (no money attached) is retried once when the connection breaks, e.g.
+        a server process behind the port was restarted; a paid one never is here (the caller decides)."""
         assert self.session is not None, "use `async with PaidSession(...)`"
+        try:
+            return await self._send_once(method, url, body, headers)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            if not unpaid:
+                raise
+        return await self._send_once(method, url, body, headers)
+
+    async def _send_once(self, method: str, url: str, body: bytes | None,
+                         headers: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
         async with self.session.request(method, url, data=body, headers=headers) as resp:
             return resp.status, await _body(resp), dict(resp.headers)
 
@@ -195,7 +207,7 @@ class PaidSession:
             if status != 402:
                 return self._settled(status, payload, rheaders, price, url)
         else:
-            status, payload, rheaders = await self._send(method, url, body, headers)
+            status, payload, rheaders = await self._send(method, url, body, headers, unpaid=True)
             if status != 402:
                 return status, payload, rheaders
         if P.PRICE not in rheaders:

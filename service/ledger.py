@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, TimeoutError as RedisTimeoutError
 
@@ -277,6 +278,8 @@ class _ScriptBatcher:
     def __init__(self, redis: aioredis.Redis, timeout: float) -> None:
         self.redis = redis
         self.timeout = timeout
+        # redis-py refuses EVALSHA inside a cluster pipeline: there, the batch goes out as concurrent calls
+        self.cluster = isinstance(redis, RedisCluster)
         self.queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self.drainer: asyncio.Task | None = None
 
@@ -297,6 +300,9 @@ class _ScriptBatcher:
             self.drainer = None
 
     async def _run(self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]) -> None:
+        if self.cluster:
+            await self._run_concurrently(batch)
+            return
         try:
             async with asyncio.timeout(self.timeout), self.redis.pipeline(transaction=False) as pipe:
                 for script, keys, args, _ in batch:
@@ -316,6 +322,22 @@ class _ScriptBatcher:
             if future.done():
                 continue
             if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+    async def _run_concurrently(self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await asyncio.gather(*(script(keys=keys, args=args) for script, keys, args, _ in batch),
+                                               return_exceptions=True)
+        except TimeoutError:
+            results = [RedisTimeoutError(f"no reply from Redis within {self.timeout} s")] * len(batch)
+        for (*_, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)

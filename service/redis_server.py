@@ -49,10 +49,12 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class PrivateRedis:
     """Starts redis-server with AOF in `directory`, on a unix socket (default) or a loopback port."""
 
-    def __init__(self, directory: Path, *, port: int | None = None, appendfsync: str = "everysec") -> None:
+    def __init__(self, directory: Path, *, port: int | None = None, appendfsync: str = "everysec",
+                 extra: tuple[str, ...] = ()) -> None:
         self.directory = Path(directory).absolute()
         self.port = port
         self.appendfsync = appendfsync
+        self.extra = extra  # more redis-server options (a replica's --replicaof, a cluster node's settings)
         self.binary, self.source = find_redis_server()
         self.proc: subprocess.Popen | None = None
 
@@ -83,6 +85,7 @@ class PrivateRedis:
             args += ["--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         else:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        args += list(self.extra)
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
