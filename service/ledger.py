@@ -10,7 +10,6 @@ All keys share one hash tag `{prefix}`, so every script touches a single Redis C
 """
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import time
@@ -18,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, TimeoutError as RedisTimeoutError
+
+from .redis_client import ScriptBatcher
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
@@ -266,83 +264,6 @@ return out
 """
 
 
-class _ScriptBatcher:
-    """Auto-pipelining: script calls that arrive while a round trip is in flight are sent together in
-    the next one (one pipeline per round trip, one round trip in flight per process).
-
-    Each EVALSHA stays atomic on its own; batching only saves round trips and per-command overhead
-    when many requests settle at once. Scripts missing from the server (after a Redis restart) are
-    loaded and retried: a NOSCRIPT reply means that call did not run.
-    """
-
-    def __init__(self, redis: aioredis.Redis, timeout: float) -> None:
-        self.redis = redis
-        self.timeout = timeout
-        # redis-py refuses EVALSHA inside a cluster pipeline: there, the batch goes out as concurrent calls
-        self.cluster = isinstance(redis, RedisCluster)
-        self.queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
-        self.drainer: asyncio.Task | None = None
-
-    async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        future = asyncio.get_running_loop().create_future()
-        self.queue.append((script, keys, args, future))
-        if self.drainer is None:
-            self.drainer = asyncio.ensure_future(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            await asyncio.sleep(0)  # let the callers of this loop iteration queue up
-            while self.queue:
-                batch, self.queue = self.queue, []
-                await self._run(batch)
-        finally:
-            self.drainer = None
-
-    async def _run(self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]) -> None:
-        if self.cluster:
-            await self._run_concurrently(batch)
-            return
-        try:
-            async with asyncio.timeout(self.timeout), self.redis.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            for (script, keys, args, _), i in zip(batch, range(len(results))):
-                if isinstance(results[i], NoScriptError):
-                    results[i] = await script(keys=keys, args=args)  # loads it, then runs it once
-        except Exception as exc:  # the connection failed: every caller learns it
-            if isinstance(exc, TimeoutError):  # our deadline, not redis-py's: still a Redis error (503)
-                exc = RedisTimeoutError(f"no reply from Redis within {self.timeout} s")
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (*_, future), result in zip(batch, results):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-
-    async def _run_concurrently(self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                results = await asyncio.gather(*(script(keys=keys, args=args) for script, keys, args, _ in batch),
-                                               return_exceptions=True)
-        except TimeoutError:
-            results = [RedisTimeoutError(f"no reply from Redis within {self.timeout} s")] * len(batch)
-        for (*_, future), result in zip(batch, results):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-
 def _decode_transfer(row: dict) -> dict[str, Any]:
     """A transfer hash as str fields, with its `meta` JSON decoded."""
     out: dict[str, Any] = {_s(k): _s(v) for k, v in row.items()}
@@ -364,7 +285,7 @@ class Ledger:
         self._transfer = redis.register_script(_TRANSFER)
         self._resolve = redis.register_script(_RESOLVE)
         self._snapshot = redis.register_script(_SNAPSHOT)
-        self._batch = _ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
+        self._batch = ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
 
     # keys ------------------------------------------------------------------------------------------
     def _acct(self, name: str) -> str:

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from .errors import TooManyRequests
-from .ledger import _ScriptBatcher
+from .redis_client import ScriptBatcher
 from .state import HEALTH, LIMITER, SETTINGS
 
 __all__ = ["RateLimiter", "rate_limit_middleware"]
@@ -26,7 +26,7 @@ class RateLimiter:
     def __init__(self, redis: aioredis.Redis, prefix: str, timeout: float) -> None:
         self.tag = "{" + prefix + "}"
         self._hit = redis.register_script(_HIT)
-        self._batch = _ScriptBatcher(redis, timeout)  # pipelined with the other calls of the moment
+        self._batch = ScriptBatcher(redis, timeout)  # pipelined with the other calls of the moment
 
     async def check(self, scope: str, key: str, per_minute: int) -> None:
         """One more hit for (scope, key); TooManyRequests once the window's allowance is used up."""

@@ -1,6 +1,7 @@
-"""One way to open Redis, whatever REDIS_URL names: a single server, the master of a Sentinel group
-(followed across failovers), or a Redis Cluster. Every money key shares the `{prefix}` hash tag, so each
-Lua script and MULTI/EXEC touches one slot and runs unchanged on a cluster.
+"""Redis plumbing: one way to open Redis, whatever REDIS_URL names (a single server, the master of a
+Sentinel group followed across failovers, or a Redis Cluster), and the auto-pipelining script batcher.
+Every money key shares the `{prefix}` hash tag, so each Lua script and MULTI/EXEC touches one slot and
+runs unchanged on a cluster.
 
     redis://[:password@]host:6379/0, rediss://..., unix:///path/redis.sock
     redis+sentinel://[:password@]host1:26379,host2:26379/<master name>[/db]
@@ -8,14 +9,17 @@ Lua script and MULTI/EXEC touches one slot and runs unchanged on a cluster.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, TimeoutError as RedisTimeoutError
 
-__all__ = ["connect", "safe_url"]
+__all__ = ["connect", "safe_url", "ScriptBatcher"]
 
 
 def _hosts(netloc: str, default_port: int) -> tuple[str | None, list[tuple[str, int]]]:
@@ -54,3 +58,78 @@ def safe_url(url: str) -> str:
     if parts.password is None and "@" not in parts.netloc:
         return url
     return url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+
+
+_Batch = list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]  # script, keys, args, the caller's future
+
+
+class ScriptBatcher:
+    """Auto-pipelining: script calls that arrive while a round trip is in flight are sent together in
+    the next one (one pipeline per round trip, one round trip in flight per process).
+
+    Each EVALSHA stays atomic on its own; batching only saves round trips and per-command overhead
+    when many requests settle at once. Scripts missing from the server (after a Redis restart) are
+    loaded and retried: a NOSCRIPT reply means that call did not run.
+    """
+
+    def __init__(self, redis: aioredis.Redis, timeout: float) -> None:
+        self.redis = redis
+        self.timeout = timeout
+        # redis-py refuses EVALSHA inside a cluster pipeline: there, the batch goes out as concurrent calls
+        self.cluster = isinstance(redis, RedisCluster)
+        self.queue: _Batch = []
+        self.drainer: asyncio.Task | None = None
+
+    async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((script, keys, args, future))
+        if self.drainer is None:
+            self.drainer = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the callers of this loop iteration queue up
+            while self.queue:
+                batch, self.queue = self.queue, []
+                await self._run(batch)
+        finally:
+            self.drainer = None
+
+    async def _run(self, batch: _Batch) -> None:
+        if self.cluster:
+            await self._run_concurrently(batch)
+            return
+        try:
+            async with asyncio.timeout(self.timeout), self.redis.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            for (script, keys, args, _), i in zip(batch, range(len(results))):
+                if isinstance(results[i], NoScriptError):
+                    results[i] = await script(keys=keys, args=args)  # loads it, then runs it once
+        except Exception as exc:  # the connection failed: every caller learns it
+            if isinstance(exc, TimeoutError):  # our deadline, not redis-py's: still a Redis error (503)
+                exc = RedisTimeoutError(f"no reply from Redis within {self.timeout} s")
+            results = [exc] * len(batch)
+        _settle(batch, results)
+
+    async def _run_concurrently(self, batch: _Batch) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await asyncio.gather(*(script(keys=keys, args=args) for script, keys, args, _ in batch),
+                                               return_exceptions=True)
+        except TimeoutError:
+            results = [RedisTimeoutError(f"no reply from Redis within {self.timeout} s")] * len(batch)
+        _settle(batch, results)
+
+
+def _settle(batch: _Batch, results: list[Any]) -> None:
+    """Each caller gets its own reply, or its own error (a failed script fails only its caller)."""
+    for (*_, future), result in zip(batch, results):
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
