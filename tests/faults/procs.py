@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -73,3 +74,13 @@ async def register_funded(http, url: str, amount: int) -> Wallet:
 async def ledger_for(url: str, prefix: str) -> tuple[Ledger, aioredis.Redis]:
     r = aioredis.Redis.from_url(url, decode_responses=True)
     return Ledger(r, prefix), r
+
+
+def reconcile_cli(redis_url: str, prefix: str) -> dict:
+    """`python -m service reconcile`, as an operator runs it after an incident: exit 0 and its report."""
+    run = subprocess.run([sys.executable, "-m", "service", "reconcile"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix}, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["ok"] and report["sum_of_balances"] == 0, report
+    return report

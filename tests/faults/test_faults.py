@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from service.client import PaidSession, Wallet, transfer_headers
-from service.ledger import Ledger, user_account
+from service.client import PaidSession, transfer_headers
+from service.ledger import user_account
 from service.redis_server import PrivateRedis, free_port
-
-from tests.faults.procs import ADMIN, HERE, MANIFEST, PRICE, SLOW_PRICE, Server, ledger_for, register_funded
+from tests.faults.procs import HERE, MANIFEST, PRICE, SLOW_PRICE, Server, ledger_for, reconcile_cli, register_funded
 
 
 @pytest.fixture
@@ -41,6 +39,7 @@ async def test_redis_unreachable_at_start_then_back(tmp_path, prefix, http):
         await server.wait("/readyz", 200, timeout=15)
         async with http.post(f"{server.url}/v1/qa/validate", data=MANIFEST) as r:
             assert r.status == 402
+        reconcile_cli(redis_server.url, prefix)
     finally:
         server.stop()
         if redis_server:
@@ -91,8 +90,7 @@ async def test_redis_restart_mid_stream_charges_each_call_at_most_once(tmp_path,
             assert balance.pending_debits == 0
             assert balance.posted == 100 * PRICE - served * PRICE   # charged exactly for what was served
             assert all(v.count(200) <= 1 for v in outcomes.values())  # nothing settled twice
-            report = await ledger.reconcile()
-            assert report.ok, report.mismatches
+            reconcile_cli(rs.url, prefix)
         finally:
             await r.aclose()
     finally:
@@ -126,7 +124,7 @@ async def test_server_killed_after_the_hold_the_sweeper_voids_it(tmp_path, prefi
             await asyncio.sleep(0.2)
         balance = await ledger.balance(user_account(wallet.username))
         assert (balance.posted, balance.available) == (1000, 1000)
-        assert (await ledger.reconcile()).ok
+        reconcile_cli(redis_url, prefix)
     finally:
         first.stop()
         if second:
@@ -150,7 +148,7 @@ async def test_graceful_stop_finishes_and_settles_the_call_in_flight(tmp_path, p
         server.proc.wait(20)
         balance = await ledger.balance(user_account(wallet.username))
         assert (balance.posted, balance.pending_debits) == (1000 - SLOW_PRICE, 0)
-        assert (await ledger.reconcile()).ok
+        reconcile_cli(redis_url, prefix)
     finally:
         server.stop()
         await r.aclose()
@@ -192,7 +190,7 @@ async def test_slow_redis_answers_503_within_the_timeout_and_leaves_no_hold(tmp_
             assert all(v.count(200) <= 1 for v in outcomes.values())
             balance = await ledger.balance(user_account(wallet.username))
             assert (balance.pending_debits, balance.posted) == (0, 100 * PRICE - served * PRICE)
-            assert (await ledger.reconcile()).ok
+            reconcile_cli(rs.url, prefix)
         finally:
             await r.aclose()
     finally:
@@ -233,7 +231,7 @@ async def test_worker_processes_share_the_port_a_dead_one_is_replaced(tmp_path, 
         assert not subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True).stdout
         balance = await ledger.balance(user_account(wallet.username))
         assert (balance.posted, balance.pending_debits) == (1000 - 4 * PRICE, 0)
-        assert (await ledger.reconcile()).ok
+        reconcile_cli(redis_url, prefix)
     finally:
         server.stop()
         await r.aclose()

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,19 +15,12 @@ import pytest
 from service.client import PaidSession
 from service.redis_client import connect
 from service.redis_server import PrivateRedis, find_redis_server, free_port
-from tests.faults.procs import MANIFEST, PRICE, ROOT, Server, register_funded
+from tests.faults.procs import MANIFEST, PRICE, Server, reconcile_cli, register_funded
 
 
 @pytest.fixture
 def prefix() -> str:
     return f"s-{os.urandom(5).hex()}"
-
-
-def reconcile(url: str, prefix: str) -> dict:
-    run = subprocess.run([sys.executable, "-m", "service", "reconcile"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "REDIS_URL": url, "REDIS_PREFIX": prefix}, timeout=60)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return json.loads(run.stdout)
 
 
 async def pay(http, url: str, wallet, times: int) -> int:
@@ -117,8 +109,7 @@ async def test_sentinel_failover_keeps_every_payment_once(tmp_path, prefix, http
         async with PaidSession(wallet, session=http) as s:
             status, me = await s.signed_get(f"{server.url}/v1/accounts/me")
         assert status == 200 and (me["balance"], me["pending"]) == (100 * PRICE - 10 * PRICE, 0)
-        report = reconcile(url, prefix)
-        assert report["ok"] and report["sum_of_balances"] == 0
+        reconcile_cli(url, prefix)
     finally:
         if server:
             server.stop()
@@ -174,8 +165,7 @@ async def test_redis_cluster_runs_every_money_path_on_one_slot(tmp_path, prefix,
                 await asyncio.sleep(0.2)
             status, me = await s.signed_get(f"{server.url}/v1/accounts/me")
         assert status == 200 and me["pending"] == 0
-        report = reconcile(url, prefix)
-        assert report["ok"] and report["sum_of_balances"] == 0
+        reconcile_cli(url, prefix)
     finally:
         if server:
             server.stop()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 
 from service.client import PaidSession
 from service.ledger import user_account
