@@ -6,6 +6,7 @@ import base64
 import json
 
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from service.client import transfer_headers
@@ -66,3 +67,18 @@ async def test_hostile_payment_headers_never_5xx_never_move_money(http, base_url
     if r.status != 200:
         assert await ledger.redis.xlen(ledger.journal_key) == journal
         assert await ledger.balance("u:" + wallet.username) == balance
+
+
+@pytest.mark.parametrize("extra", [
+    {"X-Big": "a" * 20_000},                          # one header over 8 KiB
+    {f"X-H{i}": "v" for i in range(200)},             # more headers than the parser accepts
+], ids=["header-too-long", "too-many-headers"])
+async def test_oversized_headers_are_refused_before_the_app(http, base_url, manifest, funded, ledger, extra):
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    pay = transfer_headers(wallet, amount=120, payee_username="microtasks",
+                           payee_address="tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", url=url)
+    journal = await ledger.redis.xlen(ledger.journal_key)
+    async with http.post(url, data=manifest, headers={**pay, **extra}) as r:
+        assert r.status == 400
+    assert await ledger.redis.xlen(ledger.journal_key) == journal  # the payment attached was not taken
