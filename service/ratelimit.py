@@ -36,7 +36,8 @@ class RateLimiter:
         count, ttl = await self._batch.call(self._hit, [f"{self.tag}:rl:{scope}:{key}:{window}"], [60_000])
         if int(count) > per_minute:
             retry = max(1, int(ttl) // 1000 + 1)
-            raise TooManyRequests("rate_limited", f"more than {per_minute} {scope} requests per minute; retry in {retry} s",
+            who = "from this IP address" if scope == "ip" else "for this account"
+            raise TooManyRequests("rate_limited", f"more than {per_minute} requests per minute {who}; retry in {retry} s",
                                   headers={"Retry-After": str(retry)})
 
 

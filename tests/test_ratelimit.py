@@ -21,7 +21,7 @@ async def test_per_ip_limit_answers_429_with_retry_after(aiohttp_server, make_ap
             statuses.append(r.status)
             last, headers = await r.json(), r.headers
     assert statuses == [402, 402, 402, 429, 429]
-    assert last["error"] == "rate_limited" and "3 ip requests per minute" in last["detail"]
+    assert last["error"] == "rate_limited" and "3 requests per minute from this IP address" in last["detail"]
     assert 1 <= int(headers["Retry-After"]) <= 61
     async with http.get(f"{url}/healthz") as r:  # probes are never throttled
         assert r.status == 200
