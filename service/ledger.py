@@ -22,7 +22,7 @@ from .redis_client import ScriptBatcher
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
-    "user_account", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
+    "user_account", "coin_id", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
 
 REVENUE = "sys:revenue"
@@ -33,6 +33,12 @@ UNCLAIMED = "sys:unclaimed"  # on-chain payments for calls that then failed, kep
 
 def user_account(username: str) -> str:
     return f"u:{username}"
+
+
+def coin_id(txid: str, vout: int) -> str:
+    """The one id space for coins entering the ledger (call payments, deposits, anything later): an
+    outpoint is booked once, whichever path sees it first."""
+    return f"coin:{txid.lower()}:{int(vout)}"
 
 
 class AccountKind(str, enum.Enum):

@@ -1,11 +1,11 @@
 """The deposit watcher (`python -m service chainwatch`): credits confirmed deposits to their account,
-exactly once per output (ledger transfer id `dep:<txid>:<vout>`), however many watchers run. A deposit
+exactly once per output (ledger transfer id `coin:<txid>:<vout>`, see ledger.coin_id), however many watchers run. A deposit
 that a reorg removes before DEPOSIT_CONFIRMATIONS was never credited; after that it is final."""
 from __future__ import annotations
 
 import structlog
 
-from ..ledger import BITCOIN, Ledger, Outcome, user_account
+from ..ledger import BITCOIN, Ledger, Outcome, coin_id, user_account
 from .addresses import AddressBook
 from .backends import ChainBackend
 
@@ -20,7 +20,7 @@ async def credit_deposits(book: AddressBook, backend: ChainBackend, ledger: Ledg
         for r in await backend.received(address):
             if r.confirmations < confirmations:
                 continue
-            result = await ledger.post(f"dep:{r.txid}:{r.vout}", BITCOIN, user_account(owner), r.value,
+            result = await ledger.post(coin_id(r.txid, r.vout), BITCOIN, user_account(owner), r.value,
                                        reason=f"deposit {r.txid}:{r.vout} ({r.confirmations} confirmations)")
             if result.outcome is Outcome.APPLIED:
                 credited += 1
