@@ -87,6 +87,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     if s.payee_xpub:
         app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network)
         owns = app[ADDRESSES].owns
+        app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
     if s.chain:
         app[CHAIN] = backend_from_settings(s.chain, s.chain_url or "", s.chain_cookie)
         book = app.get(ADDRESSES)

@@ -163,9 +163,11 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
     try:
         ledger = Ledger(redis, settings.redis_prefix)
         await ledger.ensure_system_accounts()
-        yield (ledger, AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network), backend,
+        book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network)
+        yield (ledger, book, backend,
                Payouts(redis, settings.redis_prefix, ledger, network=settings.network,
-                       hold_days=settings.withdrawal_hold_days, minimum_withdrawal=settings.minimum_withdrawal))
+                       hold_days=settings.withdrawal_hold_days, minimum_withdrawal=settings.minimum_withdrawal,
+                       owns=book.owns))
     finally:
         await backend.close()
         await redis.aclose()
@@ -209,10 +211,17 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
                 elif args.action == "broadcast":
                     with open(args.file) as f:
                         print(json.dumps(await broadcast_batch(payouts, backend, f.read())))
+                elif args.action == "drop":
+                    print(json.dumps({"dropped": args.txid, "requeued": await payouts.drop(args.txid)}))
+                elif args.action == "release":
+                    print(json.dumps({"released": args.username, "was_on_hold": await payouts.release(args.username)}))
                 else:
                     print(json.dumps(await payouts.cancel(args.id, args.reason)))
             except BatchError as exc:
                 print(f"error: {exc}", file=sys.stderr)
+                return 1
+            except ApiError as exc:
+                print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
                 return 1
         return 0
 
@@ -293,9 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--fee-rate", type=int, default=5, help="sat/vB")
     wbc = wsub.add_parser("broadcast", help="broadcast a signed batch (PSBT base64 or raw hex) and settle it")
     wbc.add_argument("file")
-    wc = wsub.add_parser("cancel", help="cancel one withdrawal: its hold is voided, the money is back")
+    wc = wsub.add_parser("cancel", help="cancel one queued withdrawal: its hold is voided, the money is back "
+                                        "(a batched one: drop its batch first; a sent one cannot be)")
     wc.add_argument("id")
     wc.add_argument("--reason", default="cancelled by the operator")
+    wdr = wsub.add_parser("drop", help="forget a built, unbroadcast batch: its withdrawals go back to the queue")
+    wdr.add_argument("txid")
+    wrl = wsub.add_parser("release", help="lift the hold a reversed deposit put on an account's withdrawals")
+    wrl.add_argument("username")
     worker = sub.add_parser("worker", help="run QA jobs from the queue (scale out: start several)")
     worker.add_argument("--concurrency", type=int, default=1, help="runs processed at once by this process")
     return p

@@ -70,6 +70,7 @@ class Outcome(str, enum.Enum):
     NOTHING = "nothing"                # an all-of-it transfer from an empty account
     GUARDED = "guarded"                # the guard's forbidden field is set (e.g. the question is closed)
     CLAIMED = "claimed"                # the guard's claim field is taken (e.g. this member was paid)
+    LOCKED = "locked"                  # the hold is locked by another owner (e.g. a withdrawal batch)
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,10 @@ return {'ok', state, amount}
 
 _RESOLVE = _NOW + """
 -- KEYS: xfer, debit acct, credit acct, pending zset, journal, token. ARGV: id, action (post|void), reason
-local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token')
+local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token', 'locked')
 if not x[1] then return {'not_found'} end
 if x[1] ~= 'pending' then return {'not_pending', x[1]} end
+if x[7] and ARGV[3] == 'expired' then return {'locked', x[7]} end  -- a locked hold never expires
 local amount = tonumber(x[2])
 local action, reason, result = ARGV[2], ARGV[3], 'ok'
 if action == 'post' and tonumber(x[5]) < now_ms then
@@ -255,6 +257,33 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', x[3], 'credit', x[4],
   'amount', amount, 'ts', now_ms, 'reason', reason)
 return {result, state}
+"""
+
+_LOCK = _NOW + """
+-- KEYS: xfer, pending zset, journal. ARGV: id, action (lock|unlock), owner, timeout_s (unlock: the new deadline)
+-- lock: a pending hold leaves the expiry set and can no longer time out; only its owner may unlock it.
+local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'locked')
+if not x[1] then return {'not_found'} end
+if x[1] ~= 'pending' then return {'not_pending', x[1]} end
+if ARGV[2] == 'lock' then
+  if x[6] then
+    if x[6] == ARGV[3] then return {'replayed', x[6]} end
+    return {'locked', x[6]}
+  end
+  if tonumber(x[5]) < now_ms then return {'expired', x[1]} end
+  redis.call('HSET', KEYS[1], 'locked', ARGV[3], 'expires', 253402300799000)
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  if not x[6] then return {'replayed', ''} end
+  if x[6] ~= ARGV[3] then return {'locked', x[6]} end
+  local expires = now_ms + tonumber(ARGV[4]) * 1000
+  redis.call('HDEL', KEYS[1], 'locked')
+  redis.call('HSET', KEYS[1], 'expires', expires)
+  redis.call('ZADD', KEYS[2], expires, ARGV[1])
+end
+redis.call('XADD', KEYS[3], '*', 'op', ARGV[2], 'id', ARGV[1], 'debit', x[3], 'credit', x[4], 'amount', x[2],
+  'ts', now_ms, 'reason', ARGV[3])
+return {'ok', ARGV[3]}
 """
 
 _SNAPSHOT = """
@@ -291,6 +320,7 @@ class Ledger:
         self._transfer = redis.register_script(_TRANSFER)
         self._resolve = redis.register_script(_RESOLVE)
         self._snapshot = redis.register_script(_SNAPSHOT)
+        self._lock = redis.register_script(_LOCK)
         self._batch = ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
 
     # keys ------------------------------------------------------------------------------------------
@@ -430,6 +460,20 @@ class Ledger:
         )
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
 
+    async def lock(self, transfer_id: str, owner: str) -> Result:
+        """Take a pending hold out of the sweeper's reach for `owner` (atomic; same owner: REPLAYED).
+        EXPIRED when its deadline has passed (it is then the sweeper's), LOCKED when another owner has it."""
+        return await self._lock_call(transfer_id, "lock", owner, 0)
+
+    async def unlock(self, transfer_id: str, owner: str, timeout: int) -> Result:
+        """Give a hold locked by `owner` a deadline again, `timeout` seconds from now (atomic)."""
+        return await self._lock_call(transfer_id, "unlock", owner, timeout)
+
+    async def _lock_call(self, transfer_id: str, action: str, owner: str, timeout: int) -> Result:
+        res = await self._batch.call(self._lock, [self._xfer(transfer_id), self._pending, self.journal_key],
+                                     [transfer_id, action, owner, timeout])
+        return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
+
     async def sweep_expired(self, limit: int = 500) -> int:
         """Void every hold whose timeout has passed; safe to run from many processes at once."""
         now_ms = int(time.time() * 1000)
@@ -545,6 +589,8 @@ class Ledger:
             d[2] -= amount; c[3] -= amount; d[0] += amount; c[1] += amount  # noqa: E702
         elif op == "void":
             d[2] -= amount; c[3] -= amount  # noqa: E702
+        elif op in ("lock", "unlock"):
+            pass  # a hold taken out of (or back into) the sweeper's reach: no balance moves
         else:
             report.mismatches.append(f"unknown journal op {op!r}")
 

@@ -1,5 +1,6 @@
 """Withdrawal batches: one unsigned PSBT paying every queued withdrawal from the operator's UTXOs, signed
-offline by the operator's wallet, then broadcast; the holds are posted only once the network took it.
+offline by the operator's wallet, then broadcast; the holds are locked while the batch waits for its
+signature and posted only once the network took it.
 PSBTs are built with embit (BIP174; bitcoinlib has no PSBT support)."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from embit.script import address_to_scriptpubkey
 from embit.transaction import Transaction, TransactionInput, TransactionOutput
 
 from ..bitcoin import DUST_LIMIT
+from ..errors import ApiError
 from ..payouts import Payouts
 from .addresses import AddressBook
 from .backends import ChainBackend, ChainError
@@ -34,36 +36,55 @@ class Batch:
     change: int
 
 
+def _vbytes(inputs: int, outputs: int) -> int:
+    return _VBYTES_OVERHEAD + _VBYTES_IN * inputs + _VBYTES_OUT * outputs
+
+
 async def build_batch(payouts: Payouts, book: AddressBook, backend: ChainBackend, fee_rate: int = 5) -> Batch:
-    queued = [w for w in await payouts.queued() if w["state"] == "queued"]
-    if not queued:
-        raise BatchError("no withdrawal is queued")
+    """One PSBT paying every withdrawal whose hold is pending; each withdrawal bears an equal share of the
+    fee (it receives amount − share), so a round trip costs its maker, not the operator. The holds are
+    locked for this batch: they can no longer expire or be cancelled until it is dropped or broadcast."""
     utxos = [u for a in await book.all_addresses() for u in await backend.utxos(a) if u.confirmations >= 1]
     utxos.sort(key=lambda u: -u.value)
-    need = sum(w["amount"] for w in queued)
-    chosen, total = [], 0
-    for u in utxos:
-        chosen.append(u)
-        total += u.value
-        fee = fee_rate * (_VBYTES_OVERHEAD + _VBYTES_IN * len(chosen) + _VBYTES_OUT * (len(queued) + 1))
-        if total >= need + fee:
-            break
-    else:
-        raise BatchError(f"confirmed UTXOs hold {total} sat; the queue needs {need} sat plus fees")
-    change = total - need - fee
-    outputs = [TransactionOutput(w["amount"], address_to_scriptpubkey(w["address"])) for w in queued]
-    if change >= DUST_LIMIT:
-        change_address = await book._new("change")
-        outputs.append(TransactionOutput(change, address_to_scriptpubkey(change_address)))
-    else:
-        fee, change = fee + change, 0
-    tx = Transaction(vin=[TransactionInput(bytes.fromhex(u.txid), u.vout) for u in chosen], vout=outputs)
-    psbt = PSBT(tx)
-    for i, u in enumerate(chosen):
-        psbt.inputs[i].witness_utxo = TransactionOutput(u.value, address_to_scriptpubkey(u.address))
-    txid = tx.txid().hex()
-    await payouts.mark_batched([w["id"] for w in queued], txid)
-    return Batch(psbt.to_string(), txid, [w["id"] for w in queued], fee, change)
+    change_address = ""
+    for _ in range(3):  # holds that expire or get cancelled meanwhile: plan again without them
+        queued = await payouts.batchable()
+        if not queued:
+            raise BatchError("no withdrawal is queued with a pending hold")
+        need = sum(w["amount"] for w in queued)  # the outputs plus the fee, which the withdrawals bear
+        chosen, total = [], 0
+        for u in utxos:
+            chosen.append(u)
+            total += u.value
+            if total >= need:
+                break
+        else:
+            raise BatchError(f"confirmed UTXOs hold {total} sat; the queue needs {need} sat")
+        share = -(-fee_rate * _vbytes(len(chosen), len(queued) + 1) // len(queued))
+        small = [w["id"] for w in queued if w["amount"] - share < DUST_LIMIT]
+        if small:
+            raise BatchError(f"at {fee_rate} sat/vB the fee share ({share} sat) leaves dust for {', '.join(small)}")
+        outputs = [TransactionOutput(w["amount"] - share, address_to_scriptpubkey(w["address"])) for w in queued]
+        change = total - need
+        fee = share * len(queued)
+        if change >= DUST_LIMIT:
+            change_address = change_address or await book._new("change")
+            outputs.append(TransactionOutput(change, address_to_scriptpubkey(change_address)))
+        else:
+            fee, change = fee + change, 0
+        tx = Transaction(vin=[TransactionInput(bytes.fromhex(u.txid), u.vout) for u in chosen], vout=outputs)
+        psbt = PSBT(tx)
+        for i, u in enumerate(chosen):
+            psbt.inputs[i].witness_utxo = TransactionOutput(u.value, address_to_scriptpubkey(u.address))
+        txid = tx.txid().hex()
+        ids = [w["id"] for w in queued]
+        failed = await payouts.lock_for_batch(ids, txid)
+        if failed:
+            await payouts.unlock([i for i in ids if i not in failed], txid)
+            continue
+        await payouts.mark_batched({i: share for i in ids}, txid, fee)
+        return Batch(psbt.to_string(), txid, ids, fee, change)
+    raise BatchError("withdrawals kept changing while the batch was built; run it again")
 
 
 def _final_hex(signed: str) -> str:
@@ -85,18 +106,38 @@ def _final_hex(signed: str) -> str:
     return tx.serialize().hex()
 
 
+_ALREADY_KNOWN = ("already in block chain", "txn-already-known", "txn-already-in-mempool", "(-27)", '"code":-27')
+
+
 async def broadcast_batch(payouts: Payouts, backend: ChainBackend, signed: str) -> dict[str, Any]:
-    """Broadcast the signed batch and post the holds of the withdrawals it pays. A refused broadcast
-    changes nothing: the holds stay until the operator retries or cancels."""
+    """Broadcast the signed batch and post the holds of the withdrawals it pays. A batch whose holds are
+    not all pending and locked by it is refused before broadcast; a refused broadcast changes nothing;
+    a capture that does not apply after the broadcast fails loudly (BatchError)."""
     raw = _final_hex(signed)
     txid = Transaction.parse(bytes.fromhex(raw)).txid().hex()
     ids = await payouts.batch(txid)
     if not ids:
         raise BatchError(f"transaction {txid} is not a batch built here")
-    try:
-        await backend.broadcast(raw)
-    except ChainError as exc:
-        raise BatchError(f"broadcast refused, holds kept: {exc.reason}") from None
-    settled = [await payouts.settle(i, txid) for i in ids]
-    return {"txid": txid, "withdrawals": [w["id"] for w in settled]}
-
+    state = (await payouts.batch_info(txid)).get("state", "built")
+    if state == "dropped":
+        raise BatchError(f"batch {txid} was dropped; its withdrawals went back to the queue: build a new batch")
+    if state != "sent":  # a re-run after the network took it only settles what is left
+        problems = await payouts.check_batch(txid)
+        if problems:
+            raise BatchError(f"batch {txid} not broadcast, its holds are not all locked by it: {'; '.join(problems)}")
+        try:
+            await backend.broadcast(raw)
+        except ChainError as exc:
+            if not any(marker in exc.reason for marker in _ALREADY_KNOWN):
+                raise BatchError(f"broadcast refused, holds kept: {exc.reason}") from None
+        await payouts.record_broadcast(txid, raw)
+    settled, failed = [], []
+    for wd_id in ids:
+        try:
+            settled.append((await payouts.settle(wd_id, txid))["id"])
+        except ApiError as exc:
+            failed.append(str(exc.detail))
+    if failed:
+        raise BatchError(f"batch {txid} is on the network but {len(failed)} withdrawal(s) were not booked out: "
+                         + "; ".join(failed))
+    return {"txid": txid, "withdrawals": settled}

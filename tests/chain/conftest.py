@@ -85,3 +85,93 @@ def chain_app(make_app, esplora, operator_key):
     def make(**overrides: Any) -> Any:
         return make_app(payee_xpub=operator_key.public().wif(), chain="esplora", chain_url=esplora.url, **overrides)
     return make
+
+
+@dataclass
+class ChainRig:
+    """The real app with chain rails on the test Redis, its operator CLI (`python -m service` in a
+    subprocess, run without blocking the loop that serves the local Esplora), and user helpers."""
+
+    url: str
+    env: dict[str, str]
+    http: Any
+    esplora: FakeEsplora
+    ledger: Any
+    book: Any
+    payouts: Any
+
+    async def cli(self, *args: str, **env: str) -> tuple[int, str, str]:
+        import asyncio
+        import sys
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", *args, env={**self.env, **env}, cwd=str(ROOT),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, out.decode(), err.decode()
+
+    async def user(self, amount: int) -> Any:
+        import uuid
+
+        from service.client import PaidSession, Wallet
+
+        wallet = Wallet.generate(f"u{uuid.uuid4().hex[:10]}")
+        async with PaidSession(wallet, max_price=0, session=self.http) as s:
+            assert (await s.register(self.url))[0] == 201
+        if amount:
+            async with self.http.post(f"{self.url}/v1/admin/credits", headers={"Authorization": f"Bearer {ADMIN}"},
+                                      json={"username": wallet.username, "amount": amount, "reason": "test"}) as r:
+                assert r.status == 201, await r.text()
+        return wallet
+
+    async def signed(self, wallet: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        from service.client import PaidSession
+
+        async with PaidSession(wallet, session=self.http) as s:
+            return await s.signed(method, f"{self.url}{path}", body)
+
+    async def float_coins(self, value: int) -> str:
+        """A confirmed output on an address of the operator's wallet (what batches spend)."""
+        address = await self.book.deposit_address(f"operator-float-{len(self.esplora.utxos)}")
+        self.esplora.deposit(address, value, height=self.esplora.tip - 10)
+        return address
+
+    async def sign(self, psbt_b64: str) -> str:
+        """The operator's offline signer: signs every input of ours with keys from the test seed."""
+        from embit import bip32
+        from embit.networks import NETWORKS
+        from embit.psbt import PSBT
+
+        psbt = PSBT.from_string(psbt_b64)
+        root = bip32.HDKey.from_seed(bytes.fromhex(SEED), version=NETWORKS["test"]["xprv"])
+        for address in await self.book.all_addresses():
+            psbt.sign_with(root.derive(f"m/84h/1h/0h/0/{int((await self.book.info(address))['index'])}"))
+        return psbt.to_string()
+
+
+ADMIN = "test-admin-token-3f9a"
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture
+def chain_rig(aiohttp_server, chain_app, esplora, ledger, settings, operator_key, http, tmp_path):
+    """make(**settings overrides) → a ChainRig; the CLI gets the same settings through its environment."""
+    from service.chain.addresses import AddressBook
+    from service.payouts import Payouts
+
+    async def make(**overrides: Any) -> ChainRig:
+        server = await aiohttp_server(chain_app(**overrides))
+        s = settings.with_(**overrides)
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ADMIN_TOKEN")}
+        env.update(REDIS_URL=s.redis_url, REDIS_PREFIX=s.redis_prefix, PAYEE_XPUB=operator_key.public().wif(),
+                   CHAIN="esplora", CHAIN_URL=esplora.url, NETWORK=s.network, MICROTASKS_VAR=str(tmp_path / "var"),
+                   MINIMUM_WITHDRAWAL=str(s.minimum_withdrawal), WITHDRAWAL_HOLD_DAYS=str(s.withdrawal_hold_days),
+                   DEPOSIT_CONFIRMATIONS=str(s.deposit_confirmations), LOG_LEVEL="warning")
+        for name, value in s.extra.items():
+            env[name] = str(value)
+        book = AddressBook(ledger.redis, s.redis_prefix, operator_key.public().wif(), s.network)
+        payouts = Payouts(ledger.redis, s.redis_prefix, ledger, network=s.network, hold_days=s.withdrawal_hold_days,
+                          minimum_withdrawal=s.minimum_withdrawal)
+        payouts.owns = book.owns
+        return ChainRig(str(server.make_url("")).rstrip("/"), env, http, esplora, ledger, book, payouts)
+    return make

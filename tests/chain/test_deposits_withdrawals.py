@@ -80,8 +80,10 @@ async def test_withdrawal_batch_psbt_pays_exactly_the_queue_then_settles(rails, 
     psbt = PSBT.from_string(batch.psbt)
     tx = Transaction.parse_bytes(psbt.tx.serialize(), network="testnet")  # parses back with bitcoinlib
     outputs = [(o.address, int(o.value)) for o in tx.outputs]
-    assert sorted(outputs[:2]) == [("tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 30_000),
-                                   ("tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", 45_000)]
+    share = batch.fee // 2                                                # each withdrawal bears half the fee
+    assert share * 2 == batch.fee and share > 0
+    assert sorted(outputs[:2]) == [("tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 30_000 - share),
+                                   ("tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", 45_000 - share)]
     assert sum(v for _, v in outputs) + batch.fee == 200_000 and await book.owns(outputs[2][0])
     # a refused broadcast keeps the holds
     esplora.reject = "bad-txns-inputs-missingorspent"
