@@ -174,15 +174,18 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
 
 
 def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
+    from .chain.reorgs import recheck_deposits  # noqa: PLC0415
     from .chain.watcher import credit_deposits  # noqa: PLC0415
 
     async def watch(url: str) -> int:
-        async with chain_context(url, settings) as (ledger, book, backend, _):
+        async with chain_context(url, settings) as (ledger, book, backend, payouts):
             while True:
                 try:
                     credited = await credit_deposits(book, backend, ledger, settings.deposit_confirmations)
+                    reorgs = await recheck_deposits(ledger, backend, payouts, safe_depth=settings.reorg_safe_depth,
+                                                    confirmations=settings.deposit_confirmations)
                     if args.once:
-                        print(json.dumps({"credited": credited}))
+                        print(json.dumps({"credited": credited, "reorg": reorgs}))
                         return 0
                 except Exception as exc:  # keep watching through node outages
                     log.warning("chainwatch_failed", error=str(exc))
@@ -291,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("username")
     create.add_argument("--pubkey", required=True, help="33-byte compressed secp256k1 key, hex or base64")
     sub.add_parser("sweep", help="void every hold whose timeout has passed")
-    watch = sub.add_parser("chainwatch", help="credit confirmed deposits (DEPOSIT_CONFIRMATIONS) exactly once")
+    watch = sub.add_parser("chainwatch", help="credit confirmed deposits (DEPOSIT_CONFIRMATIONS) exactly once; "
+                                              "reverse those a reorg removes before REORG_SAFE_DEPTH")
     watch.add_argument("--once", action="store_true")
     watch.add_argument("--interval", type=float, default=30)
     wd = sub.add_parser("withdrawals", help="batch queued withdrawals into a PSBT, broadcast the signed batch")

@@ -67,6 +67,7 @@ class Settings:
     chain_cookie: str | None = None
     onchain_max_zeroconf: int = 50_000
     deposit_confirmations: int = 3
+    reorg_safe_depth: int = 100        # credited deposits are re-checked for reorgs until this deep
     usd_rate: str = "60000"            # USD per BTC, the fixed (offline) source
     usd_rate_url: str | None = None    # a live source instead (with its JSON path)
     usd_rate_path: str = "bitcoin.usd"
@@ -122,6 +123,7 @@ class Settings:
             chain_cookie=env.get("CHAIN_COOKIE") or None,
             onchain_max_zeroconf=_int(env, "ONCHAIN_MAX_ZEROCONF", 50_000),
             deposit_confirmations=_int(env, "DEPOSIT_CONFIRMATIONS", 3),
+            reorg_safe_depth=_int(env, "REORG_SAFE_DEPTH", 100),
             usd_rate=env.get("USD_RATE", "60000"),
             usd_rate_url=env.get("USD_RATE_URL") or None,
             usd_rate_path=env.get("USD_RATE_PATH", "bitcoin.usd"),

@@ -15,7 +15,8 @@ import hmac
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["REQUESTS", "CHALLENGES", "PAYMENTS", "SATS", "EXPIRED", "REDIS_LATENCY", "metrics_middleware", "exposition"]
+__all__ = ["REQUESTS", "CHALLENGES", "PAYMENTS", "SATS", "EXPIRED", "REORGS", "REDIS_LATENCY", "metrics_middleware",
+           "exposition"]
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("microtasks_http_requests_total", "HTTP requests by route template, method and status",
@@ -30,12 +31,16 @@ SATS = Counter("microtasks_sats_total", "Satoshis by flow: captured, voided (hol
                ["flow"], registry=REGISTRY)
 EXPIRED = Counter("microtasks_holds_expired_total", "Holds voided by the sweeper after their timeout",
                   registry=REGISTRY)
+REORGS = Counter("microtasks_deposits_reorged_total", "Credited deposits a chain reorganisation took away "
+                 "(counted by chainwatch)", registry=REGISTRY)
 REDIS_LATENCY = Histogram("microtasks_redis_ping_seconds", "Round trip of the health monitor's PING",
                           buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, 1), registry=REGISTRY)
 _GAUGE = {"multiprocess_mode": "mostrecent"}
 HOLDS = Gauge("microtasks_holds_pending", "Payment holds not yet captured or voided", registry=REGISTRY, **_GAUGE)
 HOLD_AGE = Gauge("microtasks_hold_oldest_age_seconds", "Age of the oldest pending hold", registry=REGISTRY, **_GAUGE)
 QUEUE = Gauge("microtasks_queue_depth", "Work waiting, by queue", ["queue"], registry=REGISTRY, **_GAUGE)
+REVERSED = Gauge("microtasks_deposits_reversed", "Credited deposits reversed by a reorg and not confirmed again",
+                 registry=REGISTRY, **_GAUGE)
 READY = Gauge("microtasks_ledger_ready", "1 while Redis answers and the ledger is bootstrapped", registry=REGISTRY,
               **_GAUGE)
 
@@ -83,6 +88,9 @@ async def exposition(request: web.Request) -> tuple[bytes, str]:
         QUEUE.labels("qa_runs").set(await app[RUNS].depth())
         QUEUE.labels("crowd_jobs_open").set(await app[CROWD].open_jobs())
         QUEUE.labels("questions_open").set(await app[EXPERTS].open_questions())
+        from .chain.reorgs import reversed_deposits  # noqa: PLC0415
+
+        REVERSED.set(len(await reversed_deposits(app[LEDGER].redis, app[SETTINGS].redis_prefix)))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess  # noqa: PLC0415 - only in multiprocess mode
 

@@ -43,7 +43,15 @@ class FakeEsplora:
         async def address_utxo(request: web.Request) -> web.Response:
             return web.json_response(self.utxos.get(request.match_info["a"], []))
 
+        async def tx_status(request: web.Request) -> web.Response:
+            for txs in self.txs.values():
+                for tx in txs:
+                    if tx["txid"] == request.match_info["txid"]:
+                        return web.json_response(tx["status"])
+            return web.Response(status=404, text="Transaction not found")
+
         app = web.Application()
+        app.router.add_get("/tx/{txid}/status", tx_status)
         app.router.add_post("/tx", post_tx)
         app.router.add_get("/blocks/tip/height", tip)
         app.router.add_get("/address/{a}/txs", address_txs)
@@ -167,6 +175,8 @@ def chain_rig(aiohttp_server, chain_app, esplora, ledger, settings, operator_key
                    CHAIN="esplora", CHAIN_URL=esplora.url, NETWORK=s.network, MICROTASKS_VAR=str(tmp_path / "var"),
                    MINIMUM_WITHDRAWAL=str(s.minimum_withdrawal), WITHDRAWAL_HOLD_DAYS=str(s.withdrawal_hold_days),
                    DEPOSIT_CONFIRMATIONS=str(s.deposit_confirmations), LOG_LEVEL="warning")
+        if hasattr(s, "reorg_safe_depth"):
+            env["REORG_SAFE_DEPTH"] = str(s.reorg_safe_depth)
         for name, value in s.extra.items():
             env[name] = str(value)
         book = AddressBook(ledger.redis, s.redis_prefix, operator_key.public().wif(), s.network)

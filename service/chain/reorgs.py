@@ -1,0 +1,190 @@
+"""Deep reorgs (run by `chainwatch` after each crediting pass): every deposit credited to a user is
+re-checked until it is REORG_SAFE_DEPTH blocks deep. One that disappears (unknown to the node, or back
+in the mempool) is reversed in the open: a ledger transfer `reorg:<txid>:<vout>` takes the coins back
+from the account to `sys:bitcoin`, as much as the account has available (a user account never goes
+below zero); what it lacks is recorded as a debt and collected from later credits. The account's
+withdrawals go on hold (refused, kept out of batches) until the operator releases them, an error line
+is logged and `microtasks_deposits_reorged_total` counts it. If the transaction confirms again, what
+was taken is given back (`reorg-restore:<txid>:<vout>`) and the debt is forgiven.
+
+Credited deposits are found in the ledger's journal (every `coin:*` post from `sys:bitcoin` to a
+user), read from a cursor, so no credit escapes the re-check, whichever process booked it."""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from ..ledger import BITCOIN, Ledger, Outcome
+from ..metrics import REORGS
+from ..payouts import Payouts
+from .backends import ChainBackend, ChainError
+
+__all__ = ["recheck_deposits", "tx_confirmations", "reversed_deposits"]
+
+log = structlog.get_logger("chainwatch")
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _k(prefix: str, *parts: str) -> str:
+    return ":".join(["{" + prefix + "}", "reorg", *parts])
+
+
+async def tx_confirmations(backend: ChainBackend, txid: str) -> int | None:
+    """Confirmations of `txid` (0: in the mempool), None when the node does not know it. Raises
+    ChainError when the node cannot say (never taken for a disappearance)."""
+    own = getattr(backend, "tx_confirmations", None)
+    if own is not None:
+        return await own(txid)
+    from .backends import Bitcoind, Esplora  # noqa: PLC0415
+
+    if isinstance(backend, Esplora):
+        try:
+            status = await backend._get(f"/tx/{txid}/status")
+        except ChainError as exc:
+            if exc.reason.startswith("esplora 404"):
+                return None
+            raise
+        if not status.get("confirmed"):
+            return 0
+        return int(await backend._get("/blocks/tip/height")) - int(status["block_height"]) + 1
+    if isinstance(backend, Bitcoind):
+        if not (await backend.rpc("getindexinfo", "txindex")).get("txindex", {}).get("synced"):
+            raise ChainError("bitcoind needs -txindex (synced) to re-check deposits for reorgs")
+        try:
+            tx = await backend.rpc("getrawtransaction", txid, True)
+        except ChainError as exc:
+            if "(-5)" in exc.reason:
+                return None
+            raise
+        return int(tx.get("confirmations", 0))
+    raise ChainError(f"no way to look a transaction up on {type(backend).__name__}")
+
+
+async def reversed_deposits(redis: aioredis.Redis, prefix: str) -> list[dict[str, Any]]:
+    """Deposits a reorg took away and that have not confirmed again (for the operator and /metrics)."""
+    out = []
+    for outpoint, raw in (await redis.hgetall(_k(prefix, "watch"))).items():
+        rec = json.loads(raw)
+        if rec["state"] == "reversed":
+            out.append({"outpoint": outpoint, **rec})
+    return sorted(out, key=lambda r: r["outpoint"])
+
+
+async def recheck_deposits(ledger: Ledger, backend: ChainBackend, payouts: Payouts, *, confirmations: int,
+                           safe_depth: int) -> dict[str, int]:
+    """One pass (one process at a time: a short Redis lock): watch new credits, reverse the vanished,
+    restore the reconfirmed, collect debts, forget what is safe_depth deep."""
+    redis, prefix = ledger.redis, ledger.tag[1:-1]
+    token = secrets.token_hex(8)
+    if not await redis.set(_k(prefix, "lock"), token, nx=True, ex=120):
+        return {"skipped": 1}
+    try:
+        return await _pass(ledger, backend, payouts, prefix, confirmations, safe_depth)
+    finally:
+        await redis.eval(_RELEASE, 1, _k(prefix, "lock"), token)
+
+
+async def _discover(ledger: Ledger, prefix: str) -> int:
+    """Add every user credit of a coin journaled since the cursor to the watch list."""
+    redis, found = ledger.redis, 0
+    cursor = await redis.get(_k(prefix, "cursor")) or "0-0"
+    while True:
+        entries = await redis.xrange(ledger.journal_key, f"({cursor}", "+", count=1000)
+        if not entries:
+            return found
+        for entry_id, e in entries:
+            if (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
+                    and e.get("credit", "").startswith("u:")):
+                _, txid, vout = e["id"].split(":")
+                rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "credited", "gen": 0,
+                       "taken": 0, "debt": 0}
+                found += await redis.hsetnx(_k(prefix, "watch"), f"{txid}:{vout}", json.dumps(rec))
+            cursor = entry_id
+        await redis.set(_k(prefix, "cursor"), cursor)
+
+
+async def _pass(ledger: Ledger, backend: ChainBackend, payouts: Payouts, prefix: str, confirmations: int,
+                safe_depth: int) -> dict[str, int]:
+    redis = ledger.redis
+    stats = {"watching": 0, "reversed": 0, "restored": 0, "final": 0, "collected": 0,
+             "new": await _discover(ledger, prefix)}
+    seen: dict[str, int | None] = {}
+    for outpoint, raw in (await redis.hgetall(_k(prefix, "watch"))).items():
+        rec = json.loads(raw)
+        txid, vout = outpoint.split(":")
+        if txid not in seen:
+            try:
+                seen[txid] = await tx_confirmations(backend, txid)
+            except ChainError as exc:  # the node cannot say: nothing is decided on silence
+                log.warning("reorg_check_failed", txid=txid, error=exc.reason)
+                continue
+        conf = seen[txid]
+        if rec["state"] == "credited":
+            if not conf:
+                rec.update(state="reversed", gen=rec["gen"] + 1, taken=0, debt=rec["amount"])
+                username = rec["account"][2:]
+                await payouts.freeze(username, f"deposit {txid}:{vout} was reversed by a chain reorganisation")
+                REORGS.inc()
+                log.error("deposit_reorged", account=rec["account"], txid=txid, vout=int(vout), amount=rec["amount"],
+                          confirmations=conf, withdrawals="on hold")
+                stats["reversed"] += 1
+            elif conf >= safe_depth:
+                await redis.hdel(_k(prefix, "watch"), outpoint)
+                stats["final"] += 1
+                continue
+        elif conf is not None and conf >= confirmations:  # reversed, and confirmed again
+            if rec["taken"]:
+                result = await ledger.post(_id("reorg-restore", txid, vout, rec["gen"]), BITCOIN, rec["account"],
+                                           rec["taken"], reason=f"deposit {txid}:{vout} confirmed again")
+                if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
+                    log.error("reorg_restore_failed", txid=txid, vout=int(vout), outcome=result.outcome.value)
+                    continue
+            log.warning("deposit_restored", account=rec["account"], txid=txid, vout=int(vout), amount=rec["amount"],
+                        given_back=rec["taken"], debt_forgiven=rec["debt"])
+            rec.update(state="credited", taken=0, debt=0)
+            stats["restored"] += 1
+        if rec["state"] == "reversed" and rec["debt"] > 0:
+            stats["collected"] += await _collect(ledger, txid, vout, rec)
+        await redis.hset(_k(prefix, "watch"), outpoint, json.dumps(rec))
+        stats["watching"] += 1
+    return stats
+
+
+def _id(kind: str, txid: str, vout: str, gen: int, part: int = 0) -> str:
+    """reorg:<txid>:<vout> for the first reversal; :<gen> for a later one, :+<taken so far> for a later part."""
+    return f"{kind}:{txid}:{vout}" + (f":{gen}" if gen > 1 else "") + (f":+{part}" if part else "")
+
+
+async def _collect(ledger: Ledger, txid: str, vout: str, rec: dict[str, Any]) -> int:
+    """Take back as much of the reversed deposit as the account has available (ids derived from what was
+    taken so far, so a retried pass replays instead of taking twice)."""
+    collected = 0
+    for _ in range(5):  # the balance may move under us: a few tries per pass
+        balance = await ledger.balance(rec["account"])
+        take = min(rec["debt"], balance.available if balance else 0)
+        if take <= 0:
+            break
+        result = await ledger.post(_id("reorg", txid, vout, rec["gen"], rec["taken"]), rec["account"], BITCOIN, take,
+                                   reason=f"deposit {txid}:{vout} reversed by a chain reorganisation")
+        if result.outcome is Outcome.INSUFFICIENT:
+            continue
+        if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
+            log.error("reorg_reversal_failed", txid=txid, vout=int(vout), outcome=result.outcome.value)
+            break
+        amount = int(result.transfer["amount"])
+        rec["taken"] += amount
+        rec["debt"] -= amount
+        collected += amount
+        if rec["debt"] <= 0:
+            break
+    if rec["debt"] > 0:
+        log.error("reorg_debt_open", account=rec["account"], txid=txid, vout=int(vout), debt=rec["debt"])
+    return collected
