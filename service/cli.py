@@ -241,14 +241,30 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _reconcile(ledger: Ledger, args: argparse.Namespace) -> int:
+async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, Any] | None = None) -> int:
     report = await ledger.reconcile()
-    print(json.dumps({
+    body: dict[str, Any] = {
         "ok": report.ok, "accounts": report.accounts, "journal_entries": report.journal_entries,
         "sum_of_balances": report.sum_posted, "sum_of_pending": report.sum_pending,
         "mismatches": report.mismatches,
-    }, indent=2))
-    return 0 if report.ok else 1
+    }
+    if chain is not None:  # reconcile --chain: each side of the boundary, {"ok": ..., "mismatches": [...]}
+        body["chain"] = chain
+        body["ok"] = body["ok"] and all(side["ok"] for side in chain.values())
+    print(json.dumps(body, indent=2))
+    return 0 if body["ok"] else 1
+
+
+def cmd_reconcile_chain(settings: Settings, args: argparse.Namespace) -> int:
+    """`reconcile --chain`: the ledger's own check, plus its chain boundary against the chain."""
+    from .chain.audit import audit_out  # noqa: PLC0415
+
+    async def run(url: str) -> int:
+        async with chain_context(url, settings) as (ledger, _, backend, payouts):
+            return await _reconcile(ledger, args, {"out": await audit_out(ledger, payouts, settings.network, backend)})
+
+    with redis_url_for(settings, for_server=False) as url:
+        return asyncio.run(run(url))
 
 
 async def _credit(ledger: Ledger, args: argparse.Namespace) -> int:
@@ -282,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several processes on one port")
     serve.add_argument("--workers", type=int, default=int(os.environ.get("WEB_WORKERS", "1")),
                        help="server processes sharing the port (WEB_WORKERS, default 1)")
-    sub.add_parser("reconcile", help="replay the journal; check balances match it and sum to zero (exit 1 if not)")
+    rec = sub.add_parser("reconcile", help="replay the journal; check balances match it and sum to zero (exit 1 if not)")
+    rec.add_argument("--chain", action="store_true",
+                     help="also check the chain boundary: coins booked out == coins our batches sent (needs CHAIN)")
     credit = sub.add_parser("credit", help="credit an account from the operator's grants account")
     credit.add_argument("username")
     credit.add_argument("amount", type=int, help="satoshis")
@@ -335,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_chainwatch(settings, args)
     if args.command == "withdrawals":
         return cmd_withdrawals(settings, args)
+    if args.command == "reconcile" and args.chain:
+        return cmd_reconcile_chain(settings, args)
     action = {"reconcile": _reconcile, "credit": _credit, "sweep": _sweep, "account": _account_create}[args.command]
 
     async def run(url: str) -> int:

@@ -170,6 +170,7 @@ class Payouts:
             pipe.rpush(self._k("wd", "batch", txid), *shares)
             pipe.hset(self._k("wd", "batchinfo", txid), mapping={"state": "built", "fee": fee,
                                                                 "created": int(time.time())})
+            pipe.sadd(self._k("wd", "built"), txid)
             for wd_id, share in shares.items():
                 pipe.hset(self._k("wd", wd_id), mapping={"state": "batched", "batch": txid, "fee": share,
                                                          "sent": amounts[wd_id] - share})
@@ -183,6 +184,10 @@ class Payouts:
 
     async def sent_batches(self) -> list[str]:
         return sorted(await self.redis.smembers(self._k("wd", "sent")))
+
+    async def built_batches(self) -> list[str]:
+        """Batches built and neither broadcast here nor dropped."""
+        return sorted(await self.redis.smembers(self._k("wd", "built")))
 
     async def check_batch(self, txid: str) -> list[str]:
         """Why batch `txid` must not be broadcast (empty: every hold is pending and locked by it)."""
@@ -200,6 +205,7 @@ class Payouts:
             pipe.hset(self._k("wd", "batchinfo", txid), mapping={"state": "sent", "raw": raw,
                                                                 "broadcast": int(time.time())})
             pipe.sadd(self._k("wd", "sent"), txid)
+            pipe.srem(self._k("wd", "built"), txid)
             await pipe.execute()
 
     async def settle(self, wd_id: str, txid: str) -> dict[str, Any]:
@@ -251,6 +257,7 @@ class Payouts:
                 pipe.hset(self._k("wd", wd_id), "state", "queued")
                 pipe.hdel(self._k("wd", wd_id), "batch", "fee", "sent")
             pipe.hset(self._k("wd", "batchinfo", txid), "state", "dropped")
+            pipe.srem(self._k("wd", "built"), txid)
             await pipe.execute()
         return ids
 
