@@ -144,6 +144,7 @@ class Payouts:
         for wd in await self.queued():
             hold = await self.ledger.transfer(wd["id"])
             if (wd["state"] == "queued" and hold and hold["state"] == "pending" and not hold.get("locked")
+                    and int(hold.get("expires") or 0) > time.time() * 1000 and not await self.is_ours(wd["address"])
                     and not await self.frozen(wd["user"])):
                 out.append(wd)
         return out
@@ -233,6 +234,9 @@ class Payouts:
                                               "it cannot be cancelled")
         if wd["state"] != "queued":
             raise Conflict("withdrawal_closed", f"withdrawal {wd_id} is already {wd['state']}")
+        hold = await self.ledger.transfer(wd_id)
+        if hold is not None and hold["state"] == "posted":
+            raise Conflict("withdrawal_sent", f"withdrawal {wd_id} was already booked out; it cannot be cancelled")
         owner = f"cancel:{wd_id}"
         locked = await self.ledger.lock(wd_id, owner)  # no batch can take it once we hold the lock
         if locked.outcome is Outcome.LOCKED:
@@ -246,9 +250,9 @@ class Payouts:
     async def drop(self, txid: str) -> list[str]:
         """Forget an unbroadcast batch: its holds are unlocked (a fresh deadline) and its withdrawals queued."""
         info = await self.batch_info(txid)
-        if not info:
+        if not info and not await self.batch(txid):
             raise NotFound("unknown_batch", f"no batch {txid} was built here")
-        if info.get("state") != "built":
+        if info.get("state", "built") != "built":
             raise Conflict("batch_sent", f"batch {txid} was broadcast; it cannot be dropped")
         ids = await self.batch(txid)
         await self.unlock(ids, txid)

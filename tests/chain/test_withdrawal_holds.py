@@ -81,6 +81,8 @@ async def test_an_expired_withdrawal_leaves_the_queue_and_is_never_paid(chain_ri
     await rig.float_coins(500_000)
     status, wd = await rig.signed(alice, "POST", "/v1/accounts/me/withdrawals", {"amount": 50_000, "address": DEST})
     assert status == 201
+    rc, built, err = await batch(rig, tmp_path)                          # timed out, not yet swept: not paid
+    assert rc == 1 and "no withdrawal" in err
     rc, out, err = await rig.cli("sweep")
     assert rc == 0 and json.loads(out)["voided"] == 1, err
     rc, built, err = await batch(rig, tmp_path)
