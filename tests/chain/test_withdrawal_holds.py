@@ -149,3 +149,26 @@ async def test_settling_a_batch_whose_capture_cannot_apply_fails_loudly(chain_ri
     rc, out, err = await broadcast(rig, tmp_path)
     assert rc == 1 and "not broadcast" in err and wd["id"] in err
     assert rig.esplora.broadcasts == []
+
+
+async def test_two_operators_batching_at_once_never_put_a_withdrawal_in_two_batches(chain_rig):
+    import asyncio
+
+    from service.chain.backends import Esplora
+    from service.chain.batch import BatchError, build_batch
+
+    rig = await chain_rig(minimum_withdrawal=1000)
+    alice = await rig.user(100_000)
+    await rig.float_coins(500_000)
+    await rig.float_coins(500_000)
+    wd = await rig.payouts.withdraw(alice.username, 50_000, DEST)
+    backend = Esplora(rig.esplora.url, timeout=5, retries=0)
+    try:
+        results = await asyncio.gather(*[build_batch(rig.payouts, rig.book, backend) for _ in range(4)],
+                                       return_exceptions=True)
+    finally:
+        await backend.close()
+    built = [r for r in results if not isinstance(r, Exception)]
+    assert len({b.txid for b in built}) == 1 and all(b.withdrawals == [wd["id"]] for b in built)
+    assert all(isinstance(r, BatchError) for r in results if isinstance(r, Exception))
+    assert (await rig.ledger.transfer(wd["id"]))["locked"] == f"batch:{built[0].txid}"
