@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from embit.networks import NETWORKS
+
 from service.ledger import BITCOIN, user_account
 
 DEST = "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty"
@@ -16,7 +18,7 @@ async def paid_on_chain(rig) -> int:
     total = 0
     for raw in rig.esplora.broadcasts:
         for out in Transaction.parse(bytes.fromhex(raw)).vout:
-            address = out.script_pubkey.address(__import__("embit.networks").networks.NETWORKS["test"])
+            address = out.script_pubkey.address(NETWORKS["test"])
             if not await rig.book.owns(address):
                 total += out.value
     return total
