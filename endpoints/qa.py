@@ -105,8 +105,11 @@ async def create_run(request: web.Request) -> web.Response:
                              strict=data["strict"], body=data["text"], documents=len(data["docs"]),
                              price=payment.amount, receipt=payment.transfer_id, webhook=data["webhook"])
     location = f"/v1/qa/runs/{run['id']}"
-    return web.json_response({"id": run["id"], "status": run["status"], "location": location, "price": run["price"],
-                              "receipt": run["receipt"]}, status=202, headers={"Location": location})
+    body = {"id": run["id"], "status": run["status"], "location": location, "price": run["price"],
+            "receipt": run["receipt"]}
+    if run.get("webhook_secret"):  # shown once: the key to check the webhook's X-Microtasks-Signature
+        body["webhook_secret"] = run["webhook_secret"]
+    return web.json_response(body, status=202, headers={"Location": location})
 
 
 async def _owner(request: web.Request) -> str:

@@ -32,10 +32,12 @@ from .redis_client import connect, safe_url
 from .ratelimit import RateLimiter, rate_limit_middleware
 from .state import LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
+from . import tasks, webhooks
 
 __all__ = ["create_app"]
 
 log = structlog.get_logger("app")
+SHUTDOWN_TIMEOUT = 5.0  # seconds each group of background tasks gets to stop
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -46,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[metrics_middleware, request_context_middleware, error_middleware, rate_limit_middleware, paywall_middleware()],
     )
     app[SETTINGS] = settings
+    webhooks.configure(settings.webhook_allow_http, settings.webhook_allow)
     app[PRICES] = price_book(settings)
     app[RATES] = (HttpRate(settings.usd_rate_url, settings.usd_rate_path, settings.usd_rate_max_age)
                   if settings.usd_rate_url else FixedRate(settings.usd_rate))
@@ -95,15 +98,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
-    monitor = asyncio.create_task(_monitor(app, health))
+    monitor = asyncio.create_task(_monitor(app, health), name="redis-monitor")
     for _ in range(20):  # usually ready at once; a Redis that is down does not stop the server starting
         if health.ok:
             break
         await asyncio.sleep(0.05)
     yield
-    monitor.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await monitor
+    await tasks.stop([monitor], SHUTDOWN_TIMEOUT)
     if CHAIN in app:
         await app[CHAIN].close()
     await redis.aclose()
@@ -130,6 +131,8 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means the ledger is not usable now
+            if tasks.cancelling():
+                raise asyncio.CancelledError from exc
             if health.reachable or not health.bootstrapped:
                 log.warning("redis_unreachable", error=f"{type(exc).__name__}: {exc}")
             health.reachable = False
@@ -140,9 +143,14 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     """Void expired holds every few seconds (every process runs one; the script makes that safe)."""
     ledger = app[LEDGER]
 
+    stop = asyncio.Event()
+
     async def sweep() -> None:
-        while True:
-            await asyncio.sleep(min(5, max(1, app[SETTINGS].hold_timeout // 4)))
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
+                await asyncio.wait_for(stop.wait(), min(5, max(1, app[SETTINGS].hold_timeout // 4)))
+            if stop.is_set():
+                return
             try:
                 voided = await ledger.sweep_expired()
                 if voided:
@@ -157,14 +165,16 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 queued = await app[PAYOUTS].auto_withdraw()
                 if queued:
                     log.info("auto_withdrawals_queued", count=queued)
-            except Exception as exc:  # keep sweeping when Redis comes back
+            except Exception as exc:  # keep sweeping when Redis comes back, but never past a cancel
+                if tasks.cancelling() or stop.is_set():
+                    raise asyncio.CancelledError from exc
                 log.warning("sweep_failed", error=str(exc))
 
-    task = asyncio.create_task(sweep())
+    task = asyncio.create_task(sweep(), name="hold-sweeper")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stop.set()
+    await tasks.stop([task], SHUTDOWN_TIMEOUT)
+    await tasks.stop_spawned(SHUTDOWN_TIMEOUT)  # webhook deliveries still in flight
 
 
 async def _none_owned(address: str) -> bool:
@@ -184,12 +194,8 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     `python -m service worker` processes do the work."""
     s = app[SETTINGS]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(Worker(app[RUNS], app[LEDGER], qa_limits(s)).run_forever(stop))
-             for _ in range(s.qa_workers)]
+    workers = [asyncio.create_task(Worker(app[RUNS], app[LEDGER], qa_limits(s)).run_forever(stop), name=f"qa-worker-{i}")
+               for i in range(s.qa_workers)]
     yield
     stop.set()
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await tasks.stop(workers, SHUTDOWN_TIMEOUT)

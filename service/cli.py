@@ -122,9 +122,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     import signal  # noqa: PLC0415
 
     from .app import qa_limits  # noqa: PLC0415
+    from . import tasks as background  # noqa: PLC0415
     from .qa.runs import RunStore, Worker  # noqa: PLC0415
 
     async def work(url: str) -> int:
+        from . import webhooks  # noqa: PLC0415
+
+        webhooks.configure(settings.webhook_allow_http, settings.webhook_allow)
         redis = connect(url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -134,9 +138,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         workers = [Worker(store, ledger, qa_limits(settings)) for _ in range(args.concurrency)]
         tasks = [asyncio.create_task(w.run_forever(stop)) for w in workers]
         await stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await background.stop(tasks, 10.0)  # bounded: a stuck run does not keep the process alive
+        await background.stop_spawned(5.0)  # webhook deliveries in flight
         await redis.aclose()
         log.info("worker_stopped")
         return 0

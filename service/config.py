@@ -75,6 +75,8 @@ class Settings:
     rate_limit_ip: int = 3000          # requests per minute per client IP on /v1 (0: off)
     rate_limit_account: int = 1200     # paid calls per minute per account (0: off)
     trust_proxy: bool = False          # take the client IP from X-Forwarded-For
+    webhook_allow_http: bool = False   # webhooks may use http:// (else https only)
+    webhook_allow: tuple = ()          # networks / host names webhooks may reach though not public
     withdrawal_hold_days: int = 14
     minimum_withdrawal: int = 10_000
     log_level: str = "info"
@@ -131,11 +133,20 @@ class Settings:
             rate_limit_ip=_int(env, "RATE_LIMIT_IP_PER_MINUTE", 3000),
             rate_limit_account=_int(env, "RATE_LIMIT_ACCOUNT_PER_MINUTE", 1200),
             trust_proxy=env.get("TRUST_PROXY", "") in ("1", "true", "yes"),
+            webhook_allow_http=env.get("WEBHOOK_ALLOW_HTTP", "") in ("1", "true", "yes"),
+            webhook_allow=tuple(e.strip() for e in env.get("WEBHOOK_ALLOW", "").split(",") if e.strip()),
             withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
             minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),
         )
-        return settings.with_(**overrides) if overrides else settings
+        settings = settings.with_(**overrides) if overrides else settings
+        from .webhooks import Policy  # noqa: PLC0415
+
+        try:
+            Policy.parse(settings.webhook_allow_http, settings.webhook_allow)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return settings
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)

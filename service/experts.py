@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
-import hmac
 import io
 import json
 import secrets
@@ -24,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from . import metrics
+from . import metrics, tasks, webhooks
 from .errors import Conflict, Forbidden, NotFound, Unprocessable
 from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
 from .payouts import Payouts, charity_account
@@ -182,8 +180,8 @@ class Experts:
             pipe.zadd(self._k("asked", asker), {qid: now})
             await pipe.execute()
         for r in recipients:
-            asyncio.ensure_future(self._notify(r, {"event": "question", "id": qid, "kind": kind, "text": text,
-                                                   "price": price_each, "deadline": deadline / 1000}))
+            tasks.spawn(self._notify(r, {"event": "question", "id": qid, "kind": kind, "text": text,
+                                         "price": price_each, "deadline": deadline / 1000}), f"webhook:{qid}")
         return await self.question(qid, asker)
 
     async def _q(self, qid: str) -> dict[str, Any]:
@@ -263,7 +261,7 @@ class Experts:
             await pipe.execute()
         if q["kind"] != "list":
             await self.redis.hsetnx(self._k("q", qid), "closed", "answered")
-        asyncio.ensure_future(self._notify(q["asker"], {"event": "reply", "id": qid, "by": username}))
+        tasks.spawn(self._notify(q["asker"], {"event": "reply", "id": qid, "by": username}), f"webhook:{qid}")
         return record
 
     async def close(self, qid: str, reason: str, asker: str | None = None) -> dict[str, Any]:
@@ -312,26 +310,10 @@ class Experts:
 
     # notifications ---------------------------------------------------------------------------------
     async def _notify(self, username: str, payload: dict[str, Any]) -> None:
-        """POST to the user's webhook, signed with HMAC-SHA256 of the body under their secret; three tries
-        with backoff; never blocks the request that caused it."""
+        """The user's webhook, if they set one, signed under their profile's secret."""
         profile = await self.redis.hgetall(self._k("profile", username))
-        url = profile.get("webhook")
-        if not url:
-            return
-        import aiohttp  # noqa: PLC0415
-
-        body = json.dumps(payload).encode()
-        sig = hmac.new(profile["webhook_secret"].encode(), body, hashlib.sha256).hexdigest()
-        for attempt in range(3):
-            try:
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-                    async with s.post(url, data=body, headers={"Content-Type": "application/json",
-                                                               "X-Microtasks-Signature": f"sha256={sig}"}) as r:
-                        if r.status < 500:
-                            return
-            except Exception as exc:  # noqa: BLE001 - retried, then dropped with a log line
-                log.info("webhook_failed", user=username, attempt=attempt, error=type(exc).__name__)
-            await asyncio.sleep(0.5 * 2 ** attempt)
+        if profile.get("webhook"):
+            await webhooks.deliver(profile["webhook"], profile["webhook_secret"], payload)
 
 
 def validate_answers(form: list[dict[str, Any]], answers: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
-from . import crypto
+from . import crypto, webhooks
 from .errors import BadRequest, Unprocessable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
@@ -17,6 +17,21 @@ __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "Runner
 USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
 MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
 RESERVED_USERNAMES = {"me", "admin", "microtasks", "root", "system"}
+
+
+class WebhookUrl(fields.String):
+    """A webhook target, checked against the SSRF policy (scheme, literal address) here and, after DNS
+    resolution, by load_json; the sender checks the resolved address again."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        url = super()._deserialize(value, attr, data, **kwargs)
+        if len(url) > 2000:
+            raise ValidationError("at most 2000 characters")
+        try:
+            webhooks.check_url(url)
+        except webhooks.TargetRefused as exc:
+            raise ValidationError(str(exc)) from None
+        return url
 
 
 class RegisterSchema(Schema):
@@ -52,7 +67,7 @@ class RunSchema(Schema):
     manifests = fields.String(load_default=None)
     archive = fields.String(load_default=None)
     strict = fields.Boolean(load_default=False)
-    webhook = fields.Url(load_default=None, schemes={"http", "https"}, require_tld=False)
+    webhook = WebhookUrl(load_default=None)
 
     @validates_schema
     def _one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -104,7 +119,7 @@ class ProfileSchema(Schema):
     links = fields.Dict(keys=fields.String(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
                         validate=validate.Length(max=10))
     available_for_hire = fields.Boolean(load_default=False)
-    webhook = fields.Url(load_default=None, schemes={"http", "https"}, require_tld=False)
+    webhook = WebhookUrl(load_default=None)
 
     @validates_schema
     def _one_price(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -172,6 +187,13 @@ async def load_json(request: web.Request, schema: Schema) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("invalid_json", "the request body must be a JSON object")
     try:
-        return schema.load(data)
+        loaded = schema.load(data)
     except ValidationError as exc:
         raise Unprocessable("validation_error", exc.messages) from None
+    for name, field in schema.fields.items():
+        if isinstance(field, WebhookUrl) and loaded.get(name):
+            try:
+                await webhooks.check_target(loaded[name])
+            except webhooks.TargetRefused as exc:
+                raise Unprocessable("validation_error", {name: [str(exc)]}) from None
+    return loaded

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
-from .. import metrics
+from .. import metrics, tasks, webhooks
 from ..errors import NotFound
 from ..ledger import REVENUE, Ledger, user_account
 from . import manifests, suites
@@ -97,7 +97,8 @@ class RunStore:
         now = int(time.time() * 1000)
         record = {"id": run_id, "owner": owner, "suite": suite, "kubernetes_version": k8s, "strict": int(strict),
                   "status": "queued", "created": now, "documents": documents, "price": price,
-                  "receipt": receipt, "webhook": webhook or "", "attempts": 0}
+                  "receipt": receipt, "webhook": webhook or "", "attempts": 0,
+                  "webhook_secret": secrets.token_hex(16) if webhook else ""}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._run(run_id), mapping=record)
             pipe.set(self._body(run_id), body, ex=7 * 86400)
@@ -238,8 +239,7 @@ class Worker:
         summary = {**outcome.summary(documents), "seconds": round(time.perf_counter() - started, 3)}
         if await self.store.finish(run, status, summary=summary, cases=cases):
             log.info("run_finished", run=run_id, status=status, testcases=summary["testcases"])
-            if run.get("webhook"):
-                asyncio.ensure_future(_notify(run["webhook"], {"id": run_id, "status": status, "summary": summary}))
+            _notify(run, status, summary=summary)
 
     async def _payment_settled(self, run: dict[str, Any], wait: float = 5.0) -> bool:
         """The paywall captures right after the 202; wait briefly for that, never run an unpaid run."""
@@ -263,7 +263,8 @@ class Worker:
         if result.outcome.value not in ("ok", "replayed"):
             log.error("refund_failed", run=run["id"], outcome=result.outcome.value)
             refund_id = ""
-        await self.store.finish(run, "error", error=error, refund=refund_id)
+        if await self.store.finish(run, "error", error=error, refund=refund_id):
+            _notify(run, "error", error=error, refund=refund_id or None)
 
 
 def _execute(run: dict[str, Any], body: str) -> tuple[suites.Outcome, int]:
@@ -274,16 +275,8 @@ def _execute(run: dict[str, Any], body: str) -> tuple[suites.Outcome, int]:
     return suite.run(docs, run["kubernetes_version"], run["strict"]), len(docs)
 
 
-async def _notify(url: str, payload: dict[str, Any]) -> None:
-    """Best effort: three tries with backoff; a dead webhook never affects the run."""
-    import aiohttp  # noqa: PLC0415
-
-    for attempt in range(3):
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-                async with s.post(url, json=payload) as r:
-                    if r.status < 500:
-                        return
-        except Exception:  # noqa: BLE001 - any failure is retried, then dropped
-            pass
-        await asyncio.sleep(2 ** attempt)
+def _notify(run: dict[str, Any], status: str, **fields: Any) -> None:
+    """The buyer's webhook, if the run named one: signed under the run's own secret, in the background."""
+    if run.get("webhook"):
+        payload = {"event": "run_finished", "id": run["id"], "status": status, "at": time.time(), **fields}
+        tasks.spawn(webhooks.deliver(run["webhook"], run.get("webhook_secret", ""), payload), f"webhook:{run['id']}")
