@@ -5,6 +5,7 @@ from service import accounts, crypto
 from service import protocol as P
 from service.auth import authenticate, require_signature, verify_body_signature
 from service.errors import Forbidden, NotFound
+from service.inputs import query_int
 from service.schemas import PayoutSchema, RegisterSchema, WithdrawalSchema, load_json
 from service.state import ADDRESSES, LEDGER, PAYOUTS, SETTINGS
 
@@ -26,8 +27,7 @@ async def show(request: web.Request) -> web.Response:
     username = await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window)
     if username != request.match_info["username"]:
         raise Forbidden("not_your_account", "an account can only be read by its owner")
-    raw = request.query.get("limit", "20")
-    limit = min(int(raw), 200) if raw.isdigit() and int(raw) > 0 else 20
+    limit = query_int(request, "limit", 20, 1, 200)
     return web.json_response(await accounts.account_view(request.app[LEDGER], username, limit))
 
 

@@ -17,7 +17,7 @@ def _require_admin(request: web.Request) -> None:
     if not token:
         raise NotFound("not_found", None)
     given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
         raise Unauthorized("admin_token_required", "Authorization: Bearer <ADMIN_TOKEN> is required",
                            headers={"WWW-Authenticate": "Bearer"})
 

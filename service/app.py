@@ -32,6 +32,7 @@ from .redis_client import connect, safe_url
 from .ratelimit import RateLimiter, rate_limit_middleware
 from .state import LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
+from .inputs import input_middleware
 from . import tasks, webhooks
 
 __all__ = ["create_app"]
@@ -45,7 +46,8 @@ def create_app(settings: Settings) -> web.Application:
         raise ValueError("settings.redis_url is required (the CLI starts a private Redis when REDIS_URL is unset)")
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[metrics_middleware, request_context_middleware, error_middleware, rate_limit_middleware, paywall_middleware()],
+        middlewares=[metrics_middleware, request_context_middleware, error_middleware, input_middleware, rate_limit_middleware,
+                     paywall_middleware()],
     )
     app[SETTINGS] = settings
     webhooks.configure(settings.webhook_allow_http, settings.webhook_allow)

@@ -14,6 +14,7 @@ from aiohttp import web
 from . import crypto
 from . import protocol as P
 from .errors import Unauthorized
+from .inputs import ascii_int, undecodable
 from .ledger import Ledger, user_account
 
 __all__ = ["authenticate", "require_signature", "verify_body_signature"]
@@ -28,10 +29,11 @@ async def authenticate(request: web.Request, ledger: Ledger, window: int, *, all
     if scheme != P.SIG_SCHEME:
         raise Unauthorized("auth_required", f"sign the request: Authorization: {P.SIG_SCHEME} <username>:<unix ts>:<signature>")
     parts = value.strip().split(":", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
+    stamp = ascii_int(parts[1], 12) if len(parts) == 3 else None
+    if stamp is None or undecodable(value):
         raise Unauthorized("malformed_auth", f"expected {P.SIG_SCHEME} <username>:<unix ts>:<signature>")
     username, ts, signature = parts
-    if abs(time.time() - int(ts)) > window:
+    if abs(time.time() - stamp) > window:
         raise Unauthorized("stale_auth", f"the timestamp must be within {window} s of the server's clock")
     pubkey_hex = await ledger.account_meta(user_account(username), "pubkey")
     if pubkey_hex is None:

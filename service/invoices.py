@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from .errors import ServiceUnavailable
+from .inputs import ascii_int
 from .pricing import Quote
 
 __all__ = ["Invoice", "Invoices", "load_secret"]
@@ -68,10 +69,12 @@ class Invoices:
         """None if `invoice_id` was issued by us for this very request, amount and address and is
         unexpired; otherwise the reason code."""
         parts = invoice_id.split("_")
-        if len(parts) != 4 or parts[0] != "inv" or not parts[1].isdigit():
+        expires = ascii_int(parts[1], 12) if len(parts) == 4 and parts[0] == "inv" else None
+        if expires is None:
             return "invoice_invalid"
-        expires, nonce, mac = int(parts[1]), parts[2], parts[3]
-        if not hmac.compare_digest(mac, self._mac(expires, nonce, quote.amount, address, quote.request_hash)):
+        nonce, mac = parts[2], parts[3]
+        if not hmac.compare_digest(mac.encode("utf-8", "surrogateescape"),
+                                   self._mac(expires, nonce, quote.amount, address, quote.request_hash).encode()):
             return "invoice_mismatch"
         if expires < (now or time.time()):
             return "invoice_expired"

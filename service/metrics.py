@@ -77,7 +77,7 @@ async def exposition(request: web.Request) -> tuple[bytes, str]:
 
     app = request.app
     token = app[SETTINGS].metrics_token
-    if token and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+    if token and not hmac.compare_digest(request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
         raise Unauthorized("metrics_token_required", "Authorization: Bearer <METRICS_TOKEN> is required",
                            headers={"WWW-Authenticate": "Bearer"})
     READY.set(1 if app[HEALTH].ok else 0)

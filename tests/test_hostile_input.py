@@ -82,3 +82,78 @@ async def test_oversized_headers_are_refused_before_the_app(http, base_url, mani
     async with http.post(url, data=manifest, headers={**pay, **extra}) as r:
         assert r.status == 400
     assert await ledger.redis.xlen(ledger.journal_key) == journal  # the payment attached was not taken
+
+
+async def raw_request(base_url: str, method: str, path: bytes, headers: list[tuple[bytes, bytes]],
+                      body: bytes = b"") -> tuple[int, dict]:
+    """One HTTP/1.1 request written byte for byte (a client library would refuse these headers)."""
+    import asyncio
+
+    from yarl import URL
+
+    url = URL(base_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    lines = [method.encode() + b" " + path + b" HTTP/1.1", b"Host: " + f"{url.host}:{url.port}".encode(),
+             b"Connection: close", b"Content-Length: " + str(len(body)).encode()]
+    lines += [k + b": " + v for k, v in headers]
+    writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        parsed = json.loads(payload)
+    except ValueError:
+        parsed = {"raw": payload[:200].decode("latin-1")}
+    return status, parsed
+
+
+@pytest.mark.parametrize("path", [b"/v1/admin/credits", b"/v1/admin/accounts"])
+async def test_undecodable_bearer_on_admin_routes_is_401(base_url, ledger, path):
+    journal = await ledger.redis.xlen(ledger.journal_key)
+    status, body = await raw_request(base_url, "POST", path, [(b"Authorization", b"Bearer \xff\xfe"),
+                                                              (b"Content-Type", b"application/json")], b"{}")
+    assert status == 401, body
+    assert await ledger.redis.xlen(ledger.journal_key) == journal
+
+
+@pytest.mark.parametrize("value", ["someone:\u00b2:AAAA", "someone:\u0663\u0663:AAAA", "someone:１７００００００００:AAAA",
+                                   "someone:99999999999999999999999999:AAAA", "someone:-5:AAAA", "someone: 17:AAAA"])
+@pytest.mark.parametrize("method,path", [("GET", "/v1/accounts/me"), ("POST", "/v1/accounts/me/tokens"),
+                                         ("GET", "/v1/experts/me/questions"), ("PUT", "/v1/experts/me")])
+async def test_signed_route_with_a_foreign_numeral_timestamp_is_401(http, base_url, value, method, path):
+    async with http.request(method, f"{base_url}{path}", json={},
+                            headers={"Authorization": f"MT-Sig {value}"}) as r:
+        assert r.status == 401, await r.text()
+        assert (await r.json())["error"] == "malformed_auth"
+
+
+async def test_undecodable_header_bytes_anywhere_are_4xx(base_url):
+    for name in (b"Authorization", b"Bitcoin-Transfer", b"Idempotency-Key", b"X-Request-Id", b"Accept", b"X-Forwarded-For"):
+        status, body = await raw_request(base_url, "POST", b"/v1/qa/validate", [(name, b"MT-Sig a:\xed\xa0\x80:\xff")])
+        assert 400 <= status < 500, (name, status, body)
+    status, body = await raw_request(base_url, "GET", b"/v1/accounts/me", [(b"Authorization", b"MT-Sig \xff:1:AA")])
+    assert status == 401, body
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0663", "１", "0", "-1", "1e3", "9" * 40, "%ff", "1%0a"])
+async def test_limit_query_with_foreign_numerals_is_400(http, base_url, funded, limit):
+    from service.client import signed_headers
+
+    from yarl import URL
+
+    wallet = await funded(0)
+    url = str(URL(f"{base_url}/v1/accounts/{wallet.username}?limit={limit}"))  # as sent: percent-encoded
+    async with http.get(URL(url, encoded=True), headers=signed_headers(wallet, "GET", url)) as r:
+        assert r.status == 400, await r.text()
+
+
+async def test_invoice_with_a_foreign_numeral_is_refused_not_500(http, base_url, funded, settings):
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    for invoice in ("inv_\u00b2_ab_cd", "inv_1_ab_\u00e9\u00e9", "inv_99999999999999999999999_a_b"):
+        pay = transfer_headers(wallet, amount=120, payee_username=settings.payee_username,
+                               payee_address=settings.payee_address, url=url, invoice=invoice)
+        async with http.post(url, data=MANIFEST, headers=pay) as r:
+            assert r.status < 500, (invoice, await r.text())
