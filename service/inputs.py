@@ -15,10 +15,20 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from . import protocol as P
-from .errors import BadRequest, Unauthorized, Unprocessable
+from .errors import BadRequest, NotFound, Unauthorized, Unprocessable
 
 __all__ = ["ascii_int", "has_controls", "undecodable", "query_int", "identifier", "input_middleware",
-           "CONTROLS"]
+           "CONTROLS", "USERNAME_RE", "LIST_NAME_RE", "RESOURCE_ID_RE", "PATH_PARAMS"]
+
+# Identifiers: matched whole (fullmatch) after canonicalisation (identifier()), never with `$`
+USERNAME_RE = r"[a-z0-9][a-z0-9_.-]{1,38}"
+LIST_NAME_RE = r"[a-z0-9][a-z0-9-]{1,39}"
+RESOURCE_ID_RE = r"[A-Za-z0-9_.:-]{1,128}"  # question, run, job, result, token and receipt ids
+# every path parameter of the route table, by name: checked before a handler turns it into a key
+PATH_PARAMS: dict[str, tuple[re.Pattern[str], bool]] = {
+    "username": (re.compile(USERNAME_RE), True), "name": (re.compile(LIST_NAME_RE), True),
+    "id": (re.compile(RESOURCE_ID_RE), False), "rid": (re.compile(RESOURCE_ID_RE), False),
+}
 
 _DIGITS = {n: re.compile(rf"[0-9]{{1,{n}}}") for n in (10, 12, 16, 19)}
 # C0 and C1 controls, DEL, and the invisible format characters (zero-width, bidi overrides, BOM)
@@ -87,6 +97,11 @@ async def input_middleware(request: web.Request,
         if undecodable(name) or undecodable(value) or "\ufffd" in value or "\x00" in value:
             raise BadRequest("invalid_parameter", f"the query parameter {name!r} is not valid UTF-8 text")
     for name, value in request.match_info.items():
-        if undecodable(value) or "\x00" in value:
-            raise BadRequest("invalid_parameter", f"the path parameter {name!r} is not valid UTF-8 text")
+        pattern, lower = PATH_PARAMS.get(name, (None, False))
+        if pattern is None:  # a route added with a new parameter name must be given a pattern above
+            raise BadRequest("invalid_parameter", f"the path parameter {name!r} has no validation rule")
+        try:
+            identifier(value, pattern, name, lower=lower)
+        except Unprocessable:
+            raise NotFound("not_found", f"no {name} {value[:64]!r}") from None
     return await handler(request)

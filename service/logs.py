@@ -17,7 +17,7 @@ from . import protocol as P
 __all__ = ["configure_logging", "request_context_middleware", "redact"]
 
 _SECRET_KEYS = re.compile(r"(authorization|signature|secret|token|password|bitcoin[-_]transfer|privkey|private)", re.I)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")
 _PROCESS_TAG = secrets.token_hex(6)  # unique per process; a counter makes ids unique within it
 _counter = itertools.count(1)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -9,14 +10,49 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 
 from . import crypto, webhooks
 from .errors import BadRequest, Unprocessable
+from .inputs import LIST_NAME_RE, USERNAME_RE, has_controls, identifier, undecodable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
            "ResultSchema", "ProfileSchema", "QuestionSchema", "ListQuestionSchema", "ListSchema", "ReplySchema", "PayoutSchema", "WithdrawalSchema",
            "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
-USERNAME_RE = r"^[a-z0-9][a-z0-9_.-]{1,38}$"
+# Identifiers: matched whole (fullmatch) after canonicalisation (inputs.identifier), never with `$`
+TAG_RE = r"[a-z0-9][a-z0-9.+-]{0,31}"
+CHARITY_RE = r"[a-z0-9-]{1,64}"
+PAYOUT_RE = rf"keep|charity:{CHARITY_RE}|address:[A-Za-z0-9]{{14,90}}"
+ROUTE_RE = r"/[A-Za-z0-9/_.{}-]{0,200}"
 MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
 RESERVED_USERNAMES = {"me", "admin", "microtasks", "root", "system"}
+
+
+class Identifier(fields.String):
+    """A name that becomes part of a key: validated whole and canonical (inputs.identifier), or refused."""
+
+    def __init__(self, pattern: str, what: str, *, lower: bool = True, error: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pattern, self.what, self.lower, self.error = re.compile(pattern), what, lower, error
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return identifier(text, self.pattern, self.what, lower=self.lower)
+        except Unprocessable:
+            raise ValidationError(self.error or f"not a valid {self.what}") from None
+
+
+class Text(fields.String):
+    """Free text shown to other people: decodable, and without control or invisible characters
+    (newlines and tabs allowed where `multiline`)."""
+
+    def __init__(self, *, multiline: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.multiline = multiline
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if undecodable(text) or has_controls(text, allow_newlines=self.multiline):
+            raise ValidationError("must not contain control characters" + ("" if self.multiline else " or line breaks"))
+        return text
 
 
 class WebhookUrl(fields.String):
@@ -35,8 +71,8 @@ class WebhookUrl(fields.String):
 
 
 class RegisterSchema(Schema):
-    username = fields.String(required=True, validate=validate.Regexp(
-        USERNAME_RE, error="2-39 characters: lowercase letters, digits, '_', '.', '-', starting with a letter or digit"))
+    username = Identifier(USERNAME_RE, "username", required=True,
+                          error="2-39 characters: lowercase letters, digits, '_', '.', '-', starting with a letter or digit")
     pubkey = fields.String(required=True)
 
     @validates("username")
@@ -56,9 +92,9 @@ class TokenSchema(Schema):
     max_total = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
     max_per_call = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, MAX_AMOUNT))
     expires_at = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, 2**40))
-    routes = fields.List(fields.String(validate=validate.Regexp(r"^/[A-Za-z0-9/_.{}-]{0,200}$")),
+    routes = fields.List(Identifier(ROUTE_RE, "route", lower=False),
                          load_default=list, validate=validate.Length(max=20))
-    label = fields.String(load_default="", validate=validate.Length(max=100))
+    label = Text(load_default="", validate=validate.Length(max=100))
 
 
 class RunSchema(Schema):
@@ -77,16 +113,17 @@ class RunSchema(Schema):
 
 
 class RunnerSchema(Schema):
-    labels = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[a-z0-9][a-z0-9._/-]{0,62}$")),
-                         values=fields.String(validate=validate.Length(1, 63)), required=True,
+    labels = fields.Dict(keys=Identifier(r"[a-z0-9][a-z0-9._/-]{0,62}", "label"),
+                         values=Text(validate=validate.Length(1, 63)), required=True,
                          validate=validate.Length(max=20))
 
 
 class CrowdJobSchema(Schema):
-    title = fields.String(required=True, validate=validate.Length(1, 200))
+    title = Text(required=True, validate=validate.Length(1, 200))
     instructions = fields.String(load_default="", validate=validate.Length(max=10_000))
     manifests = fields.String(load_default=None, validate=validate.Length(max=1024 * 1024))
-    labels = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict,
+    labels = fields.Dict(keys=Identifier(r"[a-z0-9][a-z0-9._/-]{0,62}", "label"), values=Text(validate=validate.Length(1, 63)),
+                         load_default=dict,
                          validate=validate.Length(max=20))
     reward = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**9))
     results_wanted = fields.Integer(required=True, strict=True, validate=validate.Range(1, 100))
@@ -95,28 +132,27 @@ class CrowdJobSchema(Schema):
 
 
 class ClaimSchema(Schema):
-    runner = fields.String(required=True, validate=validate.Regexp(r"^rn_[0-9a-f]{16}$"))
+    runner = Identifier(r"rn_[0-9a-f]{16}", "runner", required=True)
     wait = fields.Float(load_default=0.0, validate=validate.Range(0, 30))
 
 
 class ResultSchema(Schema):
-    runner = fields.String(required=True, validate=validate.Regexp(r"^rn_[0-9a-f]{16}$"))
+    runner = Identifier(r"rn_[0-9a-f]{16}", "runner", required=True)
     status = fields.String(required=True, validate=validate.OneOf(["passed", "failed"]))
     junit = fields.String(load_default="", validate=validate.Length(max=1024 * 1024))
     log = fields.String(load_default="", validate=validate.Length(max=64 * 1024))
 
 
 class ProfileSchema(Schema):
-    display_name = fields.String(required=True, validate=validate.Length(1, 100))
-    bio = fields.String(load_default="", validate=validate.Length(max=4000))
-    tags = fields.List(fields.String(validate=validate.Regexp(r"^[a-z0-9][a-z0-9.+-]{0,31}$")), load_default=list,
-                       validate=validate.Length(max=20))
+    display_name = Text(required=True, validate=validate.Length(1, 100))
+    bio = Text(load_default="", multiline=True, validate=validate.Length(max=4000))
+    tags = fields.List(Identifier(TAG_RE, "tag"), load_default=list, validate=validate.Length(max=20))
     price = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, 10**8))
-    price_usd = fields.String(load_default=None, validate=validate.Regexp(
-        r"^\$?\d{1,6}(\.\d{1,2})?$", error="a dollar amount such as 0.50 or $12"))
+    price_usd = Identifier(r"\$?[0-9]{1,6}(\.[0-9]{1,2})?", "price_usd", load_default=None,
+                           error="a dollar amount such as 0.50 or $12")
     reply_hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
-    payout = fields.String(load_default=None, validate=validate.Regexp(r"^(keep|charity:[a-z0-9-]{1,64})$"))
-    links = fields.Dict(keys=fields.String(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
+    payout = Identifier(rf"keep|charity:{CHARITY_RE}", "payout", load_default=None)
+    links = fields.Dict(keys=Text(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
                         validate=validate.Length(max=10))
     available_for_hire = fields.Boolean(load_default=False)
     webhook = WebhookUrl(load_default=None)
@@ -132,10 +168,10 @@ class QuestionSchema(Schema):
 
 
 class FormFieldSchema(Schema):
-    id = fields.String(required=True, validate=validate.Regexp(r"^[a-z0-9_]{1,32}$"))
+    id = Identifier(r"[a-z0-9_]{1,32}", "field id", required=True)
     type = fields.String(required=True, validate=validate.OneOf(["choice", "number", "text"]))
-    label = fields.String(required=True, validate=validate.Length(1, 500))
-    options = fields.List(fields.String(validate=validate.Length(1, 200)), load_default=list,
+    label = Text(required=True, validate=validate.Length(1, 500))
+    options = fields.List(Text(validate=validate.Length(1, 200)), load_default=list,
                           validate=validate.Length(max=50))
 
 
@@ -147,8 +183,8 @@ class ListQuestionSchema(Schema):
 
 
 class ListSchema(Schema):
-    name = fields.String(required=True, validate=validate.Regexp(r"^[a-z0-9][a-z0-9-]{1,39}$"))
-    description = fields.String(load_default="", validate=validate.Length(max=2000))
+    name = Identifier(LIST_NAME_RE, "list name", required=True)
+    description = Text(load_default="", multiline=True, validate=validate.Length(max=2000))
     price = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**8))
     approval_required = fields.Boolean(load_default=False)
 
@@ -159,22 +195,21 @@ class ReplySchema(Schema):
 
 
 class PayoutSchema(Schema):
-    payout = fields.String(required=True, validate=validate.Regexp(
-        r"^(keep|charity:[a-z0-9-]{1,64}|address:[A-Za-z0-9]{14,90})$",
-        error="keep, charity:<id> or address:<bitcoin address>"))
+    payout = Identifier(PAYOUT_RE, "payout", lower=False, required=True,
+                        error="keep, charity:<id> or address:<bitcoin address>")
     minimum = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, MAX_AMOUNT))
 
 
 class WithdrawalSchema(Schema):
     amount = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
-    address = fields.String(required=True, validate=validate.Length(14, 90))
+    address = Identifier(r"[A-Za-z0-9]{14,90}", "address", lower=False, required=True)
 
 
 class CreditSchema(Schema):
-    username = fields.String(required=True, validate=validate.Regexp(USERNAME_RE))
+    username = Identifier(USERNAME_RE, "username", required=True)
     amount = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
-    reason = fields.String(required=True, validate=validate.Length(1, 200))
-    id = fields.String(load_default=None, validate=validate.Regexp(r"^[A-Za-z0-9._:-]{1,100}$"))
+    reason = Text(required=True, validate=validate.Length(1, 200))
+    id = Identifier(r"[A-Za-z0-9._:-]{1,100}", "credit id", lower=False, load_default=None)
 
 
 async def load_json(request: web.Request, schema: Schema) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..pricing import Quote
 from . import Payment
 
 __all__ = ["OnChain"]
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_HEX = re.compile(r"\A[0-9a-fA-F]+\Z")
 
 
 class OnChain:

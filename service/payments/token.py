@@ -24,8 +24,8 @@ from . import Payment
 
 __all__ = ["TokenPayment", "new_token", "secret_hash", "TOKEN_RE"]
 
-TOKEN_RE = re.compile(r"^(tk_[0-9a-f]{16})\.([A-Za-z0-9_-]{20,64})$")
-_IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+TOKEN_RE = re.compile(r"\A(tk_[0-9a-f]{16})\.([A-Za-z0-9_-]{20,64})\Z")
+_IDEMPOTENCY_RE = re.compile(r"\A[\x21-\x7e]{1,128}\Z")
 
 
 def new_token() -> tuple[str, str]:
