@@ -1,23 +1,29 @@
 """Signed requests ("Authorization: MT-Sig <username>:<unix ts>:<base64 sig>") with the account's key.
 
-The signed message is protocol.request_message(method, path_qs, ts, body): method, path with query,
-timestamp and body hash, so a signature cannot be moved to another request, and it ages out after
-AUTH_WINDOW seconds.
+The signed message is protocol.request_message(method, path_qs, ts, body, nonce): method, path with query,
+timestamp, body hash and the optional MT-Nonce header, so a signature cannot be moved to another request,
+and it ages out after AUTH_WINDOW seconds. A request that changes state is also single-use: the signed
+message's hash is remembered (SET NX) for twice the window, and a replay is 409 `request_replayed`.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
 import time
 
 from aiohttp import web
 
 from . import crypto
 from . import protocol as P
-from .errors import Unauthorized
+from .errors import Conflict, Unauthorized
 from .inputs import ascii_int, undecodable
 from .ledger import Ledger, user_account
 
 __all__ = ["authenticate", "require_signature", "verify_body_signature"]
+
+_NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 async def authenticate(request: web.Request, ledger: Ledger, window: int, *, allow_token: bool = False) -> str:
@@ -38,15 +44,28 @@ async def authenticate(request: web.Request, ledger: Ledger, window: int, *, all
     pubkey_hex = await ledger.account_meta(user_account(username), "pubkey")
     if pubkey_hex is None:
         raise Unauthorized("unknown_user", "no account is registered under this username")
+    nonce = request.headers.get(P.NONCE, "")
+    if nonce and not _NONCE.fullmatch(nonce):
+        raise Unauthorized("malformed_auth", f"{P.NONCE}: 8-64 characters A-Z a-z 0-9 _ -")
     body = await request.read() if request.body_exists else b""
-    message = P.request_message(request.method, request.path_qs, ts, body)
+    message = P.request_message(request.method, request.path_qs, ts, body, nonce)
     try:
         ok = crypto.verify(bytes.fromhex(pubkey_hex), signature, message)
     except crypto.KeyError_:
         ok = False
     if not ok:
         raise Unauthorized("bad_signature", "the request signature does not verify")
+    if request.method in _STATE_CHANGING:
+        await _first_use(ledger, username, message, window)
     return username
+
+
+async def _first_use(ledger: Ledger, username: str, message: bytes, window: int) -> None:
+    """Remember the signed message (not the signature: ECDSA signatures are malleable) past its window."""
+    digest = hashlib.sha256(username.encode() + b"\n" + message).hexdigest()
+    if not await ledger.redis.set(f"{ledger.tag}:seen:{digest}", 1, nx=True, ex=max(1, window * 2)):
+        raise Conflict("request_replayed", "this signed request was already used; sign it again (a fresh "
+                                           f"timestamp or {P.NONCE}) to repeat it")
 
 
 def require_signature(signature: str | None) -> str:

@@ -101,8 +101,9 @@ def signed_headers(wallet: Wallet, method: str, url: str, body: bytes = b"") -> 
     parts = urlsplit(url)
     path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
     ts = str(int(time.time()))
-    sig = wallet.sign(P.request_message(method, path_qs, ts, body))
-    return {P.AUTHORIZATION: f"{P.SIG_SCHEME} {wallet.username}:{ts}:{sig}"}
+    nonce = secrets.token_urlsafe(12)  # the server refuses a state-changing request it has seen
+    sig = wallet.sign(P.request_message(method, path_qs, ts, body, nonce))
+    return {P.AUTHORIZATION: f"{P.SIG_SCHEME} {wallet.username}:{ts}:{sig}", P.NONCE: nonce}
 
 
 @dataclass

@@ -5,7 +5,7 @@ __all__ = [
     "PRICE", "BITCOIN_ADDRESS", "USERNAME", "BITCOIN_TRANSFER", "AUTHORIZATION", "PAYMENT_RECEIPT",
     "PAYMENT_REQUIRED", "PAYMENT_SIGNATURE", "PAYMENT_RESPONSE", "REQUEST_ID", "X402_VERSION",
     "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_AMOUNT", "METHOD_TOKEN", "METHOD_ONCHAIN",
-    "BITCOIN_TRANSACTION", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message",
+    "BITCOIN_TRANSACTION", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message", "NONCE",
 ]
 
 # 21 / two1.bitrequests
@@ -23,6 +23,7 @@ IDEMPOTENCY_KEY = "Idempotency-Key"  # token payments: the same key pays once
 PAYMENT_AMOUNT = "Payment-Amount"  # token payments: the amount the client agreed to; must equal the price
 TOKEN_SCHEME = "Token"  # spending tokens: "Authorization: Token <id>.<secret>"
 SIG_SCHEME = "MT-Sig"  # signed requests: "Authorization: MT-Sig <username>:<unix ts>:<base64 sig>"
+NONCE = "MT-Nonce"  # optional, signed: makes two identical requests in one second distinct (replays are refused)
 
 # x402 v2 HTTP transport
 X402_VERSION = 2
@@ -35,6 +36,8 @@ METHOD_TOKEN = "token"
 METHOD_ONCHAIN = "onchain"
 
 
-def request_message(method: str, path_qs: str, ts: str, body: bytes) -> bytes:
-    """What an MT-Sig request signature signs: method, path?query, unix ts, sha256(body) hex."""
-    return f"{method.upper()}\n{path_qs}\n{ts}\n{hashlib.sha256(body).hexdigest()}".encode()
+def request_message(method: str, path_qs: str, ts: str, body: bytes, nonce: str = "") -> bytes:
+    """What an MT-Sig request signature signs: method, path?query, unix ts, sha256(body) hex, and the
+    MT-Nonce header's value on a fifth line when the request has one."""
+    message = f"{method.upper()}\n{path_qs}\n{ts}\n{hashlib.sha256(body).hexdigest()}"
+    return (f"{message}\n{nonce}" if nonce else message).encode()
