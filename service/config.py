@@ -1,6 +1,7 @@
 """The one configuration object, read from the environment (12-factor) and CLI flags."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,6 +76,8 @@ class Settings:
     rate_limit_ip: int = 3000          # requests per minute per client IP on /v1 (0: off)
     rate_limit_account: int = 1200     # paid calls per minute per account (0: off)
     trust_proxy: bool = False          # take the client IP from X-Forwarded-For
+    trusted_proxy_hops: int = 1        # ... the entry this many hops from the right (our proxies append)
+    trusted_proxies: tuple = ()        # ... or the first from the right outside these networks
     webhook_allow_http: bool = False   # webhooks may use http:// (else https only)
     webhook_allow: tuple = ()          # networks / host names webhooks may reach though not public
     withdrawal_hold_days: int = 14
@@ -133,6 +136,8 @@ class Settings:
             rate_limit_ip=_int(env, "RATE_LIMIT_IP_PER_MINUTE", 3000),
             rate_limit_account=_int(env, "RATE_LIMIT_ACCOUNT_PER_MINUTE", 1200),
             trust_proxy=env.get("TRUST_PROXY", "") in ("1", "true", "yes"),
+            trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 1),
+            trusted_proxies=tuple(e.strip() for e in env.get("TRUSTED_PROXIES", "").split(",") if e.strip()),
             webhook_allow_http=env.get("WEBHOOK_ALLOW_HTTP", "") in ("1", "true", "yes"),
             webhook_allow=tuple(e.strip() for e in env.get("WEBHOOK_ALLOW", "").split(",") if e.strip()),
             withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
@@ -146,6 +151,13 @@ class Settings:
             Policy.parse(settings.webhook_allow_http, settings.webhook_allow)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        for entry in settings.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(f"TRUSTED_PROXIES: {entry!r} is not a network") from None
+        if settings.trusted_proxy_hops < 1:
+            raise ConfigError("TRUSTED_PROXY_HOPS must be at least 1")
         return settings
 
     def with_(self, **changes) -> "Settings":
