@@ -14,6 +14,7 @@ import asyncio
 import csv
 import io
 import json
+import math
 import secrets
 import statistics
 import time
@@ -305,7 +306,8 @@ class Experts:
         w = csv.writer(buf)
         w.writerow(["by", "at", *fields, "text"])
         for r in view["replies"]:
-            w.writerow([r["by"], r["at"], *[(r.get("answers") or {}).get(f, "") for f in fields], r["text"]])
+            w.writerow([csv_cell(v) for v in (r["by"], r["at"], *[(r.get("answers") or {}).get(f, "") for f in fields],
+                                             r["text"])])
         return buf.getvalue(), "text/csv"
 
     # notifications ---------------------------------------------------------------------------------
@@ -314,6 +316,17 @@ class Experts:
         profile = await self.redis.hgetall(self._k("profile", username))
         if profile.get("webhook"):
             await webhooks.deliver(profile["webhook"], profile["webhook_secret"], payload)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A spreadsheet runs a cell that starts with = + - @ tab or CR as a formula: such text gets a leading
+    single quote (OWASP CSV injection); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def validate_answers(form: list[dict[str, Any]], answers: dict[str, Any]) -> dict[str, Any]:
@@ -326,8 +339,9 @@ def validate_answers(form: list[dict[str, Any]], answers: dict[str, Any]) -> dic
             errors[f["id"]] = ["required"]
         elif f["type"] == "choice" and value not in f.get("options", []):
             errors[f["id"]] = [f"must be one of {f.get('options', [])}"]
-        elif f["type"] == "number" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            errors[f["id"]] = ["must be a number"]
+        elif f["type"] == "number" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or not math.isfinite(value) or abs(value) > 2 ** 53):
+            errors[f["id"]] = ["must be a finite number of magnitude at most 2^53"]
         elif f["type"] == "text" and (not isinstance(value, str) or len(value) > 2000):
             errors[f["id"]] = ["must be text of at most 2000 characters"]
         else:

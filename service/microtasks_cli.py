@@ -69,17 +69,24 @@ def save_config(**values: Any) -> None:
     path.write_text(json.dumps(stored, indent=2))
 
 
+_CONTROLS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline, and DEL
+
+
+def safe(text: object) -> str:
+    """What the server sent (replies, names, errors) may carry terminal escapes (ESC[2K, OSC 52 clipboard
+    writes, ESC[8m hidden text): every line printed loses its control characters, terminal or not."""
+    return _CONTROLS.sub("", str(text))
+
+
 class Out:
-    """Plain lines when stdout is not a terminal (CI logs): no colours, no carriage returns."""
+    """Plain lines (CI logs and terminals alike): no control characters from the server ever reach the screen."""
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
 
     def line(self, text: str) -> None:
-        if not self.tty:
-            text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", text)
-        print(text, file=self.stream, flush=True)
+        print(safe(text), file=self.stream, flush=True)
 
     def json(self, obj: Any) -> None:
         self.line(json.dumps(obj, indent=2))
@@ -222,7 +229,7 @@ class Progress:
     def update(self, status: str, elapsed: float) -> None:
         if self.out.tty:
             self.tick += 1
-            print(f"\r{self.FRAMES[self.tick % 4]} {status} {elapsed:5.1f}s", end="", file=self.out.stream, flush=True)
+            print(f"\r{self.FRAMES[self.tick % 4]} {safe(status)} {elapsed:5.1f}s", end="", file=self.out.stream, flush=True)
         elif status != self.last:
             self.out.line(f"run {status} after {elapsed:.1f}s")
         self.last = status
@@ -386,13 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         result = COMMANDS[args.command](args, cfg, out)
         return asyncio.run(result) if asyncio.iscoroutine(result) else result
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(safe(f"error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except PaymentError as exc:
-        print(f"payment error: {exc}", file=sys.stderr)
+        print(safe(f"payment error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except (OSError, aiohttp.ClientError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(safe(f"error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -10,6 +11,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 
 from . import crypto, webhooks
 from .errors import BadRequest, Unprocessable
+from .rates import parse_usd
 from .inputs import LIST_NAME_RE, USERNAME_RE, has_controls, identifier, undecodable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
@@ -157,6 +159,15 @@ class ProfileSchema(Schema):
     available_for_hire = fields.Boolean(load_default=False)
     webhook = WebhookUrl(load_default=None)
 
+    @validates("price_usd")
+    def _usd(self, value: str | None, data_key: str) -> None:
+        """Refused here rather than failing every ask later: a price the paywall can charge."""
+        if value is not None:
+            try:
+                parse_usd(value)
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from None
+
     @validates_schema
     def _one_price(self, data: dict[str, Any], **kwargs: Any) -> None:
         if (data.get("price") is None) == (data.get("price_usd") is None):
@@ -212,15 +223,43 @@ class CreditSchema(Schema):
     id = Identifier(r"[A-Za-z0-9._:-]{1,100}", "credit id", lower=False, load_default=None)
 
 
+class NonFinite(ValueError):
+    """NaN and ±Infinity are not JSON (RFC 8259), and 1e400 overflows to infinity: refused, never stored."""
+
+
+def _no_constant(name: str) -> float:
+    raise NonFinite(f"{name} is not a JSON number: numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NonFinite(f"{text[:40]} is out of range: numbers must be finite")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return undecodable(value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 async def load_json(request: web.Request, schema: Schema) -> dict[str, Any]:
     """Parse the body as JSON (400 if it is not) and validate it (422 naming each bad field)."""
     raw = await request.read()
     try:
-        data = json.loads(raw)
-    except ValueError:
-        raise BadRequest("invalid_json", "the request body must be a JSON object") from None
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except ValueError as exc:
+        detail = str(exc) if isinstance(exc, NonFinite) else "the request body must be a JSON object"
+        raise BadRequest("invalid_json", detail) from None
     if not isinstance(data, dict):
         raise BadRequest("invalid_json", "the request body must be a JSON object")
+    if _has_lone_surrogate(data):
+        raise BadRequest("invalid_json", "the body holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
     try:
         loaded = schema.load(data)
     except ValidationError as exc:
