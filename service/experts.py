@@ -10,7 +10,6 @@ sweeper exactly one wins each share.
 """
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json

@@ -6,7 +6,6 @@ import pytest
 from yarl import URL
 
 from service.client import PaidSession, Wallet
-from tests.conftest import ADMIN_TOKEN
 
 TWINS = ["{v}\n", "{v}\r", "{v}\r\n", "{V}", "{v}\u200b", "\u200b{v}", "{v}\u0000", "{v} ", " {v}", "{v}\t",
          "{fw}", "{cyr}", "{v}\u202e", "{v}\x1b[0m"]
