@@ -87,6 +87,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[PAYOUTS] = Payouts(redis, s.redis_prefix, ledger, network=s.network, hold_days=s.withdrawal_hold_days,
                            minimum_withdrawal=s.minimum_withdrawal)
     app[EXPERTS] = Experts(redis, s.redis_prefix, ledger, app[PAYOUTS])
+    app[EXPERTS].webhook_policy = webhooks.policy_for(s.webhook_allow_http, tuple(s.webhook_allow))
     methods: list = [TokenPayment(s, ledger)]
     owns = None
     if s.payee_xpub:

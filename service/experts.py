@@ -42,6 +42,8 @@ CHARITIES = {
 class Experts:
     """Owns every `{prefix}:xp:*` key; money moves only through the ledger."""
 
+    webhook_policy: webhooks.Policy | None = None  # the app's (None: the process's, webhooks.configure)
+
     def __init__(self, redis: aioredis.Redis, prefix: str, ledger: Ledger, payouts: Payouts) -> None:
         self.redis, self.ledger, self.payouts = redis, ledger, payouts
         self.tag = "{" + prefix + "}"
@@ -314,7 +316,7 @@ class Experts:
         """The user's webhook, if they set one, signed under their profile's secret."""
         profile = await self.redis.hgetall(self._k("profile", username))
         if profile.get("webhook"):
-            await webhooks.deliver(profile["webhook"], profile["webhook_secret"], payload)
+            await webhooks.deliver(profile["webhook"], profile["webhook_secret"], payload, pol=self.webhook_policy)
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -12,6 +12,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from . import crypto, webhooks
 from .errors import BadRequest, Unprocessable
 from .rates import parse_usd
+from .state import SETTINGS
 from .inputs import LIST_NAME_RE, USERNAME_RE, has_controls, identifier, undecodable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
@@ -266,8 +267,9 @@ async def load_json(request: web.Request, schema: Schema) -> dict[str, Any]:
         raise Unprocessable("validation_error", exc.messages) from None
     for name, field in schema.fields.items():
         if isinstance(field, WebhookUrl) and loaded.get(name):
+            s = request.app[SETTINGS]
             try:
-                await webhooks.check_target(loaded[name])
+                await webhooks.check_target(loaded[name], webhooks.policy_for(s.webhook_allow_http, tuple(s.webhook_allow)))
             except webhooks.TargetRefused as exc:
                 raise Unprocessable("validation_error", {name: [str(exc)]}) from None
     return loaded

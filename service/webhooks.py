@@ -13,6 +13,7 @@ including IPv4 embedded in IPv6. The operator may allow http and some networks o
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -27,7 +28,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-__all__ = ["SIGNATURE_HEADER", "Policy", "TargetRefused", "configure", "policy", "check_url", "check_target",
+__all__ = ["SIGNATURE_HEADER", "Policy", "TargetRefused", "configure", "policy", "policy_for", "check_url", "check_target",
            "deliver", "sign", "forbidden_address"]
 
 SIGNATURE_HEADER = "X-Microtasks-Signature"
@@ -85,6 +86,12 @@ def configure(allow_http: bool, allow: Iterable[str]) -> Policy:
 
 def policy() -> Policy:
     return _POLICY
+
+
+@functools.lru_cache(maxsize=16)
+def policy_for(allow_http: bool, allow: tuple[str, ...]) -> Policy:
+    """The policy of one app's settings (several apps may share a process: tests)."""
+    return Policy.parse(allow_http, allow)
 
 
 def forbidden_address(address: IPAddress) -> bool:
