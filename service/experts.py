@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 import secrets
 import statistics
 import time
@@ -24,12 +25,14 @@ import structlog
 
 from . import metrics, tasks, webhooks
 from .errors import Conflict, Forbidden, NotFound, Unprocessable
+from .inputs import identifier
 from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
 from .payouts import Payouts, charity_account
 
 __all__ = ["Experts", "CHARITIES"]
 
 log = structlog.get_logger("experts")
+_CHARITY_ID = re.compile(r"[a-z0-9-]{1,64}")
 
 CHARITIES = {
     "coincenter": "Coin Center",
@@ -61,6 +64,7 @@ class Experts:
             await self.redis.hset(self._k("charities"), cid, name)
 
     async def add_charity(self, cid: str, name: str) -> dict[str, Any]:
+        cid = identifier(cid, _CHARITY_ID, "charity id")  # becomes an account name: whole and canonical
         await self.ledger.open_account(charity_account(cid), AccountKind.CHARITY, display_name=name)
         await self.redis.hset(self._k("charities"), cid, name)
         return {"id": cid, "name": name}

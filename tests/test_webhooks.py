@@ -129,3 +129,36 @@ async def _credit(http, base_url, wallet, amount):
                                                                "reason": "test"},
                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
         assert r.status == 201, await r.text()
+
+
+async def test_a_webhook_saved_before_the_rules_is_refused_at_send_time(http, make_app, funded, aiohttp_server, ledger,
+                                                                        settings):
+    """Profiles stored by an older release may hold a loopback URL: the sender checks it again."""
+    receiver, hits = await _receiver(aiohttp_server)
+    base_url = str((await aiohttp_server(make_app(webhook_allow_http=True))).make_url("")).rstrip("/")
+    asker, expert = await funded(0), await funded(0)
+    status, body = await _signed(http, expert, "PUT", f"{base_url}/v1/experts/me", {"display_name": "E", "price": 100})
+    assert status == 200, body
+    key = "{" + settings.redis_prefix + "}:xp:profile:" + expert.username
+    await ledger.redis.hset(key, "webhook", str(receiver.make_url("/hook")))  # as an older release saved it
+    await _credit(http, base_url, asker, 1000)
+    await _ask(http, base_url, asker, expert)
+    await asyncio.sleep(1.0)
+    assert hits == []
+
+
+@pytest.mark.parametrize("address,forbidden", [
+    ("93.184.216.34", False), ("2606:2800:220:1:248:1893:25c8:1946", False), ("8.8.8.8", False),
+    ("127.0.0.1", True), ("10.1.2.3", True), ("172.31.255.255", True), ("192.168.0.1", True), ("169.254.169.254", True),
+    ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.251", True), ("239.255.255.250", True), ("240.0.0.1", True),
+    ("255.255.255.255", True), ("192.0.0.170", True), ("198.18.0.1", True), ("::1", True), ("::", True),
+    ("fe80::1", True), ("fc00::1", True), ("fd00:ec2::254", True), ("ff02::1", True), ("::ffff:127.0.0.1", True),
+    ("::ffff:10.0.0.1", True), ("::ffff:93.184.216.34", False), ("64:ff9b::a00:1", True), ("2002:7f00:1::", True),
+    ("2001:db8::1", True), ("fec0::1", True),
+])
+def test_address_ranges(address, forbidden):
+    import ipaddress
+
+    from service.webhooks import forbidden_address
+
+    assert forbidden_address(ipaddress.ip_address(address)) is forbidden
