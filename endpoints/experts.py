@@ -1,17 +1,19 @@
 """Expert marketplace handlers: profiles, charities, lists, paid questions, replies, surveys."""
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
 from aiohttp import web
 
 from service.auth import authenticate
-from service.errors import BadRequest, Forbidden
+from service.errors import BadRequest, Forbidden, Unprocessable
+from service.inputs import identifier
 from service.experts import Experts
 from service.paywall import PAYMENT
 from service.pricing import priced
-from service.schemas import (ListQuestionSchema, ListSchema, ProfileSchema, QuestionSchema, ReplySchema,
+from service.schemas import (TAG_RE, ListQuestionSchema, ListSchema, ProfileSchema, QuestionSchema, ReplySchema,
                              load_json)
 from service.rates import FiatAmount, parse_usd, usd_to_sats
 from service.state import EXPERTS, LEDGER, RATES, SETTINGS
@@ -19,6 +21,7 @@ from service.state import EXPERTS, LEDGER, RATES, SETTINGS
 _profile, _question, _list_q, _list, _reply = (ProfileSchema(), QuestionSchema(), ListQuestionSchema(),
                                                ListSchema(), ReplySchema())
 _ASK = web.RequestKey("xp_ask", dict)
+_TAG = re.compile(TAG_RE)
 
 
 async def _me(request: web.Request) -> str:
@@ -40,7 +43,13 @@ async def put_profile(request: web.Request) -> web.Response:
 
 
 async def list_experts(request: web.Request) -> web.Response:
-    return web.json_response({"experts": await _xp(request).list_experts(request.query.get("tag"))})
+    tag = request.query.get("tag")
+    if tag is not None:
+        try:
+            tag = identifier(tag, _TAG, "tag")  # a key part: whole and canonical, like the tags it is compared to
+        except Unprocessable:
+            raise BadRequest("invalid_parameter", "tag: lowercase letters, digits, '.', '+', '-'") from None
+    return web.json_response({"experts": await _xp(request).list_experts(tag)})
 
 
 async def show_expert(request: web.Request) -> web.Response:

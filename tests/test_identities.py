@@ -80,3 +80,11 @@ async def test_path_parameters_are_validated_whole(http, base_url, funded):
             assert r.status == 404, (name, await r.text())
     async with http.get(URL(f"{base_url}/v1/experts/{expert.username}")) as r:
         assert r.status == 200
+
+
+async def test_a_tag_query_is_validated_whole(http, base_url):
+    for tag in ["go\n", "GO", "g\u200bo", "go\r", "ｇｏ"]:
+        async with http.get(URL(f"{base_url}/v1/experts").with_query(tag=tag)) as r:
+            assert r.status == 400, (tag, await r.text())
+    async with http.get(URL(f"{base_url}/v1/experts").with_query(tag="go")) as r:
+        assert r.status == 200
