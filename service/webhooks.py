@@ -197,7 +197,7 @@ async def deliver(url: str, secret: str, payload: dict[str, Any], *, tries: int 
     try:
         check_url(url, pol)  # literal addresses bypass the resolver: checked here, again at send time
     except TargetRefused as exc:
-        log.warning("webhook_refused", event=payload.get("event"), reason=str(exc))
+        log.warning("webhook_refused", kind=payload.get("event"), reason=str(exc))
         return False
     body = json.dumps(payload).encode()
     headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body)}
@@ -209,12 +209,12 @@ async def deliver(url: str, secret: str, payload: dict[str, Any], *, tries: int 
                 async with s.post(url, data=body, headers=headers, allow_redirects=False) as r:
                     if r.status < 300 or 400 <= r.status < 500:
                         return True
-                    log.info("webhook_failed", event=payload.get("event"), attempt=attempt, status=r.status)
+                    log.info("webhook_failed", kind=payload.get("event"), attempt=attempt, status=r.status)
                     if r.status < 400:  # a redirect is not followed, nor retried
                         return False
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - retried, then dropped with a log line
-            log.info("webhook_failed", event=payload.get("event"), attempt=attempt, error=type(exc).__name__)
+            log.info("webhook_failed", kind=payload.get("event"), attempt=attempt, error=type(exc).__name__)
         await asyncio.sleep(backoff * 2 ** attempt)
     return False
