@@ -25,7 +25,7 @@ from .experts import Experts
 from .payouts import Payouts
 from .chain.addresses import AddressBook
 from .chain.backends import backend_from_settings
-from .payments.onchain import OnChain
+from .payments.onchain import OnChain, OnChainRecords
 from .rates import FixedRate, HttpRate
 from .metrics import EXPIRED, REDIS_LATENCY, metrics_middleware
 from .redis_client import connect, safe_url
@@ -90,8 +90,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
     if s.chain:
         app[CHAIN] = backend_from_settings(s.chain, s.chain_url or "", s.chain_cookie)
-        book = app.get(ADDRESSES)
-        methods.append(OnChain(s, app[CHAIN], owns or _none_owned, book.mark_paid if book else _noop))
+    if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
+        methods.append(OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger,
+                               OnChainRecords(redis, s.redis_prefix)))
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
@@ -165,14 +166,6 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def _none_owned(address: str) -> bool:
-    return False
-
-
-async def _noop(address: str) -> None:
-    return None
 
 
 def qa_limits(s: Settings) -> Limits:

@@ -52,6 +52,8 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     book = request.app.get(ADDRESSES)
     address = await book.for_invoice(request.app[SETTINGS].invoice_ttl) if book else None
     invoice = request.app[INVOICES].issue(quote, address)
+    if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
+        await book.bind(address, invoice.id)
     metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
     return render_402(str(request.url), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
 

@@ -16,6 +16,7 @@ from ..bitcoin import BITCOINLIB_NETWORK
 __all__ = ["AddressBook", "derive"]
 
 GAP_LIMIT = 20
+LEASE_GRACE = 120  # seconds an invoice address stays leased after its invoice expired
 
 
 @lru_cache(maxsize=8)
@@ -37,7 +38,7 @@ def derive(xpub: str, network: str, index: int) -> str:
 _LEASE = """
 -- KEYS: lease zset (address -> lease expiry ms, for invoice addresses never paid), used set
 -- ARGV: now_ms, lease_ms. Reuse an address whose invoice expired unpaid; '' if none is free.
-local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, 1)
 if #free == 0 then return '' end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), free[1])
 return free[1]
@@ -63,19 +64,25 @@ class AddressBook:
         await self.redis.sadd(self._k("all"), address)
         return address
 
-    async def for_invoice(self, lease_seconds: int) -> str:
-        """An address for one invoice: a free one from the pool, else the next index (pool ≤ gap limit)."""
+    async def for_invoice(self, lease_seconds: int) -> str | None:
+        """An address for one invoice alone: a free one from the pool, else the next index while the pool
+        is below the gap limit; None when every pooled address is leased (the 402 then offers no on-chain
+        payment: two invoices never share an address). The lease outlasts the invoice by LEASE_GRACE, so
+        a payment sent at the last second is not mistaken for the next invoice's."""
         now = int(time.time() * 1000)
-        address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_seconds * 1000])
+        lease_ms = (lease_seconds + LEASE_GRACE) * 1000
+        address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_ms])
         if address:
             return address
-        pool = await self.redis.zcard(self._k("lease"))
-        if pool >= GAP_LIMIT:  # every pooled address is leased: share the one whose lease ends first
-            oldest = await self.redis.zrange(self._k("lease"), 0, 0)
-            return oldest[0]
+        if await self.redis.zcard(self._k("lease")) >= GAP_LIMIT:
+            return None
         address = await self._new("invoice")
-        await self.redis.zadd(self._k("lease"), {address: now + lease_seconds * 1000})
+        await self.redis.zadd(self._k("lease"), {address: now + lease_ms})
         return address
+
+    async def bind(self, address: str, invoice_id: str) -> None:
+        """Record which invoice holds the lease (a payment naming no invoice is matched by address)."""
+        await self.redis.hset(self._k("info", address), "invoice", invoice_id)
 
     async def mark_paid(self, address: str) -> None:
         """A paid invoice address leaves the pool for good (it now has history)."""
