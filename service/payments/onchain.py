@@ -209,6 +209,7 @@ class OnChain:
         """(address, invoice id) this payment is for: the named invoice, else the one that leased the
         address an output pays. Only invoice addresses count."""
         named = request.headers.get(PAYMENT_INVOICE, "").strip()[:200]
+        mismatch = False
         for address in dict.fromkeys(o.address for o in tx.outputs if o.address):
             info = await self.book.info(address)
             if info.get("purpose") != "invoice":
@@ -217,6 +218,9 @@ class OnChain:
                 return address, named
             if not named and info.get("invoice"):
                 return address, info["invoice"]
+            mismatch = True
+        if mismatch:
+            raise PaymentRequired("invoice_mismatch", _INVOICE_REASONS["invoice_mismatch"])
         raise PaymentRequired("wrong_address", "no output pays the Bitcoin-Address of this request's invoice "
                                                "(deposit addresses and other invoices' addresses never pay a call)")
 

@@ -22,6 +22,7 @@ class FakeEsplora:
     url: str = ""
     index: dict[str, dict] = field(default_factory=dict)          # txid -> esplora tx object (GET /tx/:txid)
     spends: dict[tuple[str, int], str] = field(default_factory=dict)  # (txid, vout) -> spending txid
+    lose_answers: int = 0   # broadcasts the network takes whose answer is then lost (502)
 
     def app(self) -> web.Application:
         async def post_tx(request: web.Request) -> web.Response:
@@ -33,6 +34,9 @@ class FakeEsplora:
             tx = Transaction.parse_hex(raw, network="testnet")
             txid = tx.txid
             if raw in self.broadcasts or txid in self.index:
+                if self.lose_answers:
+                    self.lose_answers -= 1
+                    return web.Response(status=502, text="bad gateway")
                 return web.Response(status=400, text="sendrawtransaction RPC error: "
                                                      '{"code":-27,"message":"Transaction already in block chain"}')
             for i in tx.inputs:
@@ -42,6 +46,9 @@ class FakeEsplora:
                                                          '{"code":-25,"message":"bad-txns-inputs-missingorspent"}')
             self.broadcasts.append(raw)
             self.accept(tx)
+            if self.lose_answers:
+                self.lose_answers -= 1
+                return web.Response(status=502, text="bad gateway")
             return web.Response(text=txid)
 
         async def get_tx(request: web.Request) -> web.Response:

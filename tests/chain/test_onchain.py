@@ -1,6 +1,7 @@
 """On-chain payment of one call (21's OnChain): transactions built for real with bitcoinlib."""
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -163,3 +164,200 @@ async def test_client_pays_on_chain_through_a_signer_callback(http, url, esplora
         status, body, headers = await s.request("POST", url, data=MANIFEST)
     assert status == 200 and headers["Payment-Receipt"].startswith("tx_") and signed[0][1] == PRICE
     assert s.payments[0].amount == PRICE and len(esplora.broadcasts) == 1
+
+
+# --- attacks: coins entering the ledger (issue 11, findings 1 and 2) -----------------------------------
+@pytest.fixture
+def book(ledger, settings, operator_key):
+    from service.chain.addresses import AddressBook
+
+    return AddressBook(ledger.redis, settings.redis_prefix, operator_key.public().wif(), settings.network)
+
+
+async def books(ledger) -> tuple[int, int]:
+    """(journal length, sats the chain account gave out): what an attack must leave unchanged."""
+    return await ledger.redis.xlen(ledger.journal_key), -(await ledger.balance(BITCOIN)).posted
+
+
+async def test_someone_elses_mined_deposit_pays_no_call(http, url, esplora, ledger, book, funded):
+    """Attack: a victim's deposit tx, mined and credited, sent as Bitcoin-Transaction by someone else."""
+    from service.chain.backends import Esplora
+    from service.chain.watcher import credit_deposits
+
+    victim = await funded(0)
+    deposit = await book.deposit_address(victim.username)
+    raw, txid = pay(esplora, deposit, 150_000, fund=250_000)
+    await Esplora(esplora.url).broadcast(raw)               # the victim's own wallet broadcast it
+    esplora.mine(txid, 3)
+    assert await credit_deposits(book, Esplora(esplora.url), ledger, 3) == 1
+    before = await books(ledger)
+    await invoice_address(http, url)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        body = await r.json()
+        assert r.status == 402 and body["error"] == "wrong_address", body
+    assert await books(ledger) == before == (before[0], 150_000)
+    assert (await ledger.balance(REVENUE)).posted == 0
+
+
+async def test_a_tx_the_network_knows_pays_only_when_we_broadcast_it_for_this_invoice(http, url, esplora, ledger):
+    """Attack: a tx paying an invoice address, broadcast by its sender (or anyone) before the call: the
+    node answers "already known", which is no payment. Our own broadcast whose answer was lost is."""
+    from service.chain.backends import Esplora
+
+    address = await invoice_address(http, url)
+    raw, _ = pay(esplora, address, 600)
+    await Esplora(esplora.url).broadcast(raw)
+    before = await books(ledger)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        body = await r.json()
+        assert r.status == 402 and body["error"] == "input_spent", body
+    assert await books(ledger) == before
+    # our own broadcast: the network took it, every answer was lost: 503, then the retry is served once
+    address = await invoice_address(http, url)
+    raw, txid = pay(esplora, address, 600)
+    esplora.lose_answers = 3
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 503 and (await r.json())["error"] == "chain_unavailable"
+    assert txid in esplora.index and await books(ledger) == before
+    esplora.lose_answers = 0
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["Payment-Receipt"] == f"tx_{txid}"
+    assert (await books(ledger))[1] == 600 and (await ledger.balance(REVENUE)).posted == PRICE
+    assert (await ledger.reconcile()).ok
+
+
+async def test_a_paid_invoice_address_pays_no_second_request(http, url, esplora, ledger):
+    """Attack: a second, different tx paying an already-paid invoice's address, with the same request
+    (same invoice) or another one."""
+    address = await invoice_address(http, url)
+    raw, _ = pay(esplora, address, 600)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 200
+    before = await books(ledger)
+    for body in (MANIFEST, MANIFEST + b"---\n"):
+        raw2, _ = pay(esplora, address, 600)
+        async with http.post(url, data=body, headers={"Bitcoin-Transaction": raw2}) as r:
+            answer = await r.json()
+            assert r.status == 402 and answer["error"] in ("invoice_paid", "invoice_mismatch"), answer
+    assert await books(ledger) == before and len(esplora.broadcasts) == 1
+
+
+async def test_another_or_an_expired_invoices_address_pays_nothing(http, esplora, ledger, aiohttp_server, chain_app):
+    server = await aiohttp_server(chain_app(invoice_ttl=1))
+    url = str(server.make_url("/v1/qa/validate"))
+    other = MANIFEST.replace(b"name: a", b"name: b")
+    mine = await invoice_address(http, url)
+    async with http.post(url, data=other) as r:
+        theirs = r.headers["Bitcoin-Address"]
+        their_invoice = (await r.json())["invoice"]["id"]
+    before = await books(ledger)
+    raw, _ = pay(esplora, theirs, 600)   # another request's invoice address, found by its lease
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 402 and (await r.json())["error"] == "invoice_mismatch"
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw, "Payment-Invoice": their_invoice}) as r:
+        assert r.status == 402 and (await r.json())["error"] == "invoice_mismatch"
+    await asyncio.sleep(2.1)             # the invoice expired (its address is still leased: grace)
+    raw, _ = pay(esplora, mine, 600)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 402 and (await r.json())["error"] == "invoice_expired"
+    assert await books(ledger) == before and esplora.broadcasts == []
+
+
+async def test_paying_a_call_to_ones_own_deposit_address_counts_once(http, url, esplora, ledger, book, funded):
+    """Attack: pay a call to one's own deposit address; once mined chainwatch would credit it again."""
+    from service.chain.backends import Esplora
+    from service.chain.watcher import credit_deposits
+    from service.ledger import user_account
+
+    alice = await funded(0)
+    deposit = await book.deposit_address(alice.username)
+    await invoice_address(http, url)
+    raw, txid = pay(esplora, deposit, 10_000)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 402 and (await r.json())["error"] == "wrong_address"
+    await Esplora(esplora.url).broadcast(raw)               # she sends it anyway: it is a deposit
+    esplora.mine(txid, 3)
+    await credit_deposits(book, Esplora(esplora.url), ledger, 3)
+    assert (await ledger.balance(user_account(alice.username))).posted == 10_000
+    assert (await ledger.balance(REVENUE)).posted == 0 and (await books(ledger))[1] == 10_000
+
+
+def _unsigned(esplora, address):
+    from bitcoinlib.transactions import Transaction
+
+    prev, vout = esplora.fund(100_000)
+    tx = Transaction(network="testnet", witness_type="segwit")
+    tx.add_input(prev_txid=prev, output_n=vout, value=100_000, witness_type="segwit",
+                 address="tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty")
+    tx.add_output(600, address)
+    return tx.raw_hex()
+
+
+def _duplicate_input(esplora, address):
+    from bitcoinlib.keys import HDKey
+    from bitcoinlib.transactions import Transaction
+
+    key = HDKey(network="testnet", witness_type="segwit")
+    prev, vout = esplora.fund(100_000)
+    tx = Transaction(network="testnet", witness_type="segwit")
+    for _ in range(2):
+        tx.add_input(prev_txid=prev, output_n=vout, keys=key, value=100_000, witness_type="segwit")
+    tx.add_output(600, address)
+    tx.add_output(190_000, key.address())
+    tx.sign_and_update()
+    return tx.raw_hex()
+
+
+def _spent(esplora, address):
+    prev = esplora.fund(100_000)
+    from bitcoinlib.transactions import Transaction
+
+    first, _ = pay(esplora, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 5_000, prev=prev)
+    esplora.accept(Transaction.parse_hex(first, network="testnet"), height=esplora.tip)
+    return pay(esplora, address, 600, prev=prev)[0]   # a double spend of a mined input
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("input the chain does not know", 402, "input_missing"),
+    ("input already spent", 402, "input_spent"),
+    ("duplicate input", 400, "duplicate_input"),
+    ("unsigned input", 400, "unsigned_input"),
+    ("nLockTime set", 402, "locktime"),
+    ("relative timelock", 402, "relative_timelock"),
+    ("no fee", 402, "fee_too_low"),
+    ("outputs above the inputs", 402, "fee_too_low"),
+    ("absurd fee", 402, "fee_too_high"),
+])
+async def test_exact_btc_rules_refuse_and_change_nothing(http, url, esplora, ledger, case, status, code):
+    address = await invoice_address(http, url)
+    raw = {
+        "input the chain does not know": lambda: pay(esplora, address, 600, prev=(os.urandom(32), 0))[0],
+        "input already spent": lambda: _spent(esplora, address),
+        "duplicate input": lambda: _duplicate_input(esplora, address),
+        "unsigned input": lambda: _unsigned(esplora, address),
+        "nLockTime set": lambda: pay(esplora, address, 600, locktime=esplora.tip)[0],
+        "relative timelock": lambda: pay(esplora, address, 600, sequence=10)[0],
+        "no fee": lambda: pay(esplora, address, 600, change=99_400)[0],
+        "outputs above the inputs": lambda: pay(esplora, address, 600, change=150_000)[0],
+        "absurd fee": lambda: pay(esplora, address, 600, fund=5_000_000, change=1_000)[0],
+    }[case]()
+    before = await books(ledger)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        body = await r.json()
+        assert (r.status, body["error"]) == (status, code), body
+    assert esplora.broadcasts == [] and await books(ledger) == before
+
+
+async def test_weight_and_network_rules(esplora):
+    from service.payments import btc_rules as R
+
+    raw, _ = pay(esplora, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 600)
+    tx = R.parse(raw, "testnet")
+    rules = R.Rules(network="testnet", caip2="bip122:000000000933ea01ad0ee984209779ba")
+    assert R.check_static(tx, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 600, rules) is None
+    heavy = R.Rules(network="testnet", max_weight=400)
+    assert R.check_static(tx, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 600, heavy).code == "too_heavy"
+    assert R.check_static(tx, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 600, rules,
+                          network="bip122:000000000019d6689c085ae165831e93").code == "wrong_network"
+    assert R.check_chain(tx, {}, rules, replayed=True).code == "payment_replayed"
