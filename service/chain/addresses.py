@@ -114,5 +114,13 @@ class AddressBook:
     async def info(self, address: str) -> dict[str, str]:
         return await self.redis.hgetall(self._k("info", address))
 
+    async def addresses(self, purpose: str) -> list[str]:
+        """Every derived address of one purpose (invoice, deposit, change)."""
+        out = []
+        for address in await self.all_addresses():
+            if await self.redis.hget(self._k("info", address), "purpose") == purpose:
+                out.append(address)
+        return out
+
     async def all_addresses(self) -> list[str]:
         return sorted(await self.redis.smembers(self._k("all")))

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 
 from .. import protocol as P
@@ -38,12 +39,14 @@ from ..chain.backends import ChainBackend, ChainError
 from ..config import Settings
 from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
 from ..invoices import Invoice, Invoices
-from ..ledger import BITCOIN, AccountKind, Ledger, Outcome, coin_id, onchain_account
+from ..ledger import ALL, BITCOIN, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
 from ..pricing import Quote, route_rule
 from . import Payment
 from . import btc_rules as R
 
-__all__ = ["OnChain", "OnChainRecords", "PAYMENT_INVOICE"]
+__all__ = ["OnChain", "OnChainRecords", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
+           "unclaimed", "settle_unclaimed"]
+log = structlog.get_logger("onchain")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 PAYMENT_INVOICE = P.PAYMENT_INVOICE  # optional: the invoice id of the 402 this tx pays
 
@@ -267,10 +270,7 @@ class OnChain:
     async def _book(self, txid: str, paying: list[tuple[int, int]], payer: str, invoice_id: str) -> None:
         """Every coin paying the invoice address enters the payment's account, in one script."""
         account = onchain_account(txid)
-        result = await self.ledger.post_all(
-            [(coin_id(txid, vout), BITCOIN, account, value,
-              {"reason": f"on-chain payment {txid}:{vout}", "invoice": invoice_id, "payer": payer})
-             for vout, value in paying], open_credit=AccountKind.ESCROW)
+        result = await book_coins(self.ledger, txid, paying, invoice=invoice_id, payer=payer)
         if result.outcome is Outcome.REPLAYED and result.transfer.get("credit") != account:
             raise Conflict("coins_booked", "these coins were booked already by another path")
         if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
@@ -298,3 +298,89 @@ def _already_known(reason: str) -> bool:
     reason = reason.lower()
     return any(s in reason for s in ("already in block chain", "already-known", "already-in-mempool",
                                      "already in the mempool", "(-27)"))
+
+
+# --- what is left in payment accounts: the payer's once confirmed, else the operator's to settle -------
+async def book_coins(ledger: Ledger, txid: str, paying: list[tuple[int, int]], **meta: str) -> Result:
+    """Every output of `txid` paying one of our invoice addresses enters `onchain:<txid>` under its coin
+    id, all in one script; the same set whichever path (the call, or chainwatch for stray coins) is first."""
+    account = onchain_account(txid)
+    return await ledger.post_all(
+        [(coin_id(txid, vout), BITCOIN, account, value, {"reason": f"on-chain payment {txid}:{vout}", **meta})
+         for vout, value in paying], open_credit=AccountKind.ESCROW)
+
+
+async def book_strays(book: AddressBook, backend: ChainBackend, ledger: Ledger, records: OnChainRecords,
+                      confirmations: int) -> int:
+    """chainwatch: coins that reached an invoice address without paying a call (sent late, broadcast by
+    their sender, a second payment) enter the books once confirmed, owned by nobody: the operator sees
+    them in `unclaimed list`. So the chain account always equals what our addresses received."""
+    booked = 0
+    for address in await book.addresses("invoice"):
+        by_tx: dict[str, list[tuple[int, int]]] = {}
+        for r in await backend.received(address):
+            if r.confirmations >= confirmations:
+                by_tx.setdefault(r.txid, []).append((r.vout, r.value))
+        for txid, paying in by_tx.items():
+            result = await book_coins(ledger, txid, sorted(paying), stray=address)
+            if result.outcome is Outcome.APPLIED:
+                await records.add_open(txid, address=address, payer="", state="stray")
+                booked += 1
+                log.warning("stray_coins_booked", txid=txid, address=address, amount=sum(v for _, v in paying))
+    return booked
+
+
+async def settle_payments(records: OnChainRecords, ledger: Ledger, backend: ChainBackend, confirmations: int) -> int:
+    """chainwatch: once a signed payer's transaction has `confirmations`, what its payment account still
+    holds (an overpayment, a failed call) is credited to the payer. Anonymous payments wait for the operator."""
+    settled = 0
+    for txid in await records.open_payments():
+        record = await records.get(txid)
+        balance = await ledger.balance(onchain_account(txid))
+        if balance is None or balance.pending_debits:
+            continue  # not booked yet, or its call is still running
+        if balance.available == 0:
+            await records.close(txid)
+            continue
+        if not record.get("payer") or await _confirmations(backend, record.get("address", ""), txid) < confirmations:
+            continue
+        result = await ledger.post(f"settle:{txid}:{balance.posted}", onchain_account(txid),
+                                   user_account(record["payer"]), ALL, reason=f"rest of on-chain payment {txid}")
+        settled += result.ok
+        if result.ok:
+            log.info("onchain_rest_credited", txid=txid, payer=record["payer"], amount=result.transfer.get("amount"))
+    return settled
+
+
+async def unclaimed(records: OnChainRecords, ledger: Ledger) -> list[dict[str, Any]]:
+    """Payment accounts still holding coins, with whom they belong to (if anyone): `unclaimed list`."""
+    out = []
+    for txid in await records.open_payments():
+        balance = await ledger.balance(onchain_account(txid))
+        if balance is None or balance.available + balance.pending_debits == 0:
+            continue
+        record = await records.get(txid)
+        out.append({"txid": txid, "account": onchain_account(txid), "available": balance.available,
+                    "held_by_a_call": balance.pending_debits, "payer": record.get("payer") or None,
+                    "invoice": record.get("invoice") or None, "address": record.get("address") or None,
+                    "state": record.get("state") or None})
+    return out
+
+
+async def settle_unclaimed(records: OnChainRecords, ledger: Ledger, txid: str, to_account: str) -> Result:
+    """The operator settles one payment account: everything available goes to `to_account` (a user's
+    account after the payer was identified, or the revenue account). Idempotent per balance."""
+    balance = await ledger.balance(onchain_account(txid))
+    if balance is None:
+        return Result(Outcome.NOT_FOUND)
+    result = await ledger.post(f"settle:{txid}:{balance.posted}", onchain_account(txid), to_account, ALL,
+                               reason=f"on-chain payment {txid} settled by the operator")
+    if result.ok and not balance.pending_debits:
+        await records.close(txid)
+    return result
+
+
+async def _confirmations(backend: ChainBackend, address: str, txid: str) -> int:
+    if not address:
+        return 0
+    return max((r.confirmations for r in await backend.received(address) if r.txid == txid), default=0)

@@ -361,3 +361,146 @@ async def test_weight_and_network_rules(esplora):
     assert R.check_static(tx, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty", 600, rules,
                           network="bip122:000000000019d6689c085ae165831e93").code == "wrong_network"
     assert R.check_chain(tx, {}, rules, replayed=True).code == "payment_replayed"
+
+
+# --- finding 2: every on-chain payment has an owner; nothing it paid is lost -----------------------------
+def signer_for(esplora, amount_paid: int | None = None):
+    async def signer(address: str, amount: int) -> str:
+        return pay(esplora, address, amount_paid or max(amount, 600))[0]
+    return signer
+
+
+async def test_a_qa_run_paid_on_chain_belongs_to_the_account_that_signed(http, esplora, ledger, aiohttp_server,
+                                                                        chain_app, funded):
+    """Attack/loss: a QA run paid anonymously on chain was owned by '' and nobody could ever read it."""
+    import json
+
+    from service.client import PaidSession
+
+    server = await aiohttp_server(chain_app())
+    runs = str(server.make_url("/v1/qa/runs"))
+    body = json.dumps({"suite": "schema", "manifests": MANIFEST.decode()})
+    async with http.post(runs, data=body, headers={"Content-Type": "application/json"}) as r:
+        raw, _ = pay(esplora, r.headers["Bitcoin-Address"], int(r.headers["Price"]))
+    before = await books(ledger)
+    async with http.post(runs, data=body, headers={"Content-Type": "application/json", "Bitcoin-Transaction": raw}) as r:
+        answer = await r.json()
+        assert r.status == 401 and answer["error"] == "account_required", answer
+    assert esplora.broadcasts == [] and await books(ledger) == before
+    alice = await funded(0)
+    async with PaidSession(alice, max_price=10_000, onchain_signer=signer_for(esplora), session=http) as s:
+        status, run, headers = await s.request("POST", runs, data=body, headers={"Content-Type": "application/json"})
+        assert status == 202, run
+        status, view = await s.signed_get(str(server.make_url(f"/v1/qa/runs/{run['id']}")))
+    assert status == 200 and view["receipt"] == headers["Payment-Receipt"]
+
+
+async def test_an_expert_question_paid_on_chain_is_refunded_to_its_asker(http, esplora, ledger, aiohttp_server,
+                                                                        chain_app, funded, settings, book):
+    """Loss: an on-chain question past its deadline was refunded to 'u:' (no such account) and stayed
+    open; an overpayment vanished. Now both reach the asker (the rest once the tx is confirmed)."""
+    import json
+
+    from service.chain.backends import Esplora
+    from service.client import PaidSession
+    from service.experts import Experts
+    from service.ledger import user_account
+    from service.payments.onchain import OnChainRecords, settle_payments
+    from service.payouts import Payouts
+
+    server = await aiohttp_server(chain_app())
+    base = str(server.make_url("")).rstrip("/")
+    alice, bob = await funded(0), await funded(0)
+    async with PaidSession(bob, session=http) as s:
+        status, _ = await s.signed("PUT", f"{base}/v1/experts/me",
+                                   {"display_name": "Bob", "tags": ["k8s"], "price": 5_000, "reply_hours": 24})
+        assert status == 200
+    async with PaidSession(alice, max_price=10_000, onchain_signer=signer_for(esplora, 6_000), session=http) as s:
+        status, q, headers = await s.request("POST", f"{base}/v1/experts/{bob.username}/questions",
+                                             data=json.dumps({"text": "How do I drain a node?"}),
+                                             headers={"Content-Type": "application/json"})
+    assert status == 201 and q["asker"] == alice.username, q
+    txid = headers["Payment-Receipt"].removeprefix("tx_")
+    assert (await books(ledger))[1] == 6_000
+    xp = Experts(ledger.redis, settings.redis_prefix, ledger, Payouts(ledger.redis, settings.redis_prefix, ledger,
+                                                                       network=settings.network))
+    await xp.redis.hset(xp._k("q", q["id"]), "deadline", 1)
+    await xp.redis.zadd(xp._k("open"), {q["id"]: 1})
+    assert await xp.expire_questions() == 1 and await xp.open_questions() == 0
+    assert (await ledger.balance(user_account(alice.username))).posted == 5_000
+    records, backend = OnChainRecords(ledger.redis, settings.redis_prefix), Esplora(esplora.url)
+    assert await settle_payments(records, ledger, backend, 3) == 0      # not confirmed yet
+    esplora.mine(txid, 3)
+    assert await settle_payments(records, ledger, backend, 3) == 1
+    assert await settle_payments(records, ledger, backend, 3) == 0
+    assert (await ledger.balance(user_account(alice.username))).posted == 6_000
+    assert (await ledger.balance(onchain_account(txid))).posted == 0
+    assert (await ledger.reconcile()).ok
+
+
+async def _cli(settings, esplora, operator_key, *args: str) -> tuple[int, str]:
+    import sys
+
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "REDIS_PREFIX": settings.redis_prefix,
+           "PAYEE_XPUB": operator_key.public().wif(), "CHAIN": "esplora", "CHAIN_URL": esplora.url,
+           "NETWORK": "testnet", "DEPOSIT_CONFIRMATIONS": "3"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", *args, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return proc.returncode, out.decode()
+
+
+async def test_an_anonymous_overpayment_is_booked_and_the_operator_settles_it(http, url, esplora, ledger, funded,
+                                                                             settings, operator_key):
+    """Loss: 50,000 sat paid for a 120 sat call booked 120; 49,880 were booked nowhere."""
+    import json
+
+    from service.ledger import user_account
+
+    address = await invoice_address(http, url)
+    raw, txid = pay(esplora, address, 50_000, fund=200_000, change=140_000)
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 200
+    assert (await books(ledger))[1] == 50_000 and (await ledger.balance(REVENUE)).posted == PRICE
+    rc, out = await _cli(settings, esplora, operator_key, "unclaimed", "list")
+    assert rc == 0 and [(u["txid"], u["available"], u["payer"]) for u in json.loads(out)] == [(txid, 49_880, None)]
+    bob = await funded(0)
+    rc, out = await _cli(settings, esplora, operator_key, "unclaimed", "refund", txid, "--to", bob.username)
+    assert rc == 0 and json.loads(out)["amount"] == 49_880
+    rc, out = await _cli(settings, esplora, operator_key, "unclaimed", "refund", txid, "--to", bob.username)
+    assert (await ledger.balance(user_account(bob.username))).posted == 49_880
+    rc, out = await _cli(settings, esplora, operator_key, "unclaimed", "list")
+    assert json.loads(out) == []
+    rc, out = await _cli(settings, esplora, operator_key, "reconcile", "--chain")
+    assert rc == 0, out
+    coins_in = json.loads(out)["chain"]["in"]
+    assert (coins_in["booked"], coins_in["booked_sat"], coins_in["received"], coins_in["received_sat"]) == (
+        1, 50_000, 1, 50_000)
+
+
+async def test_reconcile_chain_finds_coins_booked_but_never_received_and_received_but_never_booked(
+        http, url, esplora, ledger, settings, operator_key, funded):
+    """The audits' chain losses passed `reconcile`: now the chain boundary is checked."""
+    import json
+
+    from service.ledger import coin_id, user_account
+
+    mallory = await funded(0)
+    fake = os.urandom(32).hex()
+    await ledger.post(coin_id(fake, 0), BITCOIN, user_account(mallory.username), 161_600, reason="double booking")
+    rc, out = await _cli(settings, esplora, operator_key, "reconcile", "--chain")
+    report = json.loads(out)
+    assert rc == 1 and report["mismatches"] == [] and any(fake in d for d in report["chain"]["in"]["mismatches"])
+    # and the other way: coins reach an invoice address but pay no call (sent late, broadcast by the sender)
+    await ledger.post(f"undo:{fake}", user_account(mallory.username), BITCOIN, 161_600)
+    address = await invoice_address(http, url)
+    raw, txid = pay(esplora, address, 7_000)
+    from bitcoinlib.transactions import Transaction
+    esplora.accept(Transaction.parse_hex(raw, network="testnet"), height=esplora.tip - 3)
+    rc, out = await _cli(settings, esplora, operator_key, "reconcile", "--chain")
+    differences = json.loads(out)["chain"]["in"]["mismatches"]
+    assert rc == 1 and any(txid in d and "booked nowhere" in d for d in differences), differences
+    rc, out = await _cli(settings, esplora, operator_key, "chainwatch", "--once")
+    assert rc == 0 and json.loads(out)["strays"] == 1, out
+    rc, out = await _cli(settings, esplora, operator_key, "unclaimed", "list")
+    assert [(u["txid"], u["available"]) for u in json.loads(out)] == [(txid, 7_000)]
