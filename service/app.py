@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from endpoints import routes as endpoint_routes
 
@@ -23,7 +24,7 @@ from .qa.runs import Limits, RunStore, Worker
 from .qa.crowd import Crowd
 from .experts import Experts
 from .payouts import Payouts
-from .chain.addresses import AddressBook
+from .chain.addresses import AddressBook, AddressConflict
 from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain, OnChainRecords
 from .rates import FixedRate, HttpRate
@@ -85,7 +86,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     methods: list = [TokenPayment(s, ledger)]
     owns = None
     if s.payee_xpub:
-        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network)
+        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network, s.payee_branch)
         owns = app[ADDRESSES].owns
         app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
     if s.chain:
@@ -96,6 +97,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
+    if ADDRESSES in app:  # another deployment deriving the same addresses: refuse to start (AddressConflict)
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):  # Redis down: the bootstrap checks
+            await app[ADDRESSES].claim()
     monitor = asyncio.create_task(_monitor(app, health))
     for _ in range(20):  # usually ready at once; a Redis that is down does not stop the server starting
         if health.ok:
@@ -123,6 +127,8 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
                     if app[INVOICES].secret is None:
                         app[INVOICES].secret = await load_secret(redis, s.redis_prefix, None)
                     await app[EXPERTS].ensure_charities()
+                    if ADDRESSES in app:
+                        await app[ADDRESSES].claim()
                     health.bootstrapped = True
                     log.info("ledger_ready", redis=safe_url(s.redis_url), prefix=s.redis_prefix)
             if not health.reachable:
@@ -130,6 +136,9 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
             health.reachable = True
         except asyncio.CancelledError:
             raise
+        except AddressConflict as exc:  # never serve with addresses another deployment hands out too
+            log.error("address_conflict", error=str(exc))
+            health.reachable = False
         except Exception as exc:  # noqa: BLE001 - any failure means the ledger is not usable now
             if health.reachable or not health.bootstrapped:
                 log.warning("redis_unreachable", error=f"{type(exc).__name__}: {exc}")

@@ -152,7 +152,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Ledger, Any, Any, Any]]:
     """Ledger, address book, chain backend and payouts for the operator's chain commands."""
-    from .chain.addresses import AddressBook  # noqa: PLC0415
+    from .chain.addresses import AddressBook, AddressConflict  # noqa: PLC0415
     from .chain.backends import backend_from_settings  # noqa: PLC0415
     from .payouts import Payouts  # noqa: PLC0415
 
@@ -163,7 +163,11 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
     try:
         ledger = Ledger(redis, settings.redis_prefix)
         await ledger.ensure_system_accounts()
-        book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network)
+        book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network, settings.payee_branch)
+        try:
+            await book.claim()
+        except AddressConflict as exc:  # another deployment derives the same addresses
+            raise SystemExit(f"configuration error: {exc}") from None
         yield (ledger, book, backend,
                Payouts(redis, settings.redis_prefix, ledger, network=settings.network,
                        hold_days=settings.withdrawal_hold_days, minimum_withdrawal=settings.minimum_withdrawal,

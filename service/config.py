@@ -62,6 +62,7 @@ class Settings:
     qa_max_active: int = 20
     crowd_lease: int = 600
     payee_xpub: str | None = None
+    payee_branch: int = 0              # derivation chain of PAYEE_XPUB: xpub/<branch>/<index>, one per deployment
     chain: str | None = None           # esplora | bitcoind
     chain_url: str | None = None
     chain_cookie: str | None = None
@@ -118,6 +119,7 @@ class Settings:
             qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
             crowd_lease=_int(env, "CROWD_LEASE", 600),
             payee_xpub=env.get("PAYEE_XPUB") or None,
+            payee_branch=_int(env, "PAYEE_BRANCH", 0),
             chain=env.get("CHAIN") or None,
             chain_url=env.get("CHAIN_URL") or None,
             chain_cookie=env.get("CHAIN_COOKIE") or None,
@@ -135,6 +137,8 @@ class Settings:
             minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),
         )
+        if not 0 <= settings.payee_branch < 2 ** 31:
+            raise ConfigError("PAYEE_BRANCH must be between 0 and 2^31-1 (a non-hardened BIP32 index)")
         return settings.with_(**overrides) if overrides else settings
 
     def with_(self, **changes) -> "Settings":

@@ -504,3 +504,24 @@ async def test_reconcile_chain_finds_coins_booked_but_never_received_and_receive
     assert rc == 0 and json.loads(out)["strays"] == 1, out
     rc, out = await _cli(settings, esplora, operator_key, "unclaimed", "list")
     assert [(u["txid"], u["available"]) for u in json.loads(out)] == [(txid, 7_000)]
+
+
+async def test_two_deployments_never_derive_the_same_addresses(http, aiohttp_server, chain_app, funded, settings):
+    """Attack: two deployments (REDIS_PREFIX) with one PAYEE_XPUB handed out the same deposit address and
+    both credited its outputs in full. Now the second refuses to start until it has its own branch."""
+    from service.chain.addresses import AddressConflict
+    from service.client import PaidSession
+
+    first = await aiohttp_server(chain_app())
+    other_prefix = settings.redis_prefix + "-b"
+    with pytest.raises(AddressConflict, match="PAYEE_BRANCH"):
+        await aiohttp_server(chain_app(redis_prefix=other_prefix))
+    with pytest.raises(AddressConflict, match="cannot change"):   # nor may the first one move its branch
+        await aiohttp_server(chain_app(payee_branch=3))
+    second = await aiohttp_server(chain_app(redis_prefix=other_prefix, payee_branch=2))
+    addresses = []
+    for server in (first, second):
+        base = str(server.make_url("")).rstrip("/")
+        async with http.post(f"{base}/v1/qa/validate", data=MANIFEST) as r:
+            addresses.append(r.headers["Bitcoin-Address"])
+    assert addresses[0] != addresses[1]
