@@ -162,6 +162,17 @@ class AddressBook:
     async def owns(self, address: str) -> bool:
         return bool(await self.redis.sismember(self._k("all"), address))
 
+    async def infos(self, addresses: list[str]) -> dict[str, dict[str, str]]:
+        """address -> info for those of `addresses` we derived (one round trip)."""
+        unique = list(dict.fromkeys(addresses))
+        if not unique:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for address in unique:
+                pipe.hgetall(self._k("info", address))
+            rows = await pipe.execute()
+        return {a: row for a, row in zip(unique, rows) if row}
+
     async def info(self, address: str) -> dict[str, str]:
         return await self.redis.hgetall(self._k("info", address))
 

@@ -49,6 +49,7 @@ __all__ = ["OnChain", "OnChainRecords", "PAYMENT_INVOICE", "book_coins", "book_s
 log = structlog.get_logger("onchain")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 PAYMENT_INVOICE = P.PAYMENT_INVOICE  # optional: the invoice id of the 402 this tx pays
+MAX_INPUTS, MAX_OUTPUTS = 50, 50      # bounds the chain lookups one request can cause
 
 _CLAIM = """
 -- KEYS: tx record, address claim, open set. ARGV: txid, invoice, address, request_hash, payer, now_ms
@@ -118,10 +119,13 @@ class OnChainRecords:
         await self.redis.zrem(self._k("open"), txid)
 
     async def add_open(self, txid: str, **fields: str) -> None:
-        """A payment account opened by another path (stray coins booked by chainwatch)."""
-        if fields:
-            await self.redis.hset(self._k("tx", txid), mapping={"txid": txid, **fields})
-        await self.redis.zadd(self._k("open"), {txid: int(time.time() * 1000)}, nx=True)
+        """A payment account opened by another path (stray coins booked by chainwatch); a call's own
+        record (a claim whose booking a crash interrupted) is never overwritten."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, value in {"txid": txid, **fields}.items():
+                pipe.hsetnx(self._k("tx", txid), name, value)
+            pipe.zadd(self._k("open"), {txid: int(time.time() * 1000)}, nx=True)
+            await pipe.execute()
 
 
 class OnChain:
@@ -165,8 +169,11 @@ class OnChain:
             tx = R.parse(raw, self.settings.network)
         except R.Refusal as refusal:
             raise _error(refusal) from None
+        if len(tx.inputs) > MAX_INPUTS or len(tx.outputs) > MAX_OUTPUTS:
+            raise BadRequest("too_many_parts", f"a payment has at most {MAX_INPUTS} inputs and {MAX_OUTPUTS} outputs")
         payer = await self._payer(request)
-        address, invoice_id = await self._invoice_of(request, tx, quote)
+        ours = await self.book.infos([o.address for o in tx.outputs if o.address])
+        address, invoice_id = self._invoice_of(request, tx, quote, ours)
         refusal = R.check_static(tx, address, quote.amount, self.rules)
         if refusal:
             raise _error(refusal)
@@ -177,7 +184,7 @@ class OnChain:
         reason = self.invoices.check(invoice_id, quote, address)
         if reason and not (retry and reason == "invoice_expired"):
             raise PaymentRequired(reason, _INVOICE_REASONS.get(reason, "the invoice does not match this request"))
-        await self._no_foreign_outputs(tx, address)
+        self._no_foreign_outputs(ours, address)
         if retry:
             await self._answered_already(tx.txid)
         else:
@@ -208,13 +215,14 @@ class OnChain:
                                                    f"request ({P.AUTHORIZATION}: {P.SIG_SCHEME} ...) when paying on chain")
         return ""
 
-    async def _invoice_of(self, request: web.Request, tx: Any, quote: Quote) -> tuple[str, str]:
+    def _invoice_of(self, request: web.Request, tx: Any, quote: Quote,
+                    ours: dict[str, dict[str, str]]) -> tuple[str, str]:
         """(address, invoice id) this payment is for: the named invoice, else the one that leased the
         address an output pays. Only invoice addresses count."""
         named = request.headers.get(PAYMENT_INVOICE, "").strip()[:200]
         mismatch = False
         for address in dict.fromkeys(o.address for o in tx.outputs if o.address):
-            info = await self.book.info(address)
+            info = ours.get(address, {})
             if info.get("purpose") != "invoice":
                 continue
             if named and self.invoices.check(named, quote, address) in (None, "invoice_expired"):
@@ -227,12 +235,13 @@ class OnChain:
         raise PaymentRequired("wrong_address", "no output pays the Bitcoin-Address of this request's invoice "
                                                "(deposit addresses and other invoices' addresses never pay a call)")
 
-    async def _no_foreign_outputs(self, tx: Any, address: str) -> None:
+    @staticmethod
+    def _no_foreign_outputs(ours: dict[str, dict[str, str]], address: str) -> None:
         """Coins to another invoice's (or a change) address would enter no account: refuse the tx.
         Deposit outputs are fine: chainwatch credits them as deposits."""
-        for output in tx.outputs:
-            if output.address and output.address != address:
-                purpose = (await self.book.info(output.address)).get("purpose")
+        for other, info in ours.items():
+            if other != address:
+                purpose = info.get("purpose")
                 if purpose and purpose != "deposit":
                     raise PaymentRequired("foreign_outputs", "the transaction also pays another invoice's address; "
                                                              "pay one invoice per transaction")

@@ -257,6 +257,9 @@ async def test_another_or_an_expired_invoices_address_pays_nothing(http, esplora
         assert r.status == 402 and (await r.json())["error"] == "invoice_mismatch"
     async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw, "Payment-Invoice": their_invoice}) as r:
         assert r.status == 402 and (await r.json())["error"] == "invoice_mismatch"
+    raw, _ = pay(esplora, mine, 600, outputs=[(600, theirs)])   # pays two invoices at once: one would be lost
+    async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 402 and (await r.json())["error"] == "foreign_outputs"
     await asyncio.sleep(2.1)             # the invoice expired (its address is still leased: grace)
     raw, _ = pay(esplora, mine, 600)
     async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
@@ -328,6 +331,7 @@ def _spent(esplora, address):
     ("no fee", 402, "fee_too_low"),
     ("outputs above the inputs", 402, "fee_too_low"),
     ("absurd fee", 402, "fee_too_high"),
+    ("too many outputs", 400, "too_many_parts"),
 ])
 async def test_exact_btc_rules_refuse_and_change_nothing(http, url, esplora, ledger, case, status, code):
     address = await invoice_address(http, url)
@@ -341,6 +345,8 @@ async def test_exact_btc_rules_refuse_and_change_nothing(http, url, esplora, led
         "no fee": lambda: pay(esplora, address, 600, change=99_400)[0],
         "outputs above the inputs": lambda: pay(esplora, address, 600, change=150_000)[0],
         "absurd fee": lambda: pay(esplora, address, 600, fund=5_000_000, change=1_000)[0],
+        "too many outputs": lambda: pay(esplora, address, 600, change=0,
+                                        outputs=[(1_000, "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty")] * 50)[0],
     }[case]()
     before = await books(ledger)
     async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
