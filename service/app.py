@@ -86,7 +86,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     methods: list = [TokenPayment(s, ledger)]
     owns = None
     if s.payee_xpub:
-        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network, s.payee_branch)
+        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network, s.payee_branch,
+                                     pool=s.invoice_address_pool)
         owns = app[ADDRESSES].owns
         app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
     if s.chain:

@@ -63,6 +63,7 @@ class Settings:
     crowd_lease: int = 600
     payee_xpub: str | None = None
     payee_branch: int = 0              # derivation chain of PAYEE_XPUB: xpub/<branch>/<index>, one per deployment
+    invoice_address_pool: int = 20     # invoice addresses leased at once (keep <= the wallet's gap limit)
     chain: str | None = None           # esplora | bitcoind
     chain_url: str | None = None
     chain_cookie: str | None = None
@@ -120,6 +121,7 @@ class Settings:
             crowd_lease=_int(env, "CROWD_LEASE", 600),
             payee_xpub=env.get("PAYEE_XPUB") or None,
             payee_branch=_int(env, "PAYEE_BRANCH", 0),
+            invoice_address_pool=_int(env, "INVOICE_ADDRESS_POOL", 20),
             chain=env.get("CHAIN") or None,
             chain_url=env.get("CHAIN_URL") or None,
             chain_cookie=env.get("CHAIN_COOKIE") or None,

@@ -76,8 +76,9 @@ return free[1]
 class AddressBook:
     """Owns the `{prefix}:addr:*` keys."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, xpub: str, network: str, branch: int = 0) -> None:
-        self.redis, self.xpub, self.network, self.branch = redis, xpub, network, branch
+    def __init__(self, redis: aioredis.Redis, prefix: str, xpub: str, network: str, branch: int = 0, *,
+                 pool: int = GAP_LIMIT) -> None:
+        self.redis, self.xpub, self.network, self.branch, self.pool = redis, xpub, network, branch, pool
         self.prefix = prefix
         self.tag = "{" + prefix + "}"
         self._lease = redis.register_script(_LEASE)
@@ -117,7 +118,7 @@ class AddressBook:
 
     async def for_invoice(self, lease_seconds: int) -> str | None:
         """An address for one invoice alone: a free one from the pool, else the next index while the pool
-        is below the gap limit; None when every pooled address is leased (the 402 then offers no on-chain
+        is below INVOICE_ADDRESS_POOL (the gap limit); None when every pooled address is leased (the 402 then offers no on-chain
         payment: two invoices never share an address). The lease outlasts the invoice by LEASE_GRACE, so
         a payment sent at the last second is not mistaken for the next invoice's."""
         now = int(time.time() * 1000)
@@ -125,7 +126,7 @@ class AddressBook:
         address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_ms])
         if address:
             return address
-        if await self.redis.zcard(self._k("lease")) >= GAP_LIMIT:
+        if await self.redis.zcard(self._k("lease")) >= self.pool:
             return None
         address = await self._new("invoice")
         await self.redis.zadd(self._k("lease"), {address: now + lease_ms})
