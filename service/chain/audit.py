@@ -97,19 +97,22 @@ async def audit_out(ledger: Ledger, payouts: Payouts, network: str,
 
 
 async def _booked_in(ledger: Ledger) -> tuple[dict[tuple[str, int], int], list[str]]:
-    """(outpoint -> sat) of every coin booked in, and every other debit of the chain account, from the journal."""
+    """(outpoint -> sat still booked: coin minus reorg reversals) of every coin booked in, and every other
+    debit of the chain account, from the journal."""
     coins: dict[tuple[str, int], int] = {}
     strange: list[str] = []
     start = "-"
     while True:
         entries = await ledger.redis.xrange(ledger.journal_key, start, "+", count=5000)
         for _, e in entries:
-            if e.get("op") not in ("post", "capture") or e.get("debit") != BITCOIN:
+            if e.get("op") not in ("post", "capture") or BITCOIN not in (e.get("debit"), e.get("credit")):
                 continue
             parts = e["id"].split(":")
-            if len(parts) == 3 and parts[0] == "coin" and parts[2].isdigit():
-                coins[(parts[1], int(parts[2]))] = coins.get((parts[1], int(parts[2])), 0) + int(e["amount"])
-            else:
+            coin = (parts[1], int(parts[2])) if len(parts) >= 3 and parts[2].isdigit() else None
+            sign = 1 if e.get("debit") == BITCOIN else -1
+            if coin and (parts[0], sign) in (("coin", 1), ("reorg-restore", 1), ("reorg", -1)):
+                coins[coin] = coins.get(coin, 0) + sign * int(e["amount"])   # reorg reversals net out
+            elif sign == 1:
                 strange.append(f"{e['id']}: {e['amount']} sat left the chain account under no coin id")
         if len(entries) < 5000:
             return coins, strange
@@ -125,6 +128,7 @@ async def audit_in(ledger: Ledger, book: AddressBook, backend: ChainBackend, con
         for address in await book.addresses(purpose):
             for r in await backend.received(address):
                 received[(r.txid, r.vout)] = (r.value, address, r.confirmations)
+    booked = {k: v for k, v in booked.items() if v}
     for (txid, vout), amount in sorted(booked.items()):
         seen = received.get((txid, vout))
         if seen is None:

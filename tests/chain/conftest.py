@@ -211,8 +211,9 @@ class ChainRig:
             return await s.signed(method, f"{self.url}{path}", body)
 
     async def float_coins(self, value: int) -> str:
-        """A confirmed output on an address of the operator's wallet (what batches spend)."""
-        address = await self.book.deposit_address(f"operator-float-{len(self.esplora.utxos)}")
+        """A confirmed output on an address of the operator's wallet (what batches spend): the operator's
+        own coins, outside the ledger like batch change (not a deposit: no account is credited)."""
+        address = await self.book._new("float")
         self.esplora.deposit(address, value, height=self.esplora.tip - 10)
         return address
 
