@@ -54,9 +54,10 @@ async def _release_xpub_claims(redis_url: str) -> AsyncIterator[None]:
 
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        claims = await redis.smembers(f"{REGISTRY_TAG}:claims")
-        if claims:
-            await redis.delete(*claims, f"{REGISTRY_TAG}:claims")
+        for claim in await redis.smembers(f"{REGISTRY_TAG}:claims"):  # only test deployments' (prefix t-...)
+            if (await redis.get(claim) or "").startswith("t-"):
+                await redis.delete(claim)
+                await redis.srem(f"{REGISTRY_TAG}:claims", claim)
     finally:
         await redis.aclose()
 
