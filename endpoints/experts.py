@@ -110,19 +110,19 @@ async def _store(request: web.Request) -> web.Response:
     return web.json_response(q, status=201, headers={"Location": f"/v1/questions/{q['id']}"})
 
 
-@priced("experts.question", amount=_ask_amount, credit=_ask_escrow)
+@priced("experts.question", amount=_ask_amount, credit=_ask_escrow, requires_account=True)
 async def ask_expert(request: web.Request) -> web.Response:
     """Ask an expert: the price sits in the question's escrow until the expert replies or the deadline passes."""
     return await _store(request)
 
 
-@priced("experts.hire", amount=_ask_amount, credit=_ask_escrow)
+@priced("experts.hire", amount=_ask_amount, credit=_ask_escrow, requires_account=True)
 async def hire_request(request: web.Request) -> web.Response:
     """A priced contact request to an expert available for hire, delivered and paid like a question."""
     return await _store(request)
 
 
-@priced("lists.question", amount=_ask_amount, credit=_ask_escrow)
+@priced("lists.question", amount=_ask_amount, credit=_ask_escrow, requires_account=True)
 async def ask_list(request: web.Request) -> web.Response:
     """Ask a list: price × max_responses in escrow; each member's first reply is paid one share."""
     return await _store(request)

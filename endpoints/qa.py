@@ -91,7 +91,7 @@ async def _run_documents(request: web.Request) -> int:
     return len((await _run_request(request))["docs"])
 
 
-@priced("qa.run", units=_run_documents, variant=_run_suite)
+@priced("qa.run", units=_run_documents, variant=_run_suite, requires_account=True)
 async def create_run(request: web.Request) -> web.Response:
     """Buy a QA run: 202 with the run id; the payment is captured when the run is accepted here."""
     data = await _run_request(request)

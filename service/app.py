@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from endpoints import routes as endpoint_routes
 
@@ -23,9 +24,9 @@ from .qa.runs import Limits, RunStore, Worker
 from .qa.crowd import Crowd
 from .experts import Experts
 from .payouts import Payouts
-from .chain.addresses import AddressBook
+from .chain.addresses import AddressBook, AddressConflict
 from .chain.backends import backend_from_settings
-from .payments.onchain import OnChain
+from .payments.onchain import OnChain, OnChainRecords
 from .rates import FixedRate, HttpRate
 from .metrics import EXPIRED, REDIS_LATENCY, metrics_middleware
 from .redis_client import connect, safe_url
@@ -91,16 +92,21 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     methods: list = [TokenPayment(s, ledger)]
     owns = None
     if s.payee_xpub:
-        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network)
+        app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network, s.payee_branch,
+                                     pool=s.invoice_address_pool)
         owns = app[ADDRESSES].owns
         app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
     if s.chain:
         app[CHAIN] = backend_from_settings(s.chain, s.chain_url or "", s.chain_cookie)
-        book = app.get(ADDRESSES)
-        methods.append(OnChain(s, app[CHAIN], owns or _none_owned, book.mark_paid if book else _noop))
+    if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
+        methods.append(OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger,
+                               OnChainRecords(redis, s.redis_prefix)))
     app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
+    if ADDRESSES in app:  # another deployment deriving the same addresses: refuse to start (AddressConflict)
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):  # Redis down: the bootstrap checks
+            await app[ADDRESSES].claim()
     monitor = asyncio.create_task(_monitor(app, health), name="redis-monitor")
     for _ in range(20):  # usually ready at once; a Redis that is down does not stop the server starting
         if health.ok:
@@ -126,6 +132,8 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
                     if app[INVOICES].secret is None:
                         app[INVOICES].secret = await load_secret(redis, s.redis_prefix, None)
                     await app[EXPERTS].ensure_charities()
+                    if ADDRESSES in app:
+                        await app[ADDRESSES].claim()
                     health.bootstrapped = True
                     log.info("ledger_ready", redis=safe_url(s.redis_url), prefix=s.redis_prefix)
             if not health.reachable:
@@ -133,6 +141,9 @@ async def _monitor(app: web.Application, health: RedisHealth) -> None:
             health.reachable = True
         except asyncio.CancelledError:
             raise
+        except AddressConflict as exc:  # never serve with addresses another deployment hands out too
+            log.error("address_conflict", error=str(exc))
+            health.reachable = False
         except Exception as exc:  # noqa: BLE001 - any failure means the ledger is not usable now
             if tasks.cancelling():
                 raise asyncio.CancelledError from exc
@@ -178,14 +189,6 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     stop.set()
     await tasks.stop([task], SHUTDOWN_TIMEOUT)
     await tasks.stop_spawned(SHUTDOWN_TIMEOUT)  # webhook deliveries still in flight
-
-
-async def _none_owned(address: str) -> bool:
-    return False
-
-
-async def _noop(address: str) -> None:
-    return None
 
 
 def qa_limits(s: Settings) -> Limits:

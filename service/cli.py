@@ -155,7 +155,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Ledger, Any, Any, Any]]:
     """Ledger, address book, chain backend and payouts for the operator's chain commands."""
-    from .chain.addresses import AddressBook  # noqa: PLC0415
+    from .chain.addresses import AddressBook, AddressConflict  # noqa: PLC0415
     from .chain.backends import backend_from_settings  # noqa: PLC0415
     from .payouts import Payouts  # noqa: PLC0415
 
@@ -166,7 +166,11 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
     try:
         ledger = Ledger(redis, settings.redis_prefix)
         await ledger.ensure_system_accounts()
-        book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network)
+        book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network, settings.payee_branch)
+        try:
+            await book.claim()
+        except AddressConflict as exc:  # another deployment derives the same addresses
+            raise SystemExit(f"configuration error: {exc}") from None
         yield (ledger, book, backend,
                Payouts(redis, settings.redis_prefix, ledger, network=settings.network,
                        hold_days=settings.withdrawal_hold_days, minimum_withdrawal=settings.minimum_withdrawal,
@@ -179,16 +183,21 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
 def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
     from .chain.reorgs import recheck_deposits  # noqa: PLC0415
     from .chain.watcher import credit_deposits  # noqa: PLC0415
+    from .payments.onchain import OnChainRecords, book_strays, settle_payments  # noqa: PLC0415
 
     async def watch(url: str) -> int:
         async with chain_context(url, settings) as (ledger, book, backend, payouts):
+            records = OnChainRecords(ledger.redis, settings.redis_prefix)
             while True:
                 try:
-                    credited = await credit_deposits(book, backend, ledger, settings.deposit_confirmations)
+                    confirmations = settings.deposit_confirmations
+                    credited = await credit_deposits(book, backend, ledger, confirmations)
                     reorgs = await recheck_deposits(ledger, backend, payouts, safe_depth=settings.reorg_safe_depth,
-                                                    confirmations=settings.deposit_confirmations)
+                                                    confirmations=confirmations)
+                    strays = await book_strays(book, backend, ledger, records, confirmations)
+                    settled = await settle_payments(records, ledger, backend, confirmations)
                     if args.once:
-                        print(json.dumps({"credited": credited, "reorg": reorgs}))
+                        print(json.dumps({"credited": credited, "reorg": reorgs, "strays": strays, "settled": settled}))
                         return 0
                 except Exception as exc:  # keep watching through node outages
                     log.warning("chainwatch_failed", error=str(exc))
@@ -235,6 +244,29 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(run(url))
 
 
+def cmd_unclaimed(settings: Settings, args: argparse.Namespace) -> int:
+    """What on-chain payments left in their accounts, and settling one to an account (or revenue)."""
+    from .ledger import REVENUE, user_account  # noqa: PLC0415
+    from .payments.onchain import OnChainRecords, settle_unclaimed, unclaimed  # noqa: PLC0415
+
+    async def run(url: str) -> int:
+        async with open_ledger(url, settings.redis_prefix) as ledger:
+            records = OnChainRecords(ledger.redis, settings.redis_prefix)
+            if args.action == "list":
+                print(json.dumps(await unclaimed(records, ledger), indent=2))
+                return 0
+            to = REVENUE if args.action == "keep" else user_account(args.to)
+            if args.action == "refund" and await ledger.balance(to) is None:
+                print(json.dumps({"error": "unknown_account", "detail": f"no account {args.to!r}"}), file=sys.stderr)
+                return 1
+            result = await settle_unclaimed(records, ledger, args.txid, to)
+            print(json.dumps({"txid": args.txid, "to": to, "outcome": result.outcome.value, **result.transfer}))
+            return 0 if result.outcome.value in ("ok", "nothing") else 1
+
+    with redis_url_for(settings, for_server=False) as url:
+        return asyncio.run(run(url))
+
+
 def _event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when available: measured ~15% more paid calls/s than asyncio's loop here."""
     try:
@@ -260,11 +292,13 @@ async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, 
 
 def cmd_reconcile_chain(settings: Settings, args: argparse.Namespace) -> int:
     """`reconcile --chain`: the ledger's own check, plus its chain boundary against the chain."""
-    from .chain.audit import audit_out  # noqa: PLC0415
+    from .chain.audit import audit_in, audit_out  # noqa: PLC0415
 
     async def run(url: str) -> int:
-        async with chain_context(url, settings) as (ledger, _, backend, payouts):
-            return await _reconcile(ledger, args, {"out": await audit_out(ledger, payouts, settings.network, backend)})
+        async with chain_context(url, settings) as (ledger, book, backend, payouts):
+            return await _reconcile(ledger, args, {
+                "in": await audit_in(ledger, book, backend, settings.deposit_confirmations),
+                "out": await audit_out(ledger, payouts, settings.network, backend)})
 
     with redis_url_for(settings, for_server=False) as url:
         return asyncio.run(run(url))
@@ -303,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="server processes sharing the port (WEB_WORKERS, default 1)")
     rec = sub.add_parser("reconcile", help="replay the journal; check balances match it and sum to zero (exit 1 if not)")
     rec.add_argument("--chain", action="store_true",
-                     help="also check the chain boundary: coins booked out == coins our batches sent (needs CHAIN)")
+                     help="also check the chain boundary (needs CHAIN): coins booked in == coins our addresses "
+                          "received, coins booked out == coins our batches sent")
     credit = sub.add_parser("credit", help="credit an account from the operator's grants account")
     credit.add_argument("username")
     credit.add_argument("amount", type=int, help="satoshis")
@@ -335,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     wdr.add_argument("txid")
     wrl = wsub.add_parser("release", help="lift the hold a reversed deposit put on an account's withdrawals")
     wrl.add_argument("username")
+    unc = sub.add_parser("unclaimed", help="coins on-chain payments left in their accounts (overpaid, failed calls)")
+    usub = unc.add_subparsers(dest="action", required=True, metavar="ACTION")
+    usub.add_parser("list", help="payment accounts still holding coins, with their payer if one signed")
+    ur = usub.add_parser("refund", help="credit what a payment account holds to a user's account")
+    ur.add_argument("txid")
+    ur.add_argument("--to", required=True, help="username")
+    uk = usub.add_parser("keep", help="move what a payment account holds to revenue (e.g. nobody claims it)")
+    uk.add_argument("txid")
     worker = sub.add_parser("worker", help="run QA jobs from the queue (scale out: start several)")
     worker.add_argument("--concurrency", type=int, default=1, help="runs processed at once by this process")
     return p
@@ -356,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_chainwatch(settings, args)
     if args.command == "withdrawals":
         return cmd_withdrawals(settings, args)
+    if args.command == "unclaimed":
+        return cmd_unclaimed(settings, args)
     if args.command == "reconcile" and args.chain:
         return cmd_reconcile_chain(settings, args)
     action = {"reconcile": _reconcile, "credit": _credit, "sweep": _sweep, "account": _account_create}[args.command]

@@ -163,9 +163,14 @@ class PaidSession:
             raise BudgetExceeded(price, self.budget - self.spent)
 
     async def _payment_headers(self, url: str, price: int, payee: str, address: str,
-                               invoice: str | None) -> dict[str, str]:
-        if self.onchain_signer is not None:
-            return {P.BITCOIN_TRANSACTION: await self.onchain_signer(address, price)}
+                               invoice: str | None, method: str = "GET", body: bytes | None = None) -> dict[str, str]:
+        if self.onchain_signer is not None:  # names its invoice; signed when there is a wallet (the payer)
+            headers = {P.BITCOIN_TRANSACTION: await self.onchain_signer(address, price)}
+            if invoice:
+                headers[P.PAYMENT_INVOICE] = invoice
+            if self.wallet is not None:
+                headers.update(signed_headers(self.wallet, method, url, body or b""))
+            return headers
         if self.token:
             return {P.AUTHORIZATION: f"{P.TOKEN_SCHEME} {self.token}", P.IDEMPOTENCY_KEY: secrets.token_hex(16),
                     P.PAYMENT_AMOUNT: str(price)}
@@ -217,7 +222,7 @@ class PaidSession:
         self._check_price(price)
         invoice = payload.get("invoice", {}).get("id") if isinstance(payload, dict) else None
         pay = await self._payment_headers(url, price, rheaders.get(P.USERNAME, ""),
-                                          rheaders.get(P.BITCOIN_ADDRESS, ""), invoice)
+                                          rheaders.get(P.BITCOIN_ADDRESS, ""), invoice, method, body)
         status, payload, rheaders = await self._send(method, url, body, {**headers, **pay})
         return self._settled(status, payload, rheaders, price, url)
 

@@ -63,6 +63,8 @@ class Settings:
     qa_max_active: int = 20
     crowd_lease: int = 600
     payee_xpub: str | None = None
+    payee_branch: int = 0              # derivation chain of PAYEE_XPUB: xpub/<branch>/<index>, one per deployment
+    invoice_address_pool: int = 20     # invoice addresses leased at once (keep <= the wallet's gap limit)
     chain: str | None = None           # esplora | bitcoind
     chain_url: str | None = None
     chain_cookie: str | None = None
@@ -123,6 +125,8 @@ class Settings:
             qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
             crowd_lease=_int(env, "CROWD_LEASE", 600),
             payee_xpub=env.get("PAYEE_XPUB") or None,
+            payee_branch=_int(env, "PAYEE_BRANCH", 0),
+            invoice_address_pool=_int(env, "INVOICE_ADDRESS_POOL", 20),
             chain=env.get("CHAIN") or None,
             chain_url=env.get("CHAIN_URL") or None,
             chain_cookie=env.get("CHAIN_COOKIE") or None,
@@ -156,6 +160,8 @@ class Settings:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ConfigError(f"TRUSTED_PROXIES: {entry!r} is not a network") from None
+        if not 0 <= settings.payee_branch < 2 ** 31:
+            raise ConfigError("PAYEE_BRANCH must be between 0 and 2^31-1 (a non-hardened BIP32 index)")
         if settings.trusted_proxy_hops < 1:
             raise ConfigError("TRUSTED_PROXY_HOPS must be at least 1")
         return settings

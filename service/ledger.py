@@ -22,7 +22,7 @@ from .redis_client import ScriptBatcher
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
-    "user_account", "coin_id", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
+    "user_account", "coin_id", "onchain_account", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
 
 REVENUE = "sys:revenue"
@@ -39,6 +39,12 @@ def coin_id(txid: str, vout: int) -> str:
     """The one id space for coins entering the ledger (call payments, deposits, anything later): an
     outpoint is booked once, whichever path sees it first."""
     return f"coin:{txid.lower()}:{int(vout)}"
+
+
+def onchain_account(txid: str) -> str:
+    """The account one on-chain call payment's coins enter (escrow kind): the call's price is held from
+    it; what is left (overpayment, a failed call) waits there for its payer or the operator."""
+    return f"onchain:{txid.lower()}"
 
 
 class AccountKind(str, enum.Enum):
@@ -286,6 +292,58 @@ redis.call('XADD', KEYS[3], '*', 'op', ARGV[2], 'id', ARGV[1], 'debit', x[3], 'c
 return {'ok', ARGV[3]}
 """
 
+_POST_ALL = _NOW + """
+-- Several single-phase transfers, all or nothing (e.g. every coin of one on-chain payment).
+-- KEYS: journal, accounts-set, then per transfer: xfer, debit acct, credit acct, debit history, credit history
+-- ARGV: open kind for missing credit accounts ('' = they must exist), then per transfer: id, debit, credit,
+--       amount, meta. Returns {'ok'}; {'replayed', i, <transfer i's fields>} if transfer i exists (nothing
+--       moved: idempotent as a whole when all exist); or {<refusal>, i}.
+local n = (#KEYS - 2) / 5
+local delta, opened = {}, {}
+for i = 1, n do
+  local k, a = 2 + (i - 1) * 5, 1 + (i - 1) * 5
+  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    return {'replayed', i, unpack(redis.call('HGETALL', KEYS[k + 1]))}
+  end
+  local amount = tonumber(ARGV[a + 4])
+  if ARGV[a + 2] == ARGV[a + 3] then return {'same_account', i} end
+  local d = redis.call('HMGET', KEYS[k + 2], 'nonneg', 'dp', 'cp', 'dpend')
+  if not d[1] then return {'no_debit_account', i} end
+  if redis.call('EXISTS', KEYS[k + 3]) == 0 and not opened[ARGV[a + 3]] then
+    if ARGV[1] == '' then return {'no_credit_account', i} end
+    opened[ARGV[a + 3]] = KEYS[k + 3]
+  end
+  delta[ARGV[a + 2]] = (delta[ARGV[a + 2]] or 0) - amount
+  delta[ARGV[a + 3]] = (delta[ARGV[a + 3]] or 0) + amount
+  if d[1] == '1' and tonumber(d[3]) - tonumber(d[2]) - tonumber(d[4]) + delta[ARGV[a + 2]] < 0 then
+    return {'insufficient', i}
+  end
+end
+for name, key in pairs(opened) do
+  redis.call('HSET', key, 'name', name, 'kind', ARGV[1], 'nonneg', 1, 'dp', 0, 'cp', 0, 'dpend', 0, 'cpend', 0,
+    'created', now_ms)
+  redis.call('SADD', KEYS[2], name)
+  redis.call('XADD', KEYS[1], '*', 'op', 'open', 'account', name, 'kind', ARGV[1], 'ts', now_ms)
+end
+for i = 1, n do
+  local k, a = 2 + (i - 1) * 5, 1 + (i - 1) * 5
+  local amount = tonumber(ARGV[a + 4])
+  redis.call('HINCRBY', KEYS[k + 2], 'dp', amount)
+  redis.call('HINCRBY', KEYS[k + 3], 'cp', amount)
+  redis.call('HSET', KEYS[k + 1], 'id', ARGV[a + 1], 'debit', ARGV[a + 2], 'credit', ARGV[a + 3], 'amount', amount,
+    'state', 'posted', 'created', now_ms, 'expires', 0, 'meta', ARGV[a + 5], 'token', '')
+  redis.call('XADD', KEYS[1], '*', 'op', 'post', 'id', ARGV[a + 1], 'debit', ARGV[a + 2], 'credit', ARGV[a + 3],
+    'amount', amount, 'ts', now_ms)
+  if redis.call('HGET', KEYS[k + 2], 'kind') == 'user' then
+    redis.call('LPUSH', KEYS[k + 4], ARGV[a + 1]); redis.call('LTRIM', KEYS[k + 4], 0, 999)
+  end
+  if redis.call('HGET', KEYS[k + 3], 'kind') == 'user' then
+    redis.call('LPUSH', KEYS[k + 5], ARGV[a + 1]); redis.call('LTRIM', KEYS[k + 5], 0, 999)
+  end
+end
+return {'ok'}
+"""
+
 _SNAPSHOT = """
 -- KEYS: accounts-set, journal. Returns the journal's last id and every account's counters, atomically.
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
@@ -321,6 +379,7 @@ class Ledger:
         self._resolve = redis.register_script(_RESOLVE)
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._lock = redis.register_script(_LOCK)
+        self._post_all = redis.register_script(_POST_ALL)
         self._batch = ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
 
     # keys ------------------------------------------------------------------------------------------
@@ -442,6 +501,26 @@ class Ledger:
         if len(res) > 2:
             return Result(outcome, {"id": transfer_id, "state": _s(res[1]), "amount": int(res[2])})
         return Result(outcome, {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
+
+    async def post_all(self, transfers: list[tuple[str, str, str, int, dict[str, str]]], *,
+                       open_credit: AccountKind | None = None) -> Result:
+        """Post every (id, debit, credit, amount, meta) transfer or none (one script): the coins of one
+        on-chain payment enter together. REPLAYED (nothing moved) when one id exists already; its fields
+        are in `transfer`. Missing credit accounts are opened with `open_credit`."""
+        if not transfers:
+            raise ValueError("post_all needs at least one transfer")
+        keys: list[str] = [self.journal_key, self._accounts]
+        args: list[Any] = [open_credit.value if open_credit else ""]
+        for transfer_id, debit, credit, amount, meta in transfers:
+            if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+                raise ValueError(f"amount must be a positive integer of satoshis, got {amount!r}")
+            keys += [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._hist(debit), self._hist(credit)]
+            args += [transfer_id, debit, credit, amount, json.dumps(meta)]
+        res = await self._batch.call(self._post_all, keys, args)
+        outcome = Outcome(_s(res[0]))
+        if outcome is Outcome.REPLAYED:
+            return Result(outcome, _decode_transfer(_pairs(res[2:])))
+        return Result(outcome, {"index": int(res[1])} if len(res) > 1 else {})
 
     async def capture(self, hold: Hold) -> Result:
         """Post a pending hold (atomic). A hold past its timeout is voided instead (EXPIRED)."""

@@ -50,8 +50,12 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
 async def _challenge(request: web.Request, quote: Quote, error: str = "payment_required",
                      detail: Any = None) -> web.Response:
     book = request.app.get(ADDRESSES)
-    address = await book.for_invoice(request.app[SETTINGS].invoice_ttl) if book else None
+    settings = request.app[SETTINGS]
+    onchain = book is not None and quote.amount <= settings.onchain_max_zeroconf  # else no address is leased
+    address = await book.for_invoice(settings.invoice_ttl) if onchain else None
     invoice = request.app[INVOICES].issue(quote, address)
+    if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
+        await book.bind(address, invoice.id)
     metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
     return render_402(str(request.url), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
 

@@ -90,16 +90,20 @@ class _Priced:
     variant: VariantPicker | None = None
     amount: AmountPicker | None = None
     credit: CreditPicker | None = None
+    requires_account: bool = False  # what the call buys is kept for its payer: anonymous payments are refused
 
 
 def priced(rule: str, *, units: UnitCounter | None = None, variant: VariantPicker | None = None,
-           amount: AmountPicker | None = None, credit: CreditPicker | None = None) -> Callable:
+           amount: AmountPicker | None = None, credit: CreditPicker | None = None,
+           requires_account: bool = False) -> Callable:
     """Mark a handler as paid: quoted with price_book()[rule] (or [f"{rule}.{await variant(request)}"],
     e.g. one price per QA suite) times `units(request)`, or by `amount(request)` when the price is set by
-    someone else (an expert's own price). The money goes to revenue, or to `credit(request)` (an escrow)."""
+    someone else (an expert's own price). The money goes to revenue, or to `credit(request)` (an escrow).
+    `requires_account`: the result is read later by its payer (a run, a question) or refunded to them, so
+    a payment method without an account (anonymous on-chain) must name one (a signed request)."""
 
     def mark(handler: Callable) -> Callable:
-        handler.__priced__ = _Priced(rule, units, variant, amount, credit)  # type: ignore[attr-defined]
+        handler.__priced__ = _Priced(rule, units, variant, amount, credit, requires_account)  # type: ignore[attr-defined]
         return handler
 
     return mark

@@ -4,8 +4,8 @@ import hashlib
 __all__ = [
     "PRICE", "BITCOIN_ADDRESS", "USERNAME", "BITCOIN_TRANSFER", "AUTHORIZATION", "PAYMENT_RECEIPT",
     "PAYMENT_REQUIRED", "PAYMENT_SIGNATURE", "PAYMENT_RESPONSE", "REQUEST_ID", "X402_VERSION",
-    "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_AMOUNT", "METHOD_TOKEN", "METHOD_ONCHAIN",
-    "BITCOIN_TRANSACTION", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message", "NONCE",
+    "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_INVOICE", "PAYMENT_AMOUNT", "METHOD_TOKEN",
+    "METHOD_ONCHAIN", "BITCOIN_TRANSACTION", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message", "NONCE",
 ]
 
 # 21 / two1.bitrequests
@@ -20,6 +20,7 @@ AUTHORIZATION = "Authorization"
 PAYMENT_RECEIPT = "Payment-Receipt"
 REQUEST_ID = "X-Request-Id"
 IDEMPOTENCY_KEY = "Idempotency-Key"  # token payments: the same key pays once
+PAYMENT_INVOICE = "Payment-Invoice"  # on-chain payments: the id of the invoice (402) the transaction pays
 PAYMENT_AMOUNT = "Payment-Amount"  # token payments: the amount the client agreed to; must equal the price
 TOKEN_SCHEME = "Token"  # spending tokens: "Authorization: Token <id>.<secret>"
 SIG_SCHEME = "MT-Sig"  # signed requests: "Authorization: MT-Sig <username>:<unix ts>:<base64 sig>"

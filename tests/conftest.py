@@ -45,6 +45,23 @@ def settings(redis_url: str) -> Settings:
                     invoice_secret="test-invoice-secret", hold_timeout=30)
 
 
+@pytest.fixture(autouse=True)
+async def _release_xpub_claims(redis_url: str) -> AsyncIterator[None]:
+    """Each test is a new deployment (a new REDIS_PREFIX) on the session's Redis: forget the claims on
+    (PAYEE_XPUB, PAYEE_BRANCH) a finished test made, as an operator retiring a deployment would."""
+    yield
+    from service.chain.addresses import REGISTRY_TAG
+
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for claim in await redis.smembers(f"{REGISTRY_TAG}:claims"):  # only test deployments' (prefix t-...)
+            if (await redis.get(claim) or "").startswith("t-"):
+                await redis.delete(claim)
+                await redis.srem(f"{REGISTRY_TAG}:claims", claim)
+    finally:
+        await redis.aclose()
+
+
 @pytest.fixture
 async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
     redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)

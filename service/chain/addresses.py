@@ -5,6 +5,7 @@ back to a pool and are handed out again, so the run of unused addresses stays wi
 that wallets restored from the xpub scan."""
 from __future__ import annotations
 
+import hashlib
 import time
 from functools import lru_cache
 from typing import Any
@@ -13,31 +14,59 @@ import redis.asyncio as aioredis
 
 from ..bitcoin import BITCOINLIB_NETWORK
 
-__all__ = ["AddressBook", "derive"]
+__all__ = ["AddressBook", "AddressConflict", "derive", "fingerprint", "REGISTRY_TAG"]
 
 GAP_LIMIT = 20
+REGISTRY_TAG = "{microtasks-xpubs}"  # one registry per Redis, across every REDIS_PREFIX (one key per claim)
+LEASE_GRACE = 120  # seconds an invoice address stays leased after its invoice expired
 
 
 @lru_cache(maxsize=8)
-def _external_chain(xpub: str, network: str) -> Any:
+def _account_key(xpub: str, network: str) -> Any:
     from bitcoinlib.keys import HDKey  # noqa: PLC0415
 
     key = HDKey(xpub, network=BITCOINLIB_NETWORK[network])
     if key.is_private:
         raise ValueError("PAYEE_XPUB must be an extended PUBLIC key; the server never holds private keys")
-    return key.child_public(0)  # the external (receiving) chain: m/.../0
+    return key
+
+
+@lru_cache(maxsize=16)
+def _chain(xpub: str, network: str, branch: int) -> Any:
+    return _account_key(xpub, network).child_public(branch)  # branch 0: the external (receiving) chain
 
 
 @lru_cache(maxsize=65536)
-def derive(xpub: str, network: str, index: int) -> str:
-    """Address `index` of the external chain (p2wpkh for zpub/vpub, as the key's own type says)."""
-    return _external_chain(xpub, network).child_public(index).address()
+def derive(xpub: str, network: str, index: int, branch: int = 0) -> str:
+    """Address `index` of chain `branch` (xpub/branch/index; p2wpkh for zpub/vpub, as the key's type says)."""
+    return _chain(xpub, network, branch).child_public(index).address()
+
+
+def fingerprint(xpub: str, network: str) -> str:
+    """The same key whatever its encoding (xpub, tpub, zpub, vpub) and network."""
+    key = _account_key(xpub, network)
+    return hashlib.sha256(key.public_byte + key.chain + network.encode()).hexdigest()[:24]
+
+
+class AddressConflict(ValueError):
+    """Another deployment derives its addresses from the same key and branch: refuse to start."""
+
+
+_CLAIM = """
+-- KEYS: registry entry for (key, branch), the registry's index (one hash tag shared by every deployment
+-- on this Redis). ARGV: owner. Returns the owner: ARGV[1] when the claim is (now) ours.
+local owner = redis.call('GET', KEYS[1])
+if owner then return owner end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], KEYS[1])
+return ARGV[1]
+"""
 
 
 _LEASE = """
 -- KEYS: lease zset (address -> lease expiry ms, for invoice addresses never paid), used set
 -- ARGV: now_ms, lease_ms. Reuse an address whose invoice expired unpaid; '' if none is free.
-local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, 1)
 if #free == 0 then return '' end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), free[1])
 return free[1]
@@ -47,35 +76,65 @@ return free[1]
 class AddressBook:
     """Owns the `{prefix}:addr:*` keys."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, xpub: str, network: str) -> None:
-        self.redis, self.xpub, self.network = redis, xpub, network
+    def __init__(self, redis: aioredis.Redis, prefix: str, xpub: str, network: str, branch: int = 0, *,
+                 pool: int = GAP_LIMIT) -> None:
+        self.redis, self.xpub, self.network, self.branch, self.pool = redis, xpub, network, branch, pool
+        self.prefix = prefix
         self.tag = "{" + prefix + "}"
         self._lease = redis.register_script(_LEASE)
-        _external_chain(xpub, network)  # fail at startup on a bad key
+        self._claim = redis.register_script(_CLAIM)
+        _chain(xpub, network, branch)  # fail at startup on a bad key
+
+    async def claim(self, owner: str | None = None) -> None:
+        """Make this deployment the only one deriving from (PAYEE_XPUB, PAYEE_BRANCH) on this Redis, and pin
+        its branch: AddressConflict when another REDIS_PREFIX holds them, or this one used another branch.
+        A ledger split into shards gives each shard its own branch (each claims it here), so no two
+        counters ever hand out the same address."""
+        owner = owner or self.prefix
+        mine = await self.redis.get(self._k("branch"))
+        if mine is not None and int(mine) != self.branch:
+            raise AddressConflict(f"this deployment derived its addresses from PAYEE_BRANCH={mine}; it cannot change "
+                                  f"to {self.branch} (its addresses would no longer be watched)")
+        entry = f"{REGISTRY_TAG}:{fingerprint(self.xpub, self.network)}:{self.branch}"
+        holder = await self._claim(keys=[entry, f"{REGISTRY_TAG}:claims"], args=[owner])
+        holder = holder.decode() if isinstance(holder, bytes) else holder
+        if holder != owner:
+            raise AddressConflict(
+                f"PAYEE_XPUB branch {self.branch} is already used by the deployment with REDIS_PREFIX={holder!r} on "
+                f"this Redis: both would hand out the same addresses and credit each other's coins. Give this "
+                f"deployment its own PAYEE_BRANCH (e.g. 2, 3, ...) or its own key")
+        await self.redis.set(self._k("branch"), self.branch)
 
     def _k(self, *parts: str) -> str:
         return ":".join([self.tag, "addr", *parts])
 
     async def _new(self, purpose: str, **fields: Any) -> str:
         index = await self.redis.incr(self._k("next")) - 1
-        address = derive(self.xpub, self.network, index)
-        await self.redis.hset(self._k("info", address), mapping={"index": index, "purpose": purpose, **fields})
+        address = derive(self.xpub, self.network, index, self.branch)
+        await self.redis.hset(self._k("info", address), mapping={"index": index, "branch": self.branch,
+                                                                  "purpose": purpose, **fields})
         await self.redis.sadd(self._k("all"), address)
         return address
 
-    async def for_invoice(self, lease_seconds: int) -> str:
-        """An address for one invoice: a free one from the pool, else the next index (pool ≤ gap limit)."""
+    async def for_invoice(self, lease_seconds: int) -> str | None:
+        """An address for one invoice alone: a free one from the pool, else the next index while the pool
+        is below INVOICE_ADDRESS_POOL (the gap limit); None when every pooled address is leased (the 402 then offers no on-chain
+        payment: two invoices never share an address). The lease outlasts the invoice by LEASE_GRACE, so
+        a payment sent at the last second is not mistaken for the next invoice's."""
         now = int(time.time() * 1000)
-        address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_seconds * 1000])
+        lease_ms = (lease_seconds + LEASE_GRACE) * 1000
+        address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_ms])
         if address:
             return address
-        pool = await self.redis.zcard(self._k("lease"))
-        if pool >= GAP_LIMIT:  # every pooled address is leased: share the one whose lease ends first
-            oldest = await self.redis.zrange(self._k("lease"), 0, 0)
-            return oldest[0]
+        if await self.redis.zcard(self._k("lease")) >= self.pool:
+            return None
         address = await self._new("invoice")
-        await self.redis.zadd(self._k("lease"), {address: now + lease_seconds * 1000})
+        await self.redis.zadd(self._k("lease"), {address: now + lease_ms})
         return address
+
+    async def bind(self, address: str, invoice_id: str) -> None:
+        """Record which invoice holds the lease (a payment naming no invoice is matched by address)."""
+        await self.redis.hset(self._k("info", address), "invoice", invoice_id)
 
     async def mark_paid(self, address: str) -> None:
         """A paid invoice address leaves the pool for good (it now has history)."""
@@ -104,8 +163,27 @@ class AddressBook:
     async def owns(self, address: str) -> bool:
         return bool(await self.redis.sismember(self._k("all"), address))
 
+    async def infos(self, addresses: list[str]) -> dict[str, dict[str, str]]:
+        """address -> info for those of `addresses` we derived (one round trip)."""
+        unique = list(dict.fromkeys(addresses))
+        if not unique:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for address in unique:
+                pipe.hgetall(self._k("info", address))
+            rows = await pipe.execute()
+        return {a: row for a, row in zip(unique, rows) if row}
+
     async def info(self, address: str) -> dict[str, str]:
         return await self.redis.hgetall(self._k("info", address))
+
+    async def addresses(self, purpose: str) -> list[str]:
+        """Every derived address of one purpose (invoice, deposit, change)."""
+        out = []
+        for address in await self.all_addresses():
+            if await self.redis.hget(self._k("info", address), "purpose") == purpose:
+                out.append(address)
+        return out
 
     async def all_addresses(self) -> list[str]:
         return sorted(await self.redis.smembers(self._k("all")))

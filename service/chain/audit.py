@@ -1,5 +1,8 @@
 """The chain reconcile (`python -m service reconcile --chain`): the ledger's books at the chain boundary
-must match what the chain did. OUT side: the coins booked out (withdrawal holds captured to
+must match what the chain did. IN side: every coin booked from the chain account (ledger.coin_id, one
+per outpoint, by call payments, deposits and stray coins alike) is an output the chain shows paying one
+of our invoice or deposit addresses, with that value; every such output with DEPOSIT_CONFIRMATIONS is
+booked; the chain account is debited under coin ids only. OUT side: the coins booked out (withdrawal holds captured to
 `sys:bitcoin`) equal what our broadcast batches paid to withdrawal addresses plus the fee shares the
 withdrawals bore; every booked withdrawal was sent by a batch and every sent one was booked; a built
 batch the node knows was broadcast (outside `withdrawals broadcast`?) and must be booked too."""
@@ -13,9 +16,10 @@ from embit.transaction import Transaction
 
 from ..ledger import BITCOIN, Ledger
 from ..payouts import Payouts
+from .addresses import AddressBook
 from .backends import ChainBackend, ChainError
 
-__all__ = ["audit_out"]
+__all__ = ["audit_in", "audit_out"]
 
 
 def _embit_network(network: str) -> dict:
@@ -90,3 +94,51 @@ async def audit_out(ledger: Ledger, payouts: Payouts, network: str,
         mismatches.append(f"coins booked out {booked_total} sat != sent {sent_total} sat + fee shares {fees_total} sat")
     return {"ok": not mismatches, "booked_out": booked_total, "sent_on_chain": sent_total, "fee_shares": fees_total,
             "batches": len(await payouts.sent_batches()), "mismatches": mismatches}
+
+
+async def _booked_in(ledger: Ledger) -> tuple[dict[tuple[str, int], int], list[str]]:
+    """(outpoint -> sat still booked: coin minus reorg reversals) of every coin booked in, and every other
+    debit of the chain account, from the journal."""
+    coins: dict[tuple[str, int], int] = {}
+    strange: list[str] = []
+    start = "-"
+    while True:
+        entries = await ledger.redis.xrange(ledger.journal_key, start, "+", count=5000)
+        for _, e in entries:
+            if e.get("op") not in ("post", "capture") or BITCOIN not in (e.get("debit"), e.get("credit")):
+                continue
+            parts = e["id"].split(":")
+            coin = (parts[1], int(parts[2])) if len(parts) >= 3 and parts[2].isdigit() else None
+            sign = 1 if e.get("debit") == BITCOIN else -1
+            if coin and (parts[0], sign) in (("coin", 1), ("reorg-restore", 1), ("reorg", -1)):
+                coins[coin] = coins.get(coin, 0) + sign * int(e["amount"])   # reorg reversals net out
+            elif sign == 1:
+                strange.append(f"{e['id']}: {e['amount']} sat left the chain account under no coin id")
+        if len(entries) < 5000:
+            return coins, strange
+        start = "(" + entries[-1][0]
+
+
+async def audit_in(ledger: Ledger, book: AddressBook, backend: ChainBackend, confirmations: int) -> dict[str, Any]:
+    """Coins booked in == coins our invoice and deposit addresses received (read-only). Change outputs
+    of our own batches are the OUT side's."""
+    booked, mismatches = await _booked_in(ledger)
+    received: dict[tuple[str, int], tuple[int, str, int]] = {}
+    for purpose in ("invoice", "deposit"):
+        for address in await book.addresses(purpose):
+            for r in await backend.received(address):
+                received[(r.txid, r.vout)] = (r.value, address, r.confirmations)
+    booked = {k: v for k, v in booked.items() if v}
+    for (txid, vout), amount in sorted(booked.items()):
+        seen = received.get((txid, vout))
+        if seen is None:
+            mismatches.append(f"coin {txid}:{vout}: {amount} sat booked, but no address of ours received it")
+        elif seen[0] != amount:
+            mismatches.append(f"coin {txid}:{vout}: {amount} sat booked, the chain says {seen[0]} sat")
+    counted = {k: v for k, v in received.items() if k in booked or v[2] >= confirmations}
+    for (txid, vout), (value, address, confs) in sorted(counted.items()):
+        if (txid, vout) not in booked:
+            mismatches.append(f"coin {txid}:{vout}: {value} sat received on {address} ({confs} confirmations), "
+                              "booked nowhere")
+    return {"ok": not mismatches, "booked": len(booked), "booked_sat": sum(booked.values()),
+            "received": len(counted), "received_sat": sum(v for v, _, _ in counted.values()), "mismatches": mismatches}

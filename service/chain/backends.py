@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
-__all__ = ["ChainError", "Received", "ChainBackend", "Esplora", "Bitcoind", "backend_from_settings"]
+__all__ = ["ChainError", "Received", "Prevout", "ChainBackend", "Esplora", "Bitcoind", "backend_from_settings"]
 
 
 class ChainError(Exception):
@@ -31,6 +31,17 @@ class Received:
     confirmations: int
 
 
+@dataclass(frozen=True)
+class Prevout:
+    """An output some transaction spends, as the chain knows it now (mempool included)."""
+
+    txid: str
+    vout: int
+    value: int
+    address: str
+    spent_by: str  # the txid spending it, "" while unspent, "?" when spent by a tx the node does not name
+
+
 @runtime_checkable
 class ChainBackend(Protocol):
     async def broadcast(self, tx_hex: str) -> str:
@@ -41,6 +52,9 @@ class ChainBackend(Protocol):
 
     async def utxos(self, address: str) -> list[Received]:
         """Unspent outputs of `address` (what a withdrawal batch can spend)."""
+
+    async def prevout(self, txid: str, vout: int) -> Prevout | None:
+        """The output `txid:vout` and whether it is spent; None when the chain has no such output."""
 
     async def close(self) -> None: ...
 
@@ -110,6 +124,21 @@ class Esplora(_Http):
                     out.append(Received(tx["txid"], vout, address, int(o["value"]), conf))
         return out
 
+    async def prevout(self, txid: str, vout: int) -> Prevout | None:
+        """GET /tx/:txid, then GET /tx/:txid/outspend/:vout."""
+        try:
+            tx = await self._get(f"/tx/{txid}")
+        except ChainError as exc:
+            missing = exc.reason.startswith("esplora 404") or "not found" in exc.reason.lower()
+            if exc.transient or not missing:
+                raise
+            return None
+        outputs = tx.get("vout") or []
+        if not 0 <= vout < len(outputs):
+            return None
+        spend = await self._get(f"/tx/{txid}/outspend/{vout}")
+        return Prevout(txid, vout, int(outputs[vout]["value"]), outputs[vout].get("scriptpubkey_address") or "",
+                       (spend.get("txid") or "?") if spend.get("spent") else "")
 
     async def utxos(self, address: str) -> list[Received]:
         tip = int(await self._get("/blocks/tip/height"))
@@ -156,6 +185,24 @@ class Bitcoind(_Http):
         return [Received(u["txid"], u["vout"], address, round(u["amount"] * 100_000_000),
                          tip - u["height"] + 1 if u.get("height") else 0) for u in scan.get("unspents", [])]
 
+    async def prevout(self, txid: str, vout: int) -> Prevout | None:
+        """gettxout (unspent outputs, mempool included); a spent one is still found by getrawtransaction
+        (mempool, or any block with -txindex), then reported spent by an unnamed tx."""
+        out = await self.rpc("gettxout", txid, vout, True)
+        if out:
+            key = out.get("scriptPubKey", {})
+            return Prevout(txid, vout, round(out["value"] * 100_000_000), key.get("address") or "", "")
+        try:
+            tx = await self.rpc("getrawtransaction", txid, True)
+        except ChainError as exc:
+            if exc.transient:
+                raise
+            return None
+        outputs = tx.get("vout") or []
+        if not 0 <= vout < len(outputs):
+            return None
+        key = outputs[vout].get("scriptPubKey", {})
+        return Prevout(txid, vout, round(outputs[vout]["value"] * 100_000_000), key.get("address") or "", "?")
 
     async def utxos(self, address: str) -> list[Received]:
         return await self.received(address)  # scantxoutset reports unspent outputs only

@@ -1,42 +1,149 @@
-"""21's OnChain payment: `Bitcoin-Transaction: <raw tx hex>` paying the invoice's address at least the
-price. The tx is parsed (bitcoinlib) and checked, broadcast through the chain backend, and only then
-recorded atomically under `tx_<txid>` (one txid pays once, ever). Broadcasting first means a refused
-broadcast leaves no record at all (the client may retry the same tx), and a retry after a lost answer
-finds the tx "already known" by the node and is then told it was used (409). Zero-confirmation risk is
-bounded by ONCHAIN_MAX_ZEROCONF: above it the 402 offers no on-chain payment (deposit first)."""
+"""21's OnChain payment: `Bitcoin-Transaction: <raw tx hex>` paying the address of THIS request's invoice.
+
+Order of checks, cheapest first, nothing written until the payment is known good:
+1. the tx obeys the rules that need no chain (btc_rules.check_static) against the address of its own
+   invoice: named by `Payment-Invoice: <id>` (or x402 `extra.invoice`), else found from the address
+   the tx pays (the address book records which invoice leased it). The invoice is HMAC-bound to
+   amount, address and request, and unexpired; an address that is not an invoice's (a deposit address,
+   the static payee address) never pays a call;
+2. the chain's facts (btc_rules.check_chain): every input exists and is unspent, the fee is sane. A
+   transaction the network already knows (mined, or in the mempool) therefore never pays, unless we
+   broadcast it ourselves for this invoice: then it is a retry and skips to 4;
+3. one atomic claim: "tx T is broadcast by us for invoice I" and "invoice address A is paid by T"
+   (a second tx for an address already paid is refused, and T pays one invoice, ever);
+4. broadcast; a permanent refusal releases the claim (the same tx may be retried), an unreachable
+   backend keeps it (the retry is recognised);
+5. the coins enter the ledger: every output paying A is posted from the chain account under
+   ledger.coin_id(txid, vout) — the id space deposits share, so no coin is booked twice — into the
+   payment's own account `onchain:<txid>`, all in one script. The call's hold then debits the price
+   from that account: the rest (an overpayment, or everything when the call fails) stays there,
+   owned by the payer if the request was signed (credited by chainwatch once confirmed), otherwise
+   listed by `python -m service unclaimed` for the operator.
+Zero-confirmation risk is bounded by ONCHAIN_MAX_ZEROCONF: above it the 402 offers no on-chain payment.
+"""
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any, Awaitable, Callable
+import time
+from typing import Any
 
+import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 
 from .. import protocol as P
-from ..bitcoin import BITCOINLIB_NETWORK, DUST_LIMIT
+from ..auth import authenticate
+from ..chain.addresses import AddressBook
 from ..chain.backends import ChainBackend, ChainError
 from ..config import Settings
-from ..errors import BadRequest, PaymentRequired, ServiceUnavailable
-from ..invoices import Invoice
-from ..ledger import BITCOIN, UNCLAIMED, Ledger
-from ..pricing import Quote
+from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
+from ..invoices import Invoice, Invoices
+from ..ledger import ALL, BITCOIN, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
+from ..pricing import Quote, route_rule
 from . import Payment
+from . import btc_rules as R
 
-__all__ = ["OnChain"]
+__all__ = ["OnChain", "OnChainRecords", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
+           "unclaimed", "settle_unclaimed"]
+log = structlog.get_logger("onchain")
 _HEX = re.compile(r"\A[0-9a-fA-F]+\Z")
+PAYMENT_INVOICE = P.PAYMENT_INVOICE  # optional: the invoice id of the 402 this tx pays
+MAX_INPUTS, MAX_OUTPUTS = 50, 50      # bounds the chain lookups one request can cause
+
+_CLAIM = """
+-- KEYS: tx record, address claim, open set. ARGV: txid, invoice, address, request_hash, payer, now_ms
+-- 'retry' when this tx is ours for this invoice and payer already; 'used' when it paid another
+-- invoice (or payer); 'address_paid' when the invoice address took another tx; else claims both: 'new'.
+local inv = redis.call('HGET', KEYS[1], 'invoice')
+if inv then
+  if inv ~= ARGV[2] or redis.call('HGET', KEYS[1], 'payer') ~= ARGV[5] then return 'used' end
+  return 'retry'
+end
+local paid = redis.call('GET', KEYS[2])
+if paid and paid ~= ARGV[1] then return 'address_paid' end
+redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'invoice', ARGV[2], 'address', ARGV[3], 'request_hash', ARGV[4],
+  'payer', ARGV[5], 'created', ARGV[6], 'state', 'broadcasting')
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+return 'new'
+"""
+
+_RELEASE = """
+-- KEYS: tx record, address claim, open set. ARGV: txid, invoice. Undo a claim whose broadcast the
+-- network refused (only while nothing was booked).
+if redis.call('HGET', KEYS[1], 'invoice') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'broadcasting' then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+class OnChainRecords:
+    """Owns the `{prefix}:onchain:*` keys: which tx we broadcast for which invoice, which invoice address
+    took which tx, and the payments whose account may still hold coins (for chainwatch and the CLI)."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self.redis = redis
+        self.tag = "{" + prefix + "}"
+        self._claim = redis.register_script(_CLAIM)
+        self._release = redis.register_script(_RELEASE)
+
+    def _k(self, *parts: str) -> str:
+        return ":".join([self.tag, "onchain", *parts])
+
+    def _keys(self, txid: str, address: str) -> list[str]:
+        return [self._k("tx", txid), self._k("paid", address), self._k("open")]
+
+    async def get(self, txid: str) -> dict[str, str]:
+        return await self.redis.hgetall(self._k("tx", txid))
+
+    async def claim(self, txid: str, invoice: str, address: str, request_hash: str, payer: str) -> str:
+        return await self._claim(keys=self._keys(txid, address),
+                                 args=[txid, invoice, address, request_hash, payer, int(time.time() * 1000)])
+
+    async def release(self, txid: str, invoice: str, address: str) -> None:
+        await self._release(keys=self._keys(txid, address), args=[txid, invoice])
+
+    async def set_state(self, txid: str, state: str) -> None:
+        await self.redis.hset(self._k("tx", txid), "state", state)
+
+    async def open_payments(self) -> list[str]:
+        """Txids of call payments whose account may still hold coins, oldest first."""
+        return list(await self.redis.zrange(self._k("open"), 0, -1))
+
+    async def close(self, txid: str) -> None:
+        await self.redis.zrem(self._k("open"), txid)
+
+    async def add_open(self, txid: str, **fields: str) -> None:
+        """A payment account opened by another path (stray coins booked by chainwatch); a call's own
+        record (a claim whose booking a crash interrupted) is never overwritten."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, value in {"txid": txid, **fields}.items():
+                pipe.hsetnx(self._k("tx", txid), name, value)
+            pipe.zadd(self._k("open"), {txid: int(time.time() * 1000)}, nx=True)
+            await pipe.execute()
 
 
 class OnChain:
     name = P.METHOD_ONCHAIN
 
-    def __init__(self, settings: Settings, backend: ChainBackend, owns: Callable[[str], Awaitable[bool]],
-                 mark_paid: Callable[[str], Awaitable[None]]) -> None:
-        self.settings, self.backend, self.owns, self.mark_paid = settings, backend, owns, mark_paid
+    def __init__(self, settings: Settings, backend: ChainBackend, book: AddressBook, invoices: Invoices,
+                 ledger: Ledger, records: OnChainRecords) -> None:
+        self.settings, self.backend, self.book, self.invoices = settings, backend, book, invoices
+        self.ledger, self.records = ledger, records
+        self.rules = R.Rules(network=settings.network, caip2=settings.caip2)
 
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSACTION in request.headers
 
     def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
-        if quote.amount > self.settings.onchain_max_zeroconf:
+        """None above the zero-conf limit, and when no invoice address of our own was free (the invoice
+        then names the static payee address, which never pays a call)."""
+        if quote.amount > self.settings.onchain_max_zeroconf or invoice.address == self.settings.payee_address:
             return None
         entry = self.offer_template(quote.amount)
         entry["payTo"] = invoice.address
@@ -47,53 +154,242 @@ class OnChain:
         s = self.settings
         return {"scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
                 "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
-                "extra": {"method": self.name, "header": P.BITCOIN_TRANSACTION,
-                          "maxZeroConf": s.onchain_max_zeroconf}}
+                "extra": {"method": self.name, "header": P.BITCOIN_TRANSACTION, "invoiceHeader": PAYMENT_INVOICE,
+                          "maxZeroConf": s.onchain_max_zeroconf,
+                          "signWith": f"Authorization: {P.SIG_SCHEME} (needed where a route keeps what you buy)"}}
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
-        raw = request.headers[P.BITCOIN_TRANSACTION].strip()
+        raw = request.headers[P.BITCOIN_TRANSACTION].strip().lower()
         if len(raw) > 200_000 or len(raw) % 2 or not _HEX.match(raw):
             raise BadRequest("malformed_transaction", "Bitcoin-Transaction must be a raw transaction in hex")
         if quote.amount > self.settings.onchain_max_zeroconf:
             raise PaymentRequired("zeroconf_limit", f"prices above {self.settings.onchain_max_zeroconf} sat are not "
                                                     "taken at zero confirmations; deposit first and pay from your balance")
         try:
-            from bitcoinlib.transactions import Transaction  # noqa: PLC0415
-
-            tx = Transaction.parse_hex(raw, network=BITCOINLIB_NETWORK[self.settings.network])
-        except Exception:  # noqa: BLE001 - bitcoinlib raises many types for malformed input
-            raise BadRequest("malformed_transaction", "the transaction does not parse") from None
-        if not tx.inputs or not tx.outputs:
-            raise BadRequest("malformed_transaction", "the transaction has no inputs or no outputs")
-        paying = [(o.address, int(o.value)) for o in tx.outputs
-                  if o.address and (o.address == self.settings.payee_address or await self.owns(o.address))]
-        if not paying:
-            raise PaymentRequired("wrong_address", "no output pays this invoice's Bitcoin-Address")
+            tx = R.parse(raw, self.settings.network)
+        except R.Refusal as refusal:
+            raise _error(refusal) from None
+        if len(tx.inputs) > MAX_INPUTS or len(tx.outputs) > MAX_OUTPUTS:
+            raise BadRequest("too_many_parts", f"a payment has at most {MAX_INPUTS} inputs and {MAX_OUTPUTS} outputs")
+        payer = await self._payer(request)
+        ours = await self.book.infos([o.address for o in tx.outputs if o.address])
+        address, invoice_id = self._invoice_of(request, tx, quote, ours)
+        refusal = R.check_static(tx, address, quote.amount, self.rules)
+        if refusal:
+            raise _error(refusal)
+        record = await self.records.get(tx.txid)
+        retry = bool(record) and record.get("invoice") == invoice_id and record.get("payer", "") == payer
+        if record and not retry:
+            raise _error(R.Refusal(14, "payment_replayed", "this transaction already paid for another request", 409))
+        reason = self.invoices.check(invoice_id, quote, address)
+        if reason and not (retry and reason == "invoice_expired"):
+            raise PaymentRequired(reason, _INVOICE_REASONS.get(reason, "the invoice does not match this request"))
+        self._no_foreign_outputs(ours, address)
+        if retry:
+            await self._answered_already(tx.txid)
+        else:
+            refusal = R.check_chain(tx, await self._prevouts(tx), self.rules)
+            if refusal:
+                raise _error(refusal)
+        claim = await self.records.claim(tx.txid, invoice_id, address, quote.request_hash, payer)
+        if claim == "used":
+            raise _error(R.Refusal(14, "payment_replayed", "this transaction already paid for another request", 409))
+        if claim == "address_paid":
+            raise PaymentRequired("invoice_paid", "this invoice's address was paid by another transaction already")
+        await self._broadcast(raw, tx.txid, invoice_id, address)
+        paying = R.paid_to(tx, address)
         total = sum(value for _, value in paying)
-        if total < quote.amount:
-            raise PaymentRequired("underpaid", f"the outputs pay {total} sat; the price is {quote.amount} sat")
-        if any(value < DUST_LIMIT for _, value in paying):
-            raise PaymentRequired("dust", f"outputs below {DUST_LIMIT} sat are dust and are not accepted")
+        await self._book(tx.txid, paying, payer, invoice_id)
+        await self.book.mark_paid(address)
+        return Payment(method=self.name, transfer_id=f"tx_{tx.txid}", payer=payer, amount=quote.amount,
+                       debit=onchain_account(tx.txid), settle_data={"paid": str(total), "txid": tx.txid})
+
+    async def _payer(self, request: web.Request) -> str:
+        """The account that signed the request (MT-Sig), if any; routes that keep what was bought for
+        its owner (runs, questions) refuse an anonymous on-chain payment."""
+        if request.headers.get(P.AUTHORIZATION, "").startswith(P.SIG_SCHEME + " "):
+            return await authenticate(request, self.ledger, self.settings.auth_window)
+        marker = route_rule(request.match_info.handler)
+        if marker is not None and getattr(marker, "requires_account", False):
+            raise Unauthorized("account_required", "this route keeps what you buy for your account: sign the "
+                                                   f"request ({P.AUTHORIZATION}: {P.SIG_SCHEME} ...) when paying on chain")
+        return ""
+
+    def _invoice_of(self, request: web.Request, tx: Any, quote: Quote,
+                    ours: dict[str, dict[str, str]]) -> tuple[str, str]:
+        """(address, invoice id) this payment is for: the named invoice, else the one that leased the
+        address an output pays. Only invoice addresses count."""
+        named = request.headers.get(PAYMENT_INVOICE, "").strip()[:200]
+        mismatch = False
+        for address in dict.fromkeys(o.address for o in tx.outputs if o.address):
+            info = ours.get(address, {})
+            if info.get("purpose") != "invoice":
+                continue
+            if named and self.invoices.check(named, quote, address) in (None, "invoice_expired"):
+                return address, named
+            if not named and info.get("invoice"):
+                return address, info["invoice"]
+            mismatch = True
+        if mismatch:
+            raise PaymentRequired("invoice_mismatch", _INVOICE_REASONS["invoice_mismatch"])
+        raise PaymentRequired("wrong_address", "no output pays the Bitcoin-Address of this request's invoice "
+                                               "(deposit addresses and other invoices' addresses never pay a call)")
+
+    @staticmethod
+    def _no_foreign_outputs(ours: dict[str, dict[str, str]], address: str) -> None:
+        """Coins to another invoice's (or a change) address would enter no account: refuse the tx.
+        Deposit outputs are fine: chainwatch credits them as deposits."""
+        for other, info in ours.items():
+            if other != address:
+                purpose = info.get("purpose")
+                if purpose and purpose != "deposit":
+                    raise PaymentRequired("foreign_outputs", "the transaction also pays another invoice's address; "
+                                                             "pay one invoice per transaction")
+
+    async def _prevouts(self, tx: Any) -> dict[tuple[str, int], Any]:
+        points = R.outpoints(tx)
+        try:
+            found = await asyncio.gather(*[self.backend.prevout(t, v) for t, v in dict.fromkeys(points)])
+        except ChainError as exc:
+            if exc.transient:
+                raise ServiceUnavailable("chain_unavailable", f"could not check the inputs: {exc.reason}",
+                                         headers={"Retry-After": "5"}) from None
+            raise BadRequest("input_lookup_failed", exc.reason) from None
+        return dict(zip(dict.fromkeys(points), found))
+
+    async def _answered_already(self, txid: str) -> None:
+        """A retry of our own payment whose call already has an outcome: say which (its receipt)."""
+        hold = await self.ledger.transfer(f"tx_{txid}")
+        if hold:
+            raise Conflict("payment_replayed", f"this transaction already paid this request: receipt tx_{txid} "
+                                               f"({hold['state']}); see GET /v1/receipts/tx_{txid}")
+
+    async def _broadcast(self, raw: str, txid: str, invoice_id: str, address: str) -> None:
         try:
             await self.backend.broadcast(raw)
         except ChainError as exc:
-            if exc.transient:
-                raise ServiceUnavailable("chain_unavailable", f"could not broadcast: {exc.reason}") from None
-            if not _already_known(exc.reason):
+            if exc.transient:  # it may have reached the network: keep the claim, a retry is recognised
+                raise ServiceUnavailable("chain_unavailable", f"could not broadcast: {exc.reason}",
+                                         headers={"Retry-After": "5"}) from None
+            if not _already_known(exc.reason):  # (we claimed it: a node that knows it got it from us)
+                await self.records.release(txid, invoice_id, address)
                 raise BadRequest("broadcast_rejected", exc.reason) from None
-        for address, _ in paying:
-            await self.mark_paid(address)
-        return Payment(method=self.name, transfer_id=f"tx_{tx.txid}", payer="", amount=quote.amount,
-                       debit=BITCOIN, settle_data={"paid": str(total), "txid": tx.txid})
+        await self.records.set_state(txid, "broadcast")
 
-    async def on_void(self, ledger: Ledger, payment: Payment) -> None:
-        """The call failed after the coins were broadcast: keep the money on the books for a refund."""
-        await ledger.post(f"unclaimed:{payment.settle_data['txid']}", BITCOIN, UNCLAIMED,
-                          int(payment.settle_data["paid"]), reason="on-chain payment for a failed call")
+    async def _book(self, txid: str, paying: list[tuple[int, int]], payer: str, invoice_id: str) -> None:
+        """Every coin paying the invoice address enters the payment's account, in one script."""
+        account = onchain_account(txid)
+        result = await book_coins(self.ledger, txid, paying, invoice=invoice_id, payer=payer)
+        if result.outcome is Outcome.REPLAYED and result.transfer.get("credit") != account:
+            raise Conflict("coins_booked", "these coins were booked already by another path")
+        if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
+            raise ServiceUnavailable("ledger_refused", f"the coins could not be booked: {result.outcome.value}")
+        await self.records.set_state(txid, "booked")
+
+
+_INVOICE_REASONS = {
+    "invoice_invalid": "Payment-Invoice is not an invoice id of this service",
+    "invoice_mismatch": "the invoice was issued for another request, amount or address",
+    "invoice_expired": "the invoice has expired: request a new one (a fresh 402) and pay its address",
+}
+
+
+def _error(refusal: R.Refusal) -> Exception:
+    if refusal.status == 400:
+        return BadRequest(refusal.code, refusal.detail)
+    if refusal.status == 409:
+        return Conflict(refusal.code, refusal.detail)
+    return PaymentRequired(refusal.code, refusal.detail)
 
 
 def _already_known(reason: str) -> bool:
-    """The node has this tx already (a retried request): not an error for us."""
+    """The node has this tx already: fine only because we claimed it for this invoice before broadcasting."""
     reason = reason.lower()
     return any(s in reason for s in ("already in block chain", "already-known", "already-in-mempool",
                                      "already in the mempool", "(-27)"))
+
+
+# --- what is left in payment accounts: the payer's once confirmed, else the operator's to settle -------
+async def book_coins(ledger: Ledger, txid: str, paying: list[tuple[int, int]], **meta: str) -> Result:
+    """Every output of `txid` paying one of our invoice addresses enters `onchain:<txid>` under its coin
+    id, all in one script; the same set whichever path (the call, or chainwatch for stray coins) is first."""
+    account = onchain_account(txid)
+    return await ledger.post_all(
+        [(coin_id(txid, vout), BITCOIN, account, value, {"reason": f"on-chain payment {txid}:{vout}", **meta})
+         for vout, value in paying], open_credit=AccountKind.ESCROW)
+
+
+async def book_strays(book: AddressBook, backend: ChainBackend, ledger: Ledger, records: OnChainRecords,
+                      confirmations: int) -> int:
+    """chainwatch: coins that reached an invoice address without paying a call (sent late, broadcast by
+    their sender, a second payment) enter the books once confirmed, owned by nobody: the operator sees
+    them in `unclaimed list`. So the chain account always equals what our addresses received."""
+    booked = 0
+    for address in await book.addresses("invoice"):
+        by_tx: dict[str, list[tuple[int, int]]] = {}
+        for r in await backend.received(address):
+            if r.confirmations >= confirmations:
+                by_tx.setdefault(r.txid, []).append((r.vout, r.value))
+        for txid, paying in by_tx.items():
+            result = await book_coins(ledger, txid, sorted(paying), stray=address)
+            if result.outcome is Outcome.APPLIED:
+                await records.add_open(txid, address=address, payer="", state="stray")
+                booked += 1
+                log.warning("stray_coins_booked", txid=txid, address=address, amount=sum(v for _, v in paying))
+    return booked
+
+
+async def settle_payments(records: OnChainRecords, ledger: Ledger, backend: ChainBackend, confirmations: int) -> int:
+    """chainwatch: once a signed payer's transaction has `confirmations`, what its payment account still
+    holds (an overpayment, a failed call) is credited to the payer. Anonymous payments wait for the operator."""
+    settled = 0
+    for txid in await records.open_payments():
+        record = await records.get(txid)
+        balance = await ledger.balance(onchain_account(txid))
+        if balance is None or balance.pending_debits:
+            continue  # not booked yet, or its call is still running
+        if balance.available == 0:
+            await records.close(txid)
+            continue
+        if not record.get("payer") or await _confirmations(backend, record.get("address", ""), txid) < confirmations:
+            continue
+        result = await ledger.post(f"settle:{txid}:{balance.posted}", onchain_account(txid),
+                                   user_account(record["payer"]), ALL, reason=f"rest of on-chain payment {txid}")
+        settled += result.ok
+        if result.ok:
+            log.info("onchain_rest_credited", txid=txid, payer=record["payer"], amount=result.transfer.get("amount"))
+    return settled
+
+
+async def unclaimed(records: OnChainRecords, ledger: Ledger) -> list[dict[str, Any]]:
+    """Payment accounts still holding coins, with whom they belong to (if anyone): `unclaimed list`."""
+    out = []
+    for txid in await records.open_payments():
+        balance = await ledger.balance(onchain_account(txid))
+        if balance is None or balance.available + balance.pending_debits == 0:
+            continue
+        record = await records.get(txid)
+        out.append({"txid": txid, "account": onchain_account(txid), "available": balance.available,
+                    "held_by_a_call": balance.pending_debits, "payer": record.get("payer") or None,
+                    "invoice": record.get("invoice") or None, "address": record.get("address") or None,
+                    "state": record.get("state") or None})
+    return out
+
+
+async def settle_unclaimed(records: OnChainRecords, ledger: Ledger, txid: str, to_account: str) -> Result:
+    """The operator settles one payment account: everything available goes to `to_account` (a user's
+    account after the payer was identified, or the revenue account). Idempotent per balance."""
+    balance = await ledger.balance(onchain_account(txid))
+    if balance is None:
+        return Result(Outcome.NOT_FOUND)
+    result = await ledger.post(f"settle:{txid}:{balance.posted}", onchain_account(txid), to_account, ALL,
+                               reason=f"on-chain payment {txid} settled by the operator")
+    if result.ok and not balance.pending_debits:
+        await records.close(txid)
+    return result
+
+
+async def _confirmations(backend: ChainBackend, address: str, txid: str) -> int:
+    if not address:
+        return 0
+    return max((r.confirmations for r in await backend.received(address) if r.txid == txid), default=0)

@@ -20,6 +20,9 @@ class FakeEsplora:
     broadcasts: list[str] = field(default_factory=list)
     reject: str | None = None
     url: str = ""
+    index: dict[str, dict] = field(default_factory=dict)          # txid -> esplora tx object (GET /tx/:txid)
+    spends: dict[tuple[str, int], str] = field(default_factory=dict)  # (txid, vout) -> spending txid
+    lose_answers: int = 0   # broadcasts the network takes whose answer is then lost (502)
 
     def app(self) -> web.Application:
         async def post_tx(request: web.Request) -> web.Response:
@@ -28,12 +31,40 @@ class FakeEsplora:
                 return web.Response(status=400, text=self.reject)
             from bitcoinlib.transactions import Transaction
 
-            txid = Transaction.parse_hex(raw, network="testnet").txid
-            if raw in self.broadcasts:
+            tx = Transaction.parse_hex(raw, network="testnet")
+            txid = tx.txid
+            if raw in self.broadcasts or txid in self.index:
+                if self.lose_answers:
+                    self.lose_answers -= 1
+                    return web.Response(status=502, text="bad gateway")
                 return web.Response(status=400, text="sendrawtransaction RPC error: "
                                                      '{"code":-27,"message":"Transaction already in block chain"}')
+            for i in tx.inputs:
+                spent = self.spends.get((i.prev_txid.hex(), i.output_n_int))
+                if spent and spent != txid:
+                    return web.Response(status=400, text="sendrawtransaction RPC error: "
+                                                         '{"code":-25,"message":"bad-txns-inputs-missingorspent"}')
             self.broadcasts.append(raw)
+            self.accept(tx)
+            if self.lose_answers:
+                self.lose_answers -= 1
+                return web.Response(status=502, text="bad gateway")
             return web.Response(text=txid)
+
+        async def get_tx(request: web.Request) -> web.Response:
+            tx = self.index.get(request.match_info["txid"])
+            if tx is None:
+                return web.Response(status=404, text="Transaction not found")
+            return web.json_response(tx)
+
+        async def outspend(request: web.Request) -> web.Response:
+            key = (request.match_info["txid"], int(request.match_info["vout"]))
+            if key not in self.spends:
+                return web.json_response({"spent": False})
+            spender = self.spends[key]
+            vin = next(n for n, i in enumerate(self.index[spender]["vin"]) if (i["txid"], i["vout"]) == key)
+            return web.json_response({"spent": True, "txid": spender, "vin": vin,
+                                      "status": self.index[spender]["status"]})
 
         async def tip(request: web.Request) -> web.Response:
             return web.Response(text=str(self.tip))
@@ -57,7 +88,46 @@ class FakeEsplora:
         app.router.add_get("/blocks/tip/height", tip)
         app.router.add_get("/address/{a}/txs", address_txs)
         app.router.add_get("/address/{a}/utxo", address_utxo)
+        app.router.add_get("/tx/{txid}", get_tx)
+        app.router.add_get("/tx/{txid}/outspend/{vout}", outspend)
         return app
+
+    def accept(self, tx: Any, height: int | None = None) -> str:
+        """Index a bitcoinlib transaction as Esplora would once it reached the mempool (or a block):
+        its inputs become spent, its outputs show under their addresses."""
+        status: dict[str, Any] = {"confirmed": height is not None}
+        if height is not None:
+            status["block_height"] = height
+        obj = {"txid": tx.txid, "status": status,
+               "vin": [{"txid": i.prev_txid.hex(), "vout": i.output_n_int} for i in tx.inputs],
+               "vout": [{"scriptpubkey_address": o.address, "value": int(o.value)} for o in tx.outputs]}
+        self.index[tx.txid] = obj
+        for i in obj["vin"]:
+            self.spends[(i["txid"], i["vout"])] = tx.txid
+            for utxos in self.utxos.values():
+                utxos[:] = [u for u in utxos if (u["txid"], u["vout"]) != (i["txid"], i["vout"])]
+        for n, o in enumerate(obj["vout"]):
+            if o["scriptpubkey_address"]:
+                self.txs.setdefault(o["scriptpubkey_address"], []).append(obj)
+                self.utxos.setdefault(o["scriptpubkey_address"], []).append(
+                    {"txid": tx.txid, "vout": n, "value": o["value"], "status": status})
+        return tx.txid
+
+    def mine(self, txid: str, confirmations: int = 1) -> None:
+        """Confirm a known transaction so that it has `confirmations` now."""
+        status = {"confirmed": True, "block_height": self.tip - confirmations + 1}
+        self.index[txid]["status"] = status
+        for utxos in self.utxos.values():
+            for u in utxos:
+                if u["txid"] == txid:
+                    u["status"] = status
+
+    def fund(self, value: int, address: str = "tb1qfunding0000000000000000000000000000000") -> tuple[bytes, int]:
+        """A confirmed output of `value` sat a payer's wallet can spend: (prev txid bytes, vout)."""
+        txid = os.urandom(32).hex()
+        self.index[txid] = {"txid": txid, "status": {"confirmed": True, "block_height": self.tip - 10}, "vin": [],
+                            "vout": [{"scriptpubkey_address": address, "value": value}]}
+        return bytes.fromhex(txid), 0
 
     def deposit(self, address: str, value: int, *, height: int | None, txid: str | None = None) -> str:
         """A tx paying `address`, confirmed at `height` (None: in the mempool)."""
@@ -65,10 +135,11 @@ class FakeEsplora:
         status: dict[str, Any] = {"confirmed": height is not None}
         if height is not None:
             status["block_height"] = height
-        self.txs.setdefault(address, []).append({
-            "txid": txid, "status": status,
-            "vout": [{"scriptpubkey_address": "tb1qother", "value": 1000},
-                     {"scriptpubkey_address": address, "value": value}]})
+        obj = {"txid": txid, "status": status, "vin": [],
+               "vout": [{"scriptpubkey_address": "tb1qother", "value": 1000},
+                        {"scriptpubkey_address": address, "value": value}]}
+        self.txs.setdefault(address, []).append(obj)
+        self.index.setdefault(txid, obj)
         self.utxos.setdefault(address, []).append({"txid": txid, "vout": 1, "value": value, "status": status})
         return txid
 
@@ -140,8 +211,9 @@ class ChainRig:
             return await s.signed(method, f"{self.url}{path}", body)
 
     async def float_coins(self, value: int) -> str:
-        """A confirmed output on an address of the operator's wallet (what batches spend)."""
-        address = await self.book.deposit_address(f"operator-float-{len(self.esplora.utxos)}")
+        """A confirmed output on an address of the operator's wallet (what batches spend): the operator's
+        own coins, outside the ledger like batch change (not a deposit: no account is credited)."""
+        address = await self.book._new("float")
         self.esplora.deposit(address, value, height=self.esplora.tip - 10)
         return address
 

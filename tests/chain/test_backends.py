@@ -39,6 +39,15 @@ async def bitcoind(aiohttp_server, tmp_path):
                 return web.json_response({"result": None, "id": body["id"],
                                           "error": {"code": -22, "message": "TX decode failed"}}, status=500)
             result = "bb" * 32
+        elif method == "gettxout":   # unspent outputs only (mempool included with the third param)
+            result = {"bestblock": "00" * 32, "confirmations": 2, "value": 0.0006,
+                      "scriptPubKey": {"address": "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm"}} \
+                if (params[0], params[1]) == ("cc" * 32, 0) else None
+        elif method == "getrawtransaction":
+            if params[0] != "dd" * 32:
+                return web.json_response({"result": None, "id": body["id"], "error": {
+                    "code": -5, "message": "No such mempool or blockchain transaction"}}, status=500)
+            result = {"txid": "dd" * 32, "vout": [{"value": 0.001, "n": 0, "scriptPubKey": {"address": "tb1qspent"}}]}
         else:
             return web.json_response({"result": None, "error": {"code": -32601, "message": "Method not found"},
                                       "id": body["id"]}, status=404)
@@ -77,3 +86,27 @@ async def test_esplora_confirmations_and_mempool(esplora):
     got = sorted((r.value, r.confirmations) for r in await node.received(address))
     assert got == [(5_000, 3), (7_000, 0)]
     await node.close()
+
+
+async def test_prevout_on_both_backends(bitcoind, esplora):
+    """Is an input's output there, unspent, worth what? (rules 4-6 of the exact-BTC draft)."""
+    from bitcoinlib.transactions import Transaction
+
+    from service.chain.backends import Prevout
+
+    node, _ = bitcoind
+    assert await node.prevout("cc" * 32, 0) == Prevout("cc" * 32, 0, 60_000, "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", "")
+    assert await node.prevout("dd" * 32, 0) == Prevout("dd" * 32, 0, 100_000, "tb1qspent", "?")   # spent
+    assert await node.prevout("ee" * 32, 0) is None                                              # unknown
+    await node.close()
+    from tests.chain.test_onchain import pay
+
+    prev = esplora.fund(100_000)
+    raw, txid = pay(esplora, "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", 5_000, prev=prev)
+    web_node = Esplora(esplora.url, timeout=5, retries=0)
+    assert (await web_node.prevout(prev[0].hex(), 0)).spent_by == ""
+    esplora.accept(Transaction.parse_hex(raw, network="testnet"))
+    assert await web_node.prevout(prev[0].hex(), 0) == Prevout(prev[0].hex(), 0, 100_000, esplora.index[prev[0].hex()]
+                                                               ["vout"][0]["scriptpubkey_address"], txid)
+    assert await web_node.prevout(prev[0].hex(), 7) is None and await web_node.prevout("ab" * 32, 0) is None
+    await web_node.close()
