@@ -22,7 +22,7 @@ from .redis_client import ScriptBatcher
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
-    "user_account", "coin_id", "onchain_account", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
+    "user_account", "coin_id", "onchain_account", "MAX_COUNTER", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
 
 REVENUE = "sys:revenue"
@@ -77,6 +77,7 @@ class Outcome(str, enum.Enum):
     GUARDED = "guarded"                # the guard's forbidden field is set (e.g. the question is closed)
     CLAIMED = "claimed"                # the guard's claim field is taken (e.g. this member was paid)
     LOCKED = "locked"                  # the hold is locked by another owner (e.g. a withdrawal batch)
+    LIMIT = "counter_limit"            # a lifetime counter would pass MAX_COUNTER (2^53 - 1): refused, exact
 
 
 @dataclass(frozen=True)
@@ -167,17 +168,39 @@ redis.call('XADD', KEYS[3], '*', 'op', 'open', 'account', ARGV[1], 'kind', ARGV[
 return {'ok'}
 """
 
-_TRANSFER = _NOW + """
--- KEYS: xfer, debit acct, credit acct, pending zset, journal, debit history, credit history, token, guard hash
--- ARGV: id, debit, credit, amount ('*' = all the debit account has), mode (post|pend), timeout_s,
---       require_pubkey, meta (a JSON object), token secret hash ('' when not paid by token), resource path
---       (for the token's route caveat), guard: field that must be absent, field to claim, claim value,
---       kind to open the credit account with when it does not exist ('' = it must exist)
+# Lifetime counters (and amounts) stay at or below 2^53 - 1: Lua numbers are doubles, exact only up to
+# there. A transfer that would push a counter past it is refused ('counter_limit'); 2^53 - 1 sat is 4x every
+# bitcoin there will ever be, so only a bug or an operator's runaway grants can reach it.
+MAX_COUNTER = 2**53 - 1
+_MAX = f"""
+local MAX = {MAX_COUNTER}
+local function over(a, b, c) return a + b + c > MAX end  -- exact: a true sum above MAX rounds to >= 2^53
+"""
+
+_TRANSFER = _NOW + _MAX + """
+-- One transfer, posted at once or held pending. Every check runs before the first write, so a refused
+-- transfer changes nothing (no account opened, no journal entry).
+-- KEYS[1] xfer hash, [2] debit acct, [3] credit acct, [4] pending zset, [5] journal, [6] debit history,
+--     [7] credit history, [8] token hash ('{tag}:token:-' when not paid by token), [9] guard hash
+--     ('{tag}:guard:-' without a guard), [10] accounts set (a credit account opened here joins it)
+-- ARGV[1] id, [2] debit, [3] credit, [4] amount (integer sat, or '*' = all the debit account has),
+--     [5] mode (post|pend), [6] timeout_s (pend), [7] require_pubkey ('' = any), [8] meta (JSON object),
+--     [9] token secret hash ('' = not paid by token), [10] resource path (the token's route caveat),
+--     [11] guard: field that must be absent, [12] guard: field to claim, [13] claim value,
+--     [14] kind to open the credit account with when it does not exist ('' = it must exist)
+-- Returns {'ok', state, amount} | {'replayed', field, value, ...} (the first transfer) | {outcome}: one of
+--     same_account, token_invalid, token_revoked, token_expired, token_max_per_call, token_route,
+--     token_max_total, no_debit_account, pubkey_mismatch, no_credit_account, nothing, guarded, claimed,
+--     insufficient, counter_limit (a counter would pass 2^53 - 1: amounts stay exact integers in Lua's doubles)
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'replayed', unpack(redis.call('HGETALL', KEYS[1]))}
 end
-local amount = tonumber(ARGV[4])
 if ARGV[2] == ARGV[3] then return {'same_account'} end
+local amount = 0
+if ARGV[4] ~= '*' then
+  amount = tonumber(ARGV[4])
+  if not amount or amount > MAX then return {'counter_limit'} end
+end
 local token = ''
 if ARGV[9] ~= '' then
   local t = redis.call('HMGET', KEYS[8], 'id', 'secret_hash', 'owner', 'revoked', 'expires_at', 'max_per_call',
@@ -191,29 +214,40 @@ if ARGV[9] ~= '' then
     if string.sub(ARGV[10], 1, #prefix) == prefix then allowed = true end
   end
   if #routes > 0 and not allowed then return {'token_route'} end
-  if tonumber(t[8]) + amount > tonumber(t[7]) then return {'token_max_total'} end
+  if over(tonumber(t[8]), amount, 0) then return {'counter_limit'} end
+  if amount > tonumber(t[7]) - tonumber(t[8]) then return {'token_max_total'} end  -- exact: both <= MAX
   token = t[1]
 end
 local d = redis.call('HMGET', KEYS[2], 'nonneg', 'dp', 'cp', 'dpend', 'meta:pubkey', 'kind')
 if not d[1] then return {'no_debit_account'} end
 if ARGV[7] ~= '' and d[5] ~= ARGV[7] then return {'pubkey_mismatch'} end
-local credit_kind = redis.call('HGET', KEYS[3], 'kind')
-if not credit_kind and ARGV[14] ~= '' then  -- an escrow opened by its first payment: no empty accounts
-  credit_kind = ARGV[14]
-  redis.call('HSET', KEYS[3], 'name', ARGV[3], 'kind', credit_kind, 'nonneg', 1, 'dp', 0, 'cp', 0, 'dpend', 0,
-    'cpend', 0, 'created', now_ms)
-  redis.call('SADD', KEYS[10], ARGV[3])
-  redis.call('XADD', KEYS[5], '*', 'op', 'open', 'account', ARGV[3], 'kind', credit_kind, 'ts', now_ms)
+local c = redis.call('HMGET', KEYS[3], 'kind', 'dp', 'cp', 'dpend', 'cpend')
+local credit_kind, open_credit = c[1], false
+if not credit_kind and ARGV[14] ~= '' then  -- an escrow opened by its first payment (written below, if paid)
+  credit_kind, open_credit = ARGV[14], true
+  c = {credit_kind, '0', '0', '0', '0'}
 end
 if not credit_kind then return {'no_credit_account'} end
+local ddp, dcp, ddpend = tonumber(d[2]), tonumber(d[3]), tonumber(d[4])
+local cdp, ccp, cdpend, ccpend = tonumber(c[2]), tonumber(c[3]), tonumber(c[4]), tonumber(c[5])
+-- lifetime counters stay <= MAX, so every difference below is an exact integer
+if over(dcp, 0, 0) or over(ddp, ddpend, 0) or over(cdp, cdpend, 0) or over(ccp, ccpend, 0) then
+  return {'counter_limit'}
+end
 if ARGV[4] == '*' then
-  amount = tonumber(d[3]) - tonumber(d[2]) - tonumber(d[4])
+  amount = dcp - ddp - ddpend
   if amount <= 0 then return {'nothing'} end
 end
 if ARGV[11] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[11]) == 1 then return {'guarded'} end
 if ARGV[12] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[12]) == 1 then return {'claimed'} end
-if d[1] == '1' and tonumber(d[3]) - tonumber(d[2]) - tonumber(d[4]) < amount then
-  return {'insufficient'}
+if d[1] == '1' and dcp - ddp - ddpend < amount then return {'insufficient'} end
+if over(ddp, ddpend, amount) or over(ccp, ccpend, amount) then return {'counter_limit'} end
+-- every check passed: write
+if open_credit then
+  redis.call('HSET', KEYS[3], 'name', ARGV[3], 'kind', credit_kind, 'nonneg', 1, 'dp', 0, 'cp', 0, 'dpend', 0,
+    'cpend', 0, 'created', now_ms)
+  redis.call('SADD', KEYS[10], ARGV[3])
+  redis.call('XADD', KEYS[5], '*', 'op', 'open', 'account', ARGV[3], 'kind', credit_kind, 'ts', now_ms)
 end
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[9], ARGV[12], ARGV[13]) end
 local state, op, expires = 'posted', 'post', 0

@@ -44,6 +44,7 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
     Outcome.TOKEN_MAX_PER_CALL: (Forbidden, "token_max_per_call", "the price exceeds this token's max_per_call"),
     Outcome.TOKEN_ROUTE: (Forbidden, "token_route", "this token may not pay for this route"),
     Outcome.TOKEN_MAX_TOTAL: (Forbidden, "token_max_total", "this token's max_total would be exceeded"),
+    Outcome.LIMIT: (Conflict, "counter_limit", "an account's lifetime counter would pass 2^53 - 1 sat; refused"),
 }
 
 

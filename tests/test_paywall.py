@@ -273,3 +273,71 @@ async def test_bad_input_is_refused_before_any_invoice(http, base_url, body, sta
         got = await r.json()
         assert (r.status, got["error"]) == (status, code)
         assert "Price" not in r.headers and "invoice" not in got
+
+
+async def ledger_state(ledger: Any) -> dict[str, Any]:
+    """Every ledger key under the prefix (accounts, transfers, histories, tokens, pending set) and the
+    journal's length: what a refused payment must leave exactly as it was."""
+    out: dict[str, Any] = {"journal": await ledger.redis.xlen(ledger.journal_key)}
+    for kind in ("acct", "xfer", "hist", "token", "accounts", "pending"):
+        async for key in ledger.redis.scan_iter(match=f"{ledger.tag}:{kind}*", count=1000):
+            ktype = await ledger.redis.type(key)
+            if ktype == "hash":
+                out[key] = await ledger.redis.hgetall(key)
+            elif ktype == "set":
+                out[key] = sorted(await ledger.redis.smembers(key))
+            elif ktype == "zset":
+                out[key] = await ledger.redis.zrange(key, 0, -1, withscores=True)
+            elif ktype == "list":
+                out[key] = await ledger.redis.lrange(key, 0, -1)
+    return out
+
+
+async def _issue_token(http, base_url, wallet, **caveats) -> str:
+    async with PaidSession(wallet, session=http) as s:
+        status, body = await s.signed("POST", f"{base_url}/v1/accounts/me/tokens", {"max_total": 10_000, **caveats})
+    assert status == 201, body
+    return body["token"]
+
+
+async def test_50_refused_asks_from_an_empty_account_leave_no_ledger_state(http, base_url, funded, ledger, settings):
+    """Finding 8: a refused payment changes nothing on the ledger (no escrow opened, no journal entry)."""
+    asker, expert = await funded(0), await funded(0)
+    async with PaidSession(expert, session=http) as s:
+        status, body = await s.signed("PUT", f"{base_url}/v1/experts/me",
+                                      {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
+    assert status == 200, body
+    url = f"{base_url}/v1/experts/{expert.username}/questions"
+    before = await ledger_state(ledger)
+
+    async def ask_once() -> tuple[int, str]:
+        headers = transfer_headers(asker, amount=500, payee_username=settings.payee_username,
+                                   payee_address=settings.payee_address, url=url)
+        async with http.post(url, json={"text": "Which CNI?"}, headers=headers) as r:
+            return r.status, (await r.json())["error"]
+
+    results = await asyncio.gather(*[ask_once() for _ in range(50)])
+    assert results == [(402, "insufficient_funds")] * 50
+    assert await ledger_state(ledger) == before
+
+
+@pytest.mark.parametrize("caveats,status,code", [
+    ({}, 402, "insufficient_funds"),
+    ({"max_per_call": 499}, 403, "token_max_per_call"),
+    ({"routes": ["/v1/qa/"]}, 403, "token_route"),
+    ({"max_total": 499}, 403, "token_max_total"),
+], ids=["insufficient", "max_per_call", "route", "max_total"])
+async def test_refused_token_payments_for_an_ask_leave_no_ledger_state(http, base_url, funded, ledger, caveats,
+                                                                       status, code):
+    asker, expert = await funded(0), await funded(0)
+    async with PaidSession(expert, session=http) as s:
+        got, body = await s.signed("PUT", f"{base_url}/v1/experts/me",
+                                   {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
+    assert got == 200, body
+    token = await _issue_token(http, base_url, asker, **caveats)
+    before = await ledger_state(ledger)
+    for _ in range(3):
+        async with http.post(f"{base_url}/v1/experts/{expert.username}/questions", json={"text": "CNI?"},
+                             headers={"Authorization": f"Token {token}"}) as r:
+            assert (r.status, (await r.json())["error"]) == (status, code)
+    assert await ledger_state(ledger) == before
