@@ -682,7 +682,24 @@ class Ledger:
             report.sum_pending += cpend - dpend
         for name in replayed.keys() - stored.keys():
             report.mismatches.append(f"{name}: in the journal but not an account")
+        report.mismatches += await self._overdrawn(stored)
         return report
+
+    async def _overdrawn(self, stored: dict[str, tuple[int, int, int, int]]) -> list[str]:
+        """Accounts that may never go below zero (users, escrows, revenue) whose available balance,
+        posted minus pending debits, is negative, in exact integers (`nonneg` never changes)."""
+        names = list(stored)
+        out: list[str] = []
+        for i in range(0, len(names), 1000):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names[i:i + 1000]:
+                    pipe.hget(self._acct(name), "nonneg")
+                flags = await pipe.execute()
+            for name, flag in zip(names[i:i + 1000], flags):
+                dp, cp, dpend, _ = stored[name]
+                if flag is not None and _s(flag) == "1" and cp - dp - dpend < 0:
+                    out.append(f"{name}: available balance {cp - dp - dpend} is below zero")
+        return out
 
     @staticmethod
     def _apply_entry(e: dict[str, str], acc: dict[str, list[int]], opened: set[str], report: ReconcileReport) -> None:

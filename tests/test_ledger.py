@@ -133,3 +133,54 @@ async def test_random_operations_keep_the_books_balanced(ledger, ops):
             assert bal.available >= 0, f"{n} overdrawn: {bal}"
     report = await ledger.reconcile()
     assert report.ok, report.mismatches
+
+
+async def test_balance_checks_are_exact_near_2_53(ledger):
+    """Finding 12: past 2^53 doubles round (step 512 at 2^61): cp 2^61+300 reads as 2^61+512 and dpend
+    2^61+299 as 2^61+256, so a 1-sat available balance looked like 256 and paid a 120-sat call. Counters
+    now stop at 2^53 - 1 (counter_limit), and the 120-sat hold is refused whatever got through."""
+    from service.ledger import BITCOIN
+
+    await open_users(ledger, "alice")
+    alice = user_account("alice")
+    credit = await ledger.post("g1", GRANTS, alice, 2**61 + 300)
+    assert credit.outcome is Outcome.LIMIT
+    held = [await ledger.hold("w1", alice, BITCOIN, 2**61, timeout=60),
+            await ledger.hold("w2", alice, BITCOIN, 299, timeout=60)]
+    call = await ledger.hold("call", alice, REVENUE, 120, timeout=60)
+    assert call.outcome in (Outcome.INSUFFICIENT, Outcome.LIMIT), (held, call)
+    assert (await ledger.balance(alice)).available >= 0
+    assert (await ledger.reconcile()).ok
+
+
+async def test_counters_stop_exactly_at_2_53_minus_1_and_stay_exact(ledger):
+    from service.ledger import BITCOIN, MAX_COUNTER
+
+    await open_users(ledger, "bob")
+    bob = user_account("bob")
+    assert (await ledger.post("g1", GRANTS, bob, MAX_COUNTER - 1)).ok
+    assert (await ledger.post("g2", GRANTS, bob, 2)).outcome is Outcome.LIMIT   # would be 2^53: refused
+    assert (await ledger.post("g3", GRANTS, bob, 1)).ok                          # exactly 2^53 - 1
+    assert (await ledger.balance(bob)).posted == MAX_COUNTER
+    assert (await ledger.hold("w", bob, BITCOIN, MAX_COUNTER - 1, timeout=60)).ok
+    assert (await ledger.balance(bob)).available == 1
+    assert (await ledger.hold("c1", bob, REVENUE, 2, timeout=60)).outcome is Outcome.INSUFFICIENT
+    assert (await ledger.hold("c2", bob, REVENUE, 1, timeout=60)).ok
+    assert (await ledger.balance(bob)).available == 0
+    assert (await ledger.post("x", bob, REVENUE, MAX_COUNTER + 1)).outcome is Outcome.LIMIT
+    assert (await ledger.reconcile()).ok
+
+
+async def test_reconcile_flags_a_user_account_below_zero(ledger):
+    """An overdrawn user account is reported even when the journal agrees with it (the old float bug)."""
+    await open_users(ledger, "carol")
+    carol = user_account("carol")
+    assert (await ledger.post("g", GRANTS, carol, 1)).ok
+    # what the old float comparison let through: a 120-sat debit from a 1-sat balance, journaled
+    await ledger.redis.hincrby(ledger._acct(carol), "dp", 120)
+    await ledger.redis.hincrby(ledger._acct(REVENUE), "cp", 120)
+    await ledger.redis.xadd(ledger.journal_key, {"op": "post", "id": "bad", "debit": carol, "credit": REVENUE,
+                                                 "amount": 120, "ts": 0})
+    report = await ledger.reconcile()
+    assert not report.ok
+    assert report.mismatches == [f"{carol}: available balance -119 is below zero"]

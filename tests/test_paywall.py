@@ -341,3 +341,20 @@ async def test_refused_token_payments_for_an_ask_leave_no_ledger_state(http, bas
                              headers={"Authorization": f"Token {token}"}) as r:
             assert (r.status, (await r.json())["error"]) == (status, code)
     assert await ledger_state(ledger) == before
+
+
+async def test_admin_credits_stop_below_2_53_with_a_clear_refusal(http, base_url, funded, admin_post, ledger):
+    """Finding 12 through the API: MAX_AMOUNT credits pile up until a counter would pass 2^53 - 1; that
+    credit is refused (409 counter_limit) and the balance stays exact."""
+    from service.schemas import MAX_AMOUNT
+
+    wallet = await funded(0)
+    for _ in range(4):
+        status, body = await admin_post("/v1/admin/credits", {"username": wallet.username, "amount": MAX_AMOUNT,
+                                                              "reason": "t"})
+        assert status == 201, body
+    status, body = await admin_post("/v1/admin/credits", {"username": wallet.username, "amount": MAX_AMOUNT,
+                                                          "reason": "t"})
+    assert (status, body["error"]) == (409, "counter_limit")
+    assert (await ledger.balance(user_account(wallet.username))).posted == 4 * MAX_AMOUNT
+    assert (await ledger.reconcile()).ok
