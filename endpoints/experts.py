@@ -11,7 +11,7 @@ from service.auth import authenticate
 from service.errors import BadRequest, Forbidden, Unprocessable
 from service.inputs import identifier
 from service.experts import Experts
-from service.paywall import PAYMENT
+from service.paywall import PAYMENT, commit
 from service.pricing import priced
 from service.schemas import (TAG_RE, ListQuestionSchema, ListSchema, ProfileSchema, QuestionSchema, ReplySchema,
                              load_json)
@@ -104,6 +104,7 @@ async def _store(request: web.Request) -> web.Response:
     recipients = [r for r in ctx["recipients"] if r != asker]
     if not recipients:
         raise Forbidden("no_recipient", "you cannot ask yourself (or a list with no other approved member)")
+    await commit(request)  # paid before it is stored and delivered: an uncharged ask has no effects
     q = await _xp(request).store_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],
                                           price_each=int(ctx["price_each"]), shares=ctx["shares"], hours=ctx["hours"],
                                           recipients=recipients, form=ctx["form"])

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from service.auth import authenticate
 from service.errors import BadRequest, TooManyRequests
-from service.paywall import PAYMENT
+from service.paywall import PAYMENT, commit
 from service.pricing import priced
 from service.qa import manifests, suites
 from service.qa.bundle import from_archive
@@ -101,6 +101,7 @@ async def create_run(request: web.Request) -> web.Response:
     if await store.active(payment.payer) >= limit:
         raise TooManyRequests("too_many_runs", f"at most {limit} runs queued or running per account; you were not charged",
                               headers={"Retry-After": "10"})
+    await commit(request)  # paid before the run is queued: an uncharged request queues nothing
     run = await store.submit(owner=payment.payer, suite=data["suite"], k8s=data["kubernetes_version"],
                              strict=data["strict"], body=data["text"], documents=len(data["docs"]),
                              price=payment.amount, receipt=payment.transfer_id, webhook=data["webhook"])

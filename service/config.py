@@ -53,6 +53,7 @@ class Settings:
     transfer_window: int = 600
     auth_window: int = 300
     hold_timeout: int = 120
+    idempotency_ttl: int = 86400      # how long a paid response is kept for retries with the same payment/key
     max_body: int = 1024 * 1024
     validate_base_price: int = 100
     validate_per_document: int = 20
@@ -115,6 +116,7 @@ class Settings:
             transfer_window=_int(env, "TRANSFER_WINDOW", 600),
             auth_window=_int(env, "AUTH_WINDOW", 300),
             hold_timeout=_int(env, "HOLD_TIMEOUT", 120),
+            idempotency_ttl=_int(env, "IDEMPOTENCY_TTL", 86400),
             max_body=_int(env, "MAX_BODY", 1024 * 1024),
             validate_base_price=_int(env, "PRICE_VALIDATE_BASE", 100),
             validate_per_document=_int(env, "PRICE_VALIDATE_PER_DOCUMENT", 20),

@@ -10,6 +10,7 @@ All keys share one hash tag `{prefix}`, so every script touches a single Redis C
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .redis_client import ScriptBatcher
 
@@ -273,7 +275,13 @@ return {'ok', state, amount}
 """
 
 _RESOLVE = _NOW + """
--- KEYS: xfer, debit acct, credit acct, pending zset, journal, token. ARGV: id, action (post|void), reason
+-- Capture (post) or void a pending transfer. A capture past the hold's deadline voids it instead.
+-- KEYS[1] xfer hash, [2] debit acct, [3] credit acct, [4] pending zset, [5] journal, [6] token hash
+--     ('{tag}:token:-' when none), [7] response key ('{tag}:resp:-' when none)
+-- ARGV[1] id, [2] action (post|void), [3] reason, [4] response record to keep under KEYS[7] when the
+--     capture applies ('' = none), [5] its TTL in seconds
+-- Returns {'ok', state} | {'expired', 'voided'} | {'not_pending', state} | {'not_found'} |
+--     {'locked', owner} (a locked hold is not voided as 'expired' by the sweeper)
 local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token', 'locked')
 if not x[1] then return {'not_found'} end
 if x[1] ~= 'pending' then return {'not_pending', x[1]} end
@@ -290,6 +298,7 @@ if action == 'post' then
   redis.call('HINCRBY', KEYS[2], 'dp', amount)
   redis.call('HINCRBY', KEYS[3], 'cp', amount)
   state, op = 'posted', 'capture'
+  if ARGV[4] and ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 end
 if state == 'voided' and x[6] and x[6] ~= '' then redis.call('HINCRBY', KEYS[6], 'spent', -amount) end
 redis.call('HSET', KEYS[1], 'state', state, 'resolved', now_ms, 'reason', reason)
@@ -422,6 +431,9 @@ class Ledger:
 
     def _xfer(self, transfer_id: str) -> str:
         return f"{self.tag}:xfer:{transfer_id}"
+
+    def _resp(self, transfer_id: str) -> str:
+        return f"{self.tag}:resp:{transfer_id}"
 
     def _hist(self, name: str) -> str:
         return f"{self.tag}:hist:{name}"
@@ -556,20 +568,22 @@ class Ledger:
             return Result(outcome, _decode_transfer(_pairs(res[2:])))
         return Result(outcome, {"index": int(res[1])} if len(res) > 1 else {})
 
-    async def capture(self, hold: Hold) -> Result:
-        """Post a pending hold (atomic). A hold past its timeout is voided instead (EXPIRED)."""
-        return await self._finish(hold.id, hold.debit, hold.credit, hold.token, "post", "captured")
+    async def capture(self, hold: Hold, response: str = "", ttl: int = 0) -> Result:
+        """Post a pending hold (atomic). A hold past its timeout is voided instead (EXPIRED). With
+        `response`, the paid response is kept for `ttl` s in the same script, for idempotent retries."""
+        return await self._finish(hold.id, hold.debit, hold.credit, hold.token, "post", "captured", response, ttl)
 
     async def void(self, hold: Hold, reason: str = "voided") -> Result:
         """Release a pending hold back to the payer (atomic, idempotent)."""
         return await self._finish(hold.id, hold.debit, hold.credit, hold.token, "void", reason)
 
-    async def _finish(self, transfer_id: str, debit: str, credit: str, token: str, action: str, reason: str) -> Result:
+    async def _finish(self, transfer_id: str, debit: str, credit: str, token: str, action: str, reason: str,
+                      response: str = "", ttl: int = 0) -> Result:
         res = await self._batch.call(
             self._resolve,
             [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending, self.journal_key,
-             self._token(token or "-")],
-            [transfer_id, action, reason],
+             self._token(token or "-"), self._resp(transfer_id if response else "-")],
+            [transfer_id, action, reason, response, max(1, int(ttl))],
         )
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
 
@@ -586,6 +600,25 @@ class Ledger:
         res = await self._batch.call(self._lock, [self._xfer(transfer_id), self._pending, self.journal_key],
                                      [transfer_id, action, owner, timeout])
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
+
+    async def state_of(self, transfer_id: str) -> str | None:
+        """The transfer's state (pending|posted|voided), None if it does not exist; bounded by the ledger's
+        timeout (raises RedisError): how an ambiguous outcome is resolved before answering."""
+        try:
+            async with asyncio.timeout(self._batch.timeout):
+                value = await self.redis.hget(self._xfer(transfer_id), "state")
+        except TimeoutError:
+            raise RedisTimeoutError(f"no reply from Redis within {self._batch.timeout} s") from None
+        return _s(value) if value is not None else None
+
+    async def store_response(self, transfer_id: str, response: str, ttl: int) -> None:
+        """Keep a paid response for retries (when the hold was captured before the response existed)."""
+        await self.redis.set(self._resp(transfer_id), response, ex=max(1, int(ttl)))
+
+    async def response(self, transfer_id: str) -> str | None:
+        """The response kept for a captured transfer, if any."""
+        value = await self.redis.get(self._resp(transfer_id))
+        return _s(value) if value is not None else None
 
     async def sweep_expired(self, limit: int = 500) -> int:
         """Void every hold whose timeout has passed; safe to run from many processes at once."""

@@ -3,12 +3,24 @@
 The payer is never charged for a response they did not get as a success: the hold is voided when the
 handler raises or answers non-2xx, and a hold that nobody resolves (server killed) is voided by the
 sweeper when it times out.
+
+Telling the truth about a charge: after an ambiguous ledger reply (a timeout or a lost connection: the
+script may still run) the transfer's state is read by its id before answering; "not charged" is said
+only when it is known voided, otherwise the answer is the paid response or 503 `payment_outcome_unknown`
+naming the receipt to look up. A handler with side effects calls `commit(request)` before them: the hold
+is captured first, so a call that is not charged has no effects.
+
+Idempotent retries (Stripe's model): a captured response is kept under its payment's id (the signed
+transfer, the on-chain tx, or the token's `Idempotency-Key`) for IDEMPOTENCY_TTL; the same request with
+the same payment gets it again uncharged (`Idempotent-Replayed: true`), a different request 422.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import structlog
@@ -18,17 +30,19 @@ from redis.exceptions import RedisError
 from . import protocol as P
 from .challenge import render_402
 from .config import Settings
-from .errors import Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized
+from .errors import (ApiError, Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized,
+                     Unprocessable)
 from . import metrics
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
-from .payments import KeepsFailedPayments, Payment
+from .payments import KeepsFailedPayments, Payment, PaymentMethod
 from .pricing import Quote, quote_request, route_rule
 from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
 
-__all__ = ["paywall_middleware", "PAYMENT", "HOLD"]
+__all__ = ["paywall_middleware", "commit", "PAYMENT", "HOLD", "REPLAYED_HEADER"]
 
 PAYMENT = web.RequestKey("payment", Payment)  # the verified Payment, for handlers that need the payer
 HOLD = web.RequestKey("hold", Hold)  # the hold the paywall will capture if the handler succeeds
+REPLAYED_HEADER = "Idempotent-Replayed"
 log = structlog.get_logger("paywall")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,6 +60,30 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
     Outcome.TOKEN_MAX_TOTAL: (Forbidden, "token_max_total", "this token's max_total would be exceeded"),
     Outcome.LIMIT: (Conflict, "counter_limit", "an account's lifetime counter would pass 2^53 - 1 sat; refused"),
 }
+_KEPT_HEADERS = ("Content-Type", "Location", P.PAYMENT_RECEIPT, P.PAYMENT_RESPONSE)
+
+
+@dataclass
+class Settlement:
+    """One paid request's hold and what became of it: held → captured | voided."""
+
+    payment: Payment
+    hold: Hold
+    method: PaymentMethod
+    deadline: float       # unix s; the ledger's own deadline is later (it starts when the hold applies)
+    replayable: bool      # the payment id can come again (signed transfer, tx, Idempotency-Key)
+    state: str = "held"
+
+
+SETTLEMENT = web.RequestKey("settlement", Settlement)
+
+
+class _Replayed(Exception):
+    """The payment's id exists already: answer from what became of the first request."""
+
+    def __init__(self, transfer: dict[str, Any]) -> None:
+        super().__init__(transfer.get("id"))
+        self.transfer = transfer
 
 
 async def _challenge(request: web.Request, quote: Quote, error: str = "payment_required",
@@ -82,49 +120,32 @@ def paywall_middleware() -> Callable:
             payment = await method.verify(request, quote)
             if payment.payer:
                 await app[LIMITER].check("account", payment.payer, settings.rate_limit_account)
-            hold = await _hold(ledger, payment, quote, settings)
+            paid = await _hold(request, method, payment, quote)
         except PaymentRequired as exc:
             log.info("payment_refused", reason=exc.code, method=method.name)
             return await _challenge(request, quote, exc.code, exc.detail)
-        keeps = isinstance(method, KeepsFailedPayments)
-        request[PAYMENT] = payment
-        request[HOLD] = hold
-        try:
-            response = await handler(request)
-        except BaseException as exc:  # priced handlers return their success; anything raised is a failure
-            await _void(ledger, hold, payment.method, f"handler raised {type(exc).__name__}")
-            if keeps:
-                await method.on_void(ledger, payment)
-            raise
-        if not 200 <= response.status < 300:
-            await _void(ledger, hold, payment.method, f"status {response.status}")
-            if keeps:
-                await method.on_void(ledger, payment)
-            return response
-        try:
-            result = await ledger.capture(hold)
-        except RedisError as exc:  # Redis gone after the handler ran: the sweeper voids the hold later
-            log.error("capture_failed", transfer=hold.id, error=str(exc))
-            raise ServiceUnavailable("ledger_unavailable", "the payment could not be settled; you were not charged") from None
-        if result.outcome is not Outcome.APPLIED:
-            log.warning("capture_refused", transfer=hold.id, outcome=result.outcome.value)
-            raise ServiceUnavailable("hold_expired", "the request outlived its payment hold; you were not charged")
-        metrics.PAYMENTS.labels(payment.method, "captured").inc()
-        metrics.SATS.labels("captured").inc(hold.amount)
-        response.headers[P.PAYMENT_RECEIPT] = hold.id
-        if payment.x402:
-            receipt = {"success": True, "transaction": hold.id, "network": settings.caip2, "payer": payment.payer}
-            response.headers[P.PAYMENT_RESPONSE] = base64.b64encode(json.dumps(receipt).encode()).decode()
-        log.info("payment_captured", transfer=hold.id, payer=payment.payer, amount=hold.amount, method=payment.method)
-        return response
+        except _Replayed as replay:
+            return await _replay(ledger, payment, quote, replay.transfer)
+        return await _serve(request, handler, paid)
 
     return paywall
 
 
-async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settings) -> Hold:
+async def commit(request: web.Request) -> None:
+    """Capture this request's payment now, before the handler's side effects (storing, delivering,
+    queueing): raises 503 `hold_expired` (not charged; do nothing) or `payment_outcome_unknown`.
+    Afterwards the paywall does not capture again. No-op on unpriced or already committed requests."""
+    paid = request.get(SETTLEMENT)
+    if paid is not None and paid.state == "held":
+        await _capture(request.app[LEDGER], paid)
+
+
+async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, quote: Quote) -> Settlement:
+    settings, ledger = request.app[SETTINGS], request.app[LEDGER]
     token_id = payment.token.token_id if payment.token else ""
     debit = payment.debit or user_account(payment.payer)
     hold = Hold(payment.transfer_id, debit, quote.credit or REVENUE, int(quote.amount), token_id)
+    deadline = time.time() + settings.hold_timeout
     result = await ledger.hold(
         hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
         require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
@@ -132,18 +153,182 @@ async def _hold(ledger: Ledger, payment: Payment, quote: Quote, settings: Settin
         method=payment.method, request_hash=quote.request_hash,
     )
     if result.outcome is Outcome.APPLIED:
-        return hold
+        # a token payment without Idempotency-Key has a random id: nobody can retry it
+        replayable = payment.token is None or P.IDEMPOTENCY_KEY in request.headers
+        return Settlement(payment, hold, method, deadline, replayable)
+    if result.outcome is Outcome.REPLAYED:
+        raise _Replayed(result.transfer)
     error_type, code, detail = _HOLD_ERRORS.get(
         result.outcome, (Unauthorized, result.outcome.value, "the payment was refused"))
     raise error_type(code, detail)
 
 
-async def _void(ledger: Ledger, hold: Hold, method: str, reason: str) -> None:
+async def _serve(request: web.Request, handler: Handler, paid: Settlement) -> web.StreamResponse:
+    """Run the handler on a held payment; capture on 2xx (unless it committed already), undo otherwise."""
+    settings, ledger = request.app[SETTINGS], request.app[LEDGER]
+    request[PAYMENT] = paid.payment
+    request[HOLD] = paid.hold
+    request[SETTLEMENT] = paid
+    try:
+        response = await handler(request)
+    except BaseException as exc:  # priced handlers return their success; anything raised is a failure
+        await _undo(ledger, paid, f"handler raised {type(exc).__name__}", effects_known=isinstance(exc, ApiError))
+        raise
+    if not 200 <= response.status < 300:
+        await _undo(ledger, paid, f"status {response.status}")
+        return response
+    _receipt_headers(response, paid, settings)
+    record = _record(response) if paid.replayable else ""
+    if paid.state == "captured":  # the handler committed before its effects: keep the response now
+        if record:
+            try:
+                await ledger.store_response(paid.hold.id, record, settings.idempotency_ttl)
+            except RedisError as exc:
+                log.warning("response_not_kept", transfer=paid.hold.id, error=str(exc))
+    else:
+        await _capture(ledger, paid, record, settings.idempotency_ttl)
+    metrics.PAYMENTS.labels(paid.payment.method, "captured").inc()
+    metrics.SATS.labels("captured").inc(paid.hold.amount)
+    log.info("payment_captured", transfer=paid.hold.id, payer=paid.payment.payer, amount=paid.hold.amount,
+             method=paid.payment.method)
+    return response
+
+
+def _receipt_headers(response: web.StreamResponse, paid: Settlement, settings: Settings) -> None:
+    response.headers[P.PAYMENT_RECEIPT] = paid.hold.id
+    if paid.payment.x402:
+        receipt = {"success": True, "transaction": paid.hold.id, "network": settings.caip2,
+                   "payer": paid.payment.payer}
+        response.headers[P.PAYMENT_RESPONSE] = base64.b64encode(json.dumps(receipt).encode()).decode()
+
+
+async def _capture(ledger: Ledger, paid: Settlement, record: str = "", ttl: int = 0) -> None:
+    """Post the hold, or raise a truthful 503: `hold_expired` only when the hold is known voided."""
+    hold = paid.hold
+    if time.time() >= paid.deadline:  # the ledger would void it: do not even start the effects
+        await _void(ledger, paid, "expired before capture")
+        raise _expired()
+    try:
+        result = await ledger.capture(hold, record, ttl)
+        state = {Outcome.APPLIED: "posted", Outcome.EXPIRED: "voided"}.get(result.outcome,
+                                                                          result.transfer.get("state"))
+    except RedisError as exc:  # the script may still run: ask the ledger what became of the transfer
+        log.error("capture_ambiguous", transfer=hold.id, error=str(exc))
+        state = await _state_after_doubt(ledger, hold.id)
+    if state == "posted":
+        paid.state = "captured"
+        return
+    if state == "voided":
+        log.warning("capture_refused", transfer=hold.id)
+        await _void(ledger, paid, "expired")  # books on-chain money for a refund (KeepsFailedPayments)
+        raise _expired()
+    raise _unknown(hold.id)
+
+
+async def _state_after_doubt(ledger: Ledger, transfer_id: str) -> str | None:
+    """The transfer's state read by id after an ambiguous reply; 'unknown' when it cannot be read."""
+    try:
+        return await ledger.state_of(transfer_id) or "absent"
+    except RedisError as exc:
+        log.error("state_unreadable", transfer=transfer_id, error=str(exc))
+        return "unknown"
+
+
+def _expired() -> ServiceUnavailable:
+    return ServiceUnavailable("hold_expired", "the request outlived its payment hold; you were not charged "
+                                              "and nothing was done", headers={"Retry-After": "1"})
+
+
+def _unknown(transfer_id: str) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "payment_outcome_unknown",
+        f"the ledger did not confirm the payment in time; it may have been captured. Look it up with "
+        f"GET /v1/receipts/{transfer_id} (state posted: charged, voided: not charged), or retry with the same "
+        f"payment: a captured call answers with its result and is not charged again",
+        headers={"Retry-After": "1"})
+
+
+async def _undo(ledger: Ledger, paid: Settlement, reason: str, effects_known: bool = True) -> None:
+    """The call failed: void the hold; after a commit, give the money back (when the handler refused
+    before any effect) or say truthfully that the payer was charged with an unknown outcome."""
+    if paid.state == "held":
+        await _void(ledger, paid, reason)
+        return
+    if paid.state != "captured":
+        return
+    if not effects_known:
+        log.error("failed_after_capture", transfer=paid.hold.id, reason=reason)
+        raise _unknown(paid.hold.id)
+    await _refund(ledger, paid, reason)
+
+
+async def _refund(ledger: Ledger, paid: Settlement, reason: str) -> None:
+    hold, refund_id = paid.hold, f"refund_{paid.hold.id}"
+    try:
+        result = await asyncio.shield(ledger.post(refund_id, hold.credit, hold.debit, hold.amount,
+                                                  reason=f"refund: {reason}"))
+        state = "posted" if result.outcome in (Outcome.APPLIED, Outcome.REPLAYED) else None
+    except RedisError as exc:
+        log.error("refund_ambiguous", transfer=refund_id, error=str(exc))
+        state = await _state_after_doubt(ledger, refund_id)
+    if state != "posted":
+        log.error("refund_failed", transfer=refund_id, state=state)
+        raise _unknown(hold.id)
+    paid.state = "refunded"
+    if isinstance(paid.method, KeepsFailedPayments):
+        await paid.method.on_void(ledger, paid.payment)
+
+
+async def _void(ledger: Ledger, paid: Settlement, reason: str) -> None:
+    hold = paid.hold
+    paid.state = "voided"
     try:
         result = await asyncio.shield(ledger.void(hold, reason))
-    except RedisError as exc:  # the sweeper voids it on timeout
+    except RedisError as exc:  # never captured: the sweeper voids it on timeout
         log.error("void_failed", transfer=hold.id, error=str(exc))
-        return
-    if result.ok:
-        metrics.PAYMENTS.labels(method, "voided").inc()
+        result = None
+    if result is not None and result.ok:
+        metrics.PAYMENTS.labels(paid.payment.method, "voided").inc()
         metrics.SATS.labels("voided").inc(hold.amount)
+    if isinstance(paid.method, KeepsFailedPayments):
+        await paid.method.on_void(ledger, paid.payment)
+
+
+def _record(response: web.StreamResponse) -> str:
+    """The response as kept for retries (status, headers that matter, body); '' when not kept (streamed)."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, (bytes, bytearray)):
+        return ""
+    headers = {name: response.headers[name] for name in _KEPT_HEADERS if name in response.headers}
+    return json.dumps({"status": response.status, "headers": headers, "body": base64.b64encode(body).decode()})
+
+
+async def _replay(ledger: Ledger, payment: Payment, quote: Quote, transfer: dict[str, Any]) -> web.Response:
+    """A payment id that was used before: the first request's response, or why there is none."""
+    transfer_id = transfer.get("id", payment.transfer_id)
+    if payment.token is not None:  # the id names the token; only its secret may read what it bought
+        record = await ledger.token(payment.token.token_id)
+        if record is None or record["secret_hash"] != payment.token.secret_hash:
+            raise Unauthorized("token_invalid", "unknown token, or wrong secret")
+    first_hash = transfer.get("meta", {}).get("request_hash")
+    if first_hash and first_hash != quote.request_hash:
+        raise Unprocessable("idempotency_key_reused", "this payment (or Idempotency-Key) was used for a different "
+                                                      "request; pay again, or use a new key, for a new request")
+    state = transfer.get("state")
+    if state == "pending":
+        raise Conflict("request_in_progress", "the first request with this payment is still running; retry later "
+                                              "to get its result", headers={"Retry-After": "1"})
+    if state == "posted":
+        kept = await ledger.response(transfer_id)
+        if kept:
+            return _from_record(kept)
+        raise Conflict("payment_replayed", f"this payment was already captured for this request and its response "
+                                           f"is no longer kept; see GET /v1/receipts/{transfer_id}")
+    raise Conflict("payment_replayed", "this payment was already used and voided (you were not charged); "
+                                       "sign a new one (or use a new Idempotency-Key)")
+
+
+def _from_record(kept: str) -> web.Response:
+    record = json.loads(kept)
+    headers = {**record["headers"], REPLAYED_HEADER: "true"}
+    return web.Response(status=record["status"], body=base64.b64decode(record["body"]), headers=headers)

@@ -13,6 +13,7 @@ from service.client import PaidSession, PriceTooHigh, transfer_headers
 from service.ledger import REVENUE, user_account
 
 PRICE_ONE_DOC = 100 + 20
+REPLAYED = "Idempotent-Replayed"
 
 
 async def snapshot(ledger: Any, username: str) -> tuple[int, int, int, int]:
@@ -146,16 +147,37 @@ async def test_insufficient_funds_is_402_and_changes_nothing(http, base_url, man
     assert await snapshot(ledger, wallet.username) == before
 
 
-async def test_replayed_transfer_is_409_and_settles_once(http, base_url, manifest, funded, ledger, settings):
+async def test_replayed_transfer_gets_the_first_response_and_settles_once(http, base_url, manifest, funded, ledger,
+                                                                          settings):
+    """Finding 7: a retry with the same signed transfer (its response was lost) gets the same result,
+    uncharged; the same transfer for a different request is refused and changes nothing."""
     wallet = await funded(1000)
     url = f"{base_url}/v1/qa/validate"
     headers = _headers(wallet, settings, url)
     async with http.post(url, data=manifest, headers=headers) as r:
-        assert r.status == 200
+        assert r.status == 200 and REPLAYED not in r.headers
+        first, receipt = await r.read(), r.headers["Payment-Receipt"]
     before = await snapshot(ledger, wallet.username)
-    async with http.post(url, data=manifest, headers=headers) as r:
-        assert r.status == 409 and (await r.json())["error"] == "payment_replayed"
+    for _ in range(2):
+        async with http.post(url, data=manifest, headers=headers) as r:
+            assert (r.status, r.headers[REPLAYED], r.headers["Payment-Receipt"]) == (200, "true", receipt)
+            assert r.headers["Content-Type"].startswith("application/json") and await r.read() == first
+    other = manifest.replace(b"settings", b"other")
+    async with http.post(url, data=other, headers=headers) as r:
+        assert r.status == 422 and (await r.json())["error"] == "idempotency_key_reused"
     assert await snapshot(ledger, wallet.username) == before
+
+
+async def test_a_voided_transfer_is_not_replayed(http, failing_url, funded, ledger, settings):
+    wallet = await funded(1000)
+    url = f"{failing_url}/test/unavailable"
+    headers = _headers(wallet, settings, url, amount=100)
+    async with http.post(url, data=b"{}", headers=headers) as r:
+        assert r.status == 503
+    async with http.post(url, data=b"{}", headers=headers) as r:
+        body = await r.json()
+        assert (r.status, body["error"]) == (409, "payment_replayed") and "not charged" in body["detail"]
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000
 
 
 async def test_high_s_twin_of_a_used_signature_is_still_a_replay(http, base_url, manifest, funded, ledger, settings):
@@ -168,7 +190,7 @@ async def test_high_s_twin_of_a_used_signature_is_still_a_replay(http, base_url,
     sig = base64.b64decode(headers["Authorization"])
     twin = sig[:32] + (n - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")
     async with http.post(url, data=manifest, headers={**headers, "Authorization": base64.b64encode(twin).decode()}) as r:
-        assert r.status == 409 and (await r.json())["error"] == "payment_replayed"
+        assert r.status == 200 and r.headers[REPLAYED] == "true"
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
 
 
@@ -177,12 +199,15 @@ async def test_same_transfer_sent_20_times_concurrently_settles_once(http, base_
     url = f"{base_url}/v1/qa/validate"
     headers = _headers(wallet, settings, url)
 
-    async def send() -> int:
+    async def send() -> tuple[int, str]:
         async with http.post(url, data=manifest, headers=headers) as r:
-            return r.status
+            if r.status == 200:
+                return 200, r.headers.get(REPLAYED, "first")
+            return r.status, (await r.json())["error"]
 
-    statuses = await asyncio.gather(*[send() for _ in range(20)])
-    assert sorted(statuses) == [200] + [409] * 19
+    results = await asyncio.gather(*[send() for _ in range(20)])
+    assert results.count((200, "first")) == 1
+    assert set(results) <= {(200, "first"), (200, "true"), (409, "request_in_progress")}, results
     assert (await ledger.balance(user_account(wallet.username))).posted == 10_000 - PRICE_ONE_DOC
     assert (await ledger.reconcile()).ok
 

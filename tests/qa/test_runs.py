@@ -142,7 +142,7 @@ async def test_bad_run_requests_fail_before_any_invoice(http, base_url, body, st
         assert "Price" not in r.headers
 
 
-async def test_queue_limit_refuses_without_charging(aiohttp_server, make_app, http, admin_post, ledger):
+async def test_queue_limit_refuses_without_charging(aiohttp_server, make_app, http, ledger):  # no other app's worker
     server = await aiohttp_server(make_app(qa_workers=0, qa_max_active=1))
     base = str(server.make_url("")).rstrip("/")
     wallet = Wallet.generate("queue-limit")
