@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from service.client import PaidSession, PriceTooHigh, transfer_headers
 from service.ledger import REVENUE, user_account
+from service.pricing import priced
 
 PRICE_ONE_DOC = 100 + 20
 REPLAYED = "Idempotent-Replayed"
@@ -383,3 +385,123 @@ async def test_admin_credits_stop_below_2_53_with_a_clear_refusal(http, base_url
     assert (status, body["error"]) == (409, "counter_limit")
     assert (await ledger.balance(user_account(wallet.username))).posted == 4 * MAX_AMOUNT
     assert (await ledger.reconcile()).ok
+
+
+async def _expert(http, base_url, wallet, price: int = 500) -> None:
+    async with PaidSession(wallet, session=http) as s:
+        status, body = await s.signed("PUT", f"{base_url}/v1/experts/me",
+                                      {"display_name": "E", "tags": ["x"], "price": price, "reply_hours": 24})
+    assert status == 200, body
+
+
+async def _inbox(http, base_url, wallet) -> list[str]:
+    async with PaidSession(wallet, session=http) as s:
+        status, body = await s.signed("GET", f"{base_url}/v1/experts/me/questions")
+    assert status == 200, body
+    return [q["id"] for q in body["questions"]]
+
+
+async def test_an_ask_that_outlives_its_hold_is_not_charged_and_not_delivered(aiohttp_server, make_app, http,
+                                                                               funded, ledger, settings):
+    """Finding 6, other direction: HOLD_TIMEOUT shorter than a slow handler used to answer 503 hold_expired
+    ("not charged", true) while the question was stored and delivered. Now the handler captures before
+    storing: an ask that is not charged has no effects."""
+
+    @web.middleware
+    async def slow(request: web.Request, handler: Any) -> Any:  # a slow handler: runs after the hold
+        if "X-Test-Slow" in request.headers:
+            await asyncio.sleep(float(request.headers["X-Test-Slow"]))
+        return await handler(request)
+
+    app = make_app(hold_timeout=1)
+    app.middlewares.append(slow)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    asker, expert = await funded(5000), await funded(0)
+    await _expert(http, url, expert)
+    ask_url = f"{url}/v1/experts/{expert.username}/questions"
+    for delay in ("1.3", "0"):
+        headers = transfer_headers(asker, amount=500, payee_username=settings.payee_username,
+                                   payee_address=settings.payee_address, url=ask_url)
+        async with http.post(ask_url, json={"text": "Which CNI?"}, headers={**headers, "X-Test-Slow": delay}) as r:
+            body = await r.json()
+            if delay != "0":
+                assert (r.status, body["error"]) == (503, "hold_expired") and "not charged" in body["detail"]
+                assert await _inbox(http, url, expert) == []       # not stored, not delivered
+                balance = await ledger.balance(user_account(asker.username))
+                assert (balance.posted, balance.pending_debits) == (5000, 0)
+            else:
+                assert r.status == 201, body                        # a timely ask is paid and delivered
+                assert await _inbox(http, url, expert) == [body["id"]]
+    assert (await ledger.balance(user_account(asker.username))).posted == 4500
+    assert (await ledger.reconcile()).ok
+
+
+async def test_a_retried_ask_gets_its_question_once_and_pays_once(http, base_url, funded, ledger, settings):
+    """Finding 7 on a route with effects: the retry gets the first 201 (same question), nothing is asked twice."""
+    asker, expert = await funded(5000), await funded(0)
+    await _expert(http, base_url, expert)
+    url = f"{base_url}/v1/experts/{expert.username}/questions"
+    headers = transfer_headers(asker, amount=500, payee_username=settings.payee_username,
+                               payee_address=settings.payee_address, url=url)
+    async with http.post(url, json={"text": "Which CNI?"}, headers=headers) as r:
+        first = await r.json()
+        assert r.status == 201 and REPLAYED not in r.headers
+    async with http.post(url, json={"text": "Which CNI?"}, headers=headers) as r:
+        assert (r.status, r.headers[REPLAYED]) == (201, "true") and await r.json() == first
+        assert r.headers["Location"] == f"/v1/questions/{first['id']}"
+    assert await _inbox(http, base_url, expert) == [first["id"]]
+    assert (await ledger.balance(user_account(asker.username))).posted == 4500
+
+
+async def test_token_idempotency_key_replays_refuses_other_requests_and_needs_the_secret(
+        http, base_url, funded, manifest, ledger):
+    """Finding 7 with tokens (Stripe's model): same key + same request → the first result, uncharged;
+    same key + other request → 422; the token id and key without the secret → 401."""
+    wallet = await funded(1000)
+    token = await _issue_token(http, base_url, wallet)
+    url = f"{base_url}/v1/qa/validate"
+
+    async def pay(body: bytes, auth: str) -> tuple[int, Any, Any]:
+        async with http.post(url, data=body, headers={"Authorization": f"Token {auth}",
+                                                      "Idempotency-Key": "job-42"}) as r:
+            return r.status, await r.json(), r.headers
+
+    status, first, _ = await pay(manifest, token)
+    assert status == 200
+    status, again, headers = await pay(manifest, token)
+    assert (status, again, headers[REPLAYED]) == (200, first, "true")
+    status, body, _ = await pay(manifest.replace(b"settings", b"other"), token)
+    assert (status, body["error"]) == (422, "idempotency_key_reused")
+    token_id = token.split(".")[0]
+    status, body, _ = await pay(manifest, f"{token_id}.{'x' * 32}")
+    assert (status, body["error"]) == (401, "token_invalid")
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
+
+
+async def test_a_retry_while_the_first_is_running_is_409_request_in_progress(aiohttp_server, make_app, http,
+                                                                             funded, ledger, settings):
+    @priced("qa.validate")
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response({"done": True})
+
+    app = make_app()
+    app.router.add_post("/test/slow", slow)
+    server = await aiohttp_server(app)
+    url = f"{str(server.make_url('')).rstrip('/')}/test/slow"
+    wallet = await funded(1000)
+    headers = _headers(wallet, settings, url, amount=100)
+
+    async def send() -> tuple[int, Any, Any]:
+        async with http.post(url, data=b"{}", headers=headers) as r:
+            return r.status, await r.json(), r.headers
+
+    first = asyncio.ensure_future(send())
+    await asyncio.sleep(0.2)
+    status, body, got = await send()
+    assert (status, body["error"], got["Retry-After"]) == (409, "request_in_progress", "1")
+    assert (await first)[:2] == (200, {"done": True})
+    status, body, got = await send()
+    assert (status, body, got[REPLAYED]) == (200, {"done": True}, "true")
+    assert (await ledger.balance(user_account(wallet.username))).posted == 900
