@@ -84,3 +84,44 @@ def reconcile_cli(redis_url: str, prefix: str) -> dict:
     report = json.loads(run.stdout)
     assert report["ok"] and report["sum_of_balances"] == 0, report
     return report
+
+
+class SlowReplies:
+    """A TCP proxy in front of Redis whose replies can be held back for `delay` seconds: commands reach
+    Redis (and run) at once, their answers arrive after the client's timeout (a slow network, a stalled
+    reader). With `only`, just the replies containing those bytes are late (e.g. b"posted": what a capture
+    and a read of its state answer), so pings and new connections' handshakes stay fast and the test is
+    deterministic. `url` is what the server connects to."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.delay = 0.0
+        self.only: bytes = b""
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> "SlowReplies":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if slow and self.delay and (not self.only or self.only in data):
+                        await asyncio.sleep(self.delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))

@@ -15,8 +15,10 @@ import redis.asyncio as aioredis
 
 from service.client import PaidSession, transfer_headers
 from service.ledger import user_account
+from service.payments.bittransfer import transfer_id_of
 from service.redis_server import PrivateRedis, free_port
-from tests.faults.procs import HERE, MANIFEST, PRICE, SLOW_PRICE, Server, ledger_for, reconcile_cli, register_funded
+from tests.faults.procs import (HERE, MANIFEST, PRICE, SLOW_PRICE, Server, SlowReplies, ledger_for, reconcile_cli,
+                                register_funded)
 
 
 @pytest.fixture
@@ -235,3 +237,49 @@ async def test_worker_processes_share_the_port_a_dead_one_is_replaced(tmp_path, 
     finally:
         server.stop()
         await r.aclose()
+
+
+
+async def test_a_capture_whose_reply_is_lost_is_never_reported_as_not_charged(tmp_path, prefix, http, redis_url):
+    """Finding 6: the capture runs in Redis but its reply comes after REDIS_TIMEOUT_MS (the script still
+    runs: the timeout is client-side). The answer used to be 503 "you were not charged" while the payer was
+    charged. Now the transfer is read by id; unreadable, it is 503 payment_outcome_unknown naming the
+    receipt, and a retry with the same transfer gets the paid response, uncharged."""
+    proxy = await SlowReplies(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    server = Server(tmp_path, proxy.url, prefix, script=str(HERE / "slow_server.py"), SLOW_SECONDS="1",
+                    HOLD_TIMEOUT="30", REDIS_TIMEOUT_MS="300")
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 1000)
+        url = f"{server.url}/test/slow"
+        headers = transfer_headers(wallet, amount=SLOW_PRICE, payee_username="microtasks",
+                                   payee_address="tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm", url=url)
+        transfer_id = transfer_id_of(headers["Bitcoin-Transfer"])
+
+        async def call() -> tuple[int, dict, dict]:
+            async with http.post(url, data=b"{}", headers=headers) as resp:
+                return resp.status, await resp.json(), dict(resp.headers)
+
+        async with PaidSession(wallet, max_price=500, session=http) as s:  # one call settles normally first
+            assert (await s.request("POST", url, data=b"{}"))[0] == 200
+        first = asyncio.ensure_future(call())
+        while (await ledger.balance(user_account(wallet.username))).pending_debits == 0:
+            await asyncio.sleep(0.02)
+        proxy.delay, proxy.only = 1.0, b"posted"                    # the capture's reply comes too late
+        status, body, _ = await first
+        proxy.delay = 0.0
+        assert (await ledger.transfer(transfer_id))["state"] == "posted"   # the capture ran: charged
+        assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - 2 * SLOW_PRICE
+        assert (status, body["error"]) == (503, "payment_outcome_unknown"), body
+        assert "you were not charged" not in body["detail"] and f"/v1/receipts/{transfer_id}" in body["detail"]
+        await server.wait("/readyz", timeout=15)
+        status, body, got = await call()                            # the client retries the same transfer
+        assert (status, body, got.get("Idempotent-Replayed")) == (200, {"done": True}, "true")
+        assert got["Payment-Receipt"] == transfer_id
+        assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - 2 * SLOW_PRICE
+        reconcile_cli(redis_url, prefix)
+    finally:
+        await r.aclose()
+        server.stop()
+        await proxy.stop()
