@@ -160,7 +160,8 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 _OPEN = _NOW + """
--- KEYS: acct, accounts-set, journal. ARGV: name, kind, nonneg, meta k/v pairs...
+-- KEYS[1] acct hash, [2] accounts set, [3] journal. ARGV[1] name, [2] kind, [3] nonneg (1|0),
+--     [4..] meta key/value pairs (stored as meta:<key>). Returns {'ok'} | {'exists'} (nothing changes)
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 redis.call('HSET', KEYS[1], 'name', ARGV[1], 'kind', ARGV[2], 'nonneg', ARGV[3],
   'dp', 0, 'cp', 0, 'dpend', 0, 'cpend', 0, 'created', now_ms)
@@ -388,7 +389,8 @@ return {'ok'}
 """
 
 _SNAPSHOT = """
--- KEYS: accounts-set, journal. Returns the journal's last id and every account's counters, atomically.
+-- KEYS[1] accounts set, [2] journal. ARGV[1] the account key prefix ('{tag}:acct:'). Read-only.
+-- Returns {journal's last id ('0-0' when empty), name, dp, cp, dpend, cpend, name, ...}, atomically.
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local out = {last[1] and last[1][1] or '0-0'}
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
