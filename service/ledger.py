@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class Outcome(str, enum.Enum):
     GUARDED = "guarded"                # the guard's forbidden field is set (e.g. the question is closed)
     CLAIMED = "claimed"                # the guard's claim field is taken (e.g. this member was paid)
     LOCKED = "locked"                  # the hold is locked by another owner (e.g. a withdrawal batch)
+    KEY_USED = "key_used"              # the payer's Idempotency-Key is bound to another transfer
     LIMIT = "counter_limit"            # a lifetime counter would pass MAX_COUNTER (2^53 - 1): refused, exact
 
 
@@ -185,13 +187,16 @@ _TRANSFER = _NOW + _MAX + """
 -- transfer changes nothing (no account opened, no journal entry).
 -- KEYS[1] xfer hash, [2] debit acct, [3] credit acct, [4] pending zset, [5] journal, [6] debit history,
 --     [7] credit history, [8] token hash ('{tag}:token:-' when not paid by token), [9] guard hash
---     ('{tag}:guard:-' without a guard), [10] accounts set (a credit account opened here joins it)
+--     ('{tag}:guard:-' without a guard), [10] accounts set (a credit account opened here joins it),
+--     [11] idempotency-key record ('{tag}:idem:-' without one)
 -- ARGV[1] id, [2] debit, [3] credit, [4] amount (integer sat, or '*' = all the debit account has),
 --     [5] mode (post|pend), [6] timeout_s (pend), [7] require_pubkey ('' = any), [8] meta (JSON object),
 --     [9] token secret hash ('' = not paid by token), [10] resource path (the token's route caveat),
 --     [11] guard: field that must be absent, [12] guard: field to claim, [13] claim value,
---     [14] kind to open the credit account with when it does not exist ('' = it must exist)
--- Returns {'ok', state, amount} | {'replayed', field, value, ...} (the first transfer) | {outcome}: one of
+--     [14] kind to open the credit account with when it does not exist ('' = it must exist),
+--     [15] '1' = bind KEYS[11] to this transfer when it applies ('' = no key), [16] the binding's TTL in s
+-- Returns {'ok', state, amount} | {'replayed', field, value, ...} (the first transfer) |
+--     {'key_used', first transfer id} (KEYS[11] names another transfer) | {outcome}: one of
 --     same_account, token_invalid, token_revoked, token_expired, token_max_per_call, token_route,
 --     token_max_total, no_debit_account, pubkey_mismatch, no_credit_account, nothing, guarded, claimed,
 --     insufficient, counter_limit (a counter would pass 2^53 - 1: amounts stay exact integers in Lua's doubles)
@@ -224,6 +229,10 @@ end
 local d = redis.call('HMGET', KEYS[2], 'nonneg', 'dp', 'cp', 'dpend', 'meta:pubkey', 'kind')
 if not d[1] then return {'no_debit_account'} end
 if ARGV[7] ~= '' and d[5] ~= ARGV[7] then return {'pubkey_mismatch'} end
+if ARGV[15] == '1' then  -- after the payer's key check: only the payer may read what the key bought
+  local first = redis.call('GET', KEYS[11])
+  if first and first ~= ARGV[1] then return {'key_used', first} end
+end
 local c = redis.call('HMGET', KEYS[3], 'kind', 'dp', 'cp', 'dpend', 'cpend')
 local credit_kind, open_credit = c[1], false
 if not credit_kind and ARGV[14] ~= '' then  -- an escrow opened by its first payment (written below, if paid)
@@ -253,6 +262,7 @@ if open_credit then
   redis.call('XADD', KEYS[5], '*', 'op', 'open', 'account', ARGV[3], 'kind', credit_kind, 'ts', now_ms)
 end
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[9], ARGV[12], ARGV[13]) end
+if ARGV[15] == '1' then redis.call('SET', KEYS[11], ARGV[1], 'EX', ARGV[16]) end
 local state, op, expires = 'posted', 'post', 0
 if ARGV[5] == 'pend' then
   state, op = 'pending', 'pend'
@@ -434,6 +444,9 @@ class Ledger:
     def _xfer(self, transfer_id: str) -> str:
         return f"{self.tag}:xfer:{transfer_id}"
 
+    def _idem(self, payer: str, key: str) -> str:
+        return f"{self.tag}:idem:{payer}:{hashlib.sha256(key.encode()).hexdigest()}"
+
     def _resp(self, transfer_id: str) -> str:
         return f"{self.tag}:resp:{transfer_id}"
 
@@ -510,22 +523,24 @@ class Ledger:
     async def hold(
         self, transfer_id: str, debit: str, credit: str, amount: int, *, timeout: int,
         require_pubkey: str = "", token: TokenSpend | None = None, open_credit: AccountKind | None = None,
-        **meta: str,
+        idempotency: tuple[str, str, int] | None = None, **meta: str,
     ) -> Result:
         """Reserve `amount` as a pending transfer (atomic, idempotent by id).
 
         With `require_pubkey`, the debit account's registered key must equal it; with `token`, the
         token must be the debit account's, unrevoked, unexpired, allow this path and price, and have
         `amount` left under max_total. All checked in the same script as the balance, so concurrent
-        payments can never overspend a token or race a key change.
+        payments can never overspend a token or race a key change. With `idempotency` (payer, key, ttl)
+        the key is bound to this transfer when it applies; a key bound to another transfer is KEY_USED
+        (`transfer["id"]` names the first).
         """
         return await self._run_transfer(transfer_id, debit, credit, amount, "pend", timeout, require_pubkey,
-                                        token, meta, open_credit=open_credit)
+                                        token, meta, open_credit=open_credit, idempotency=idempotency)
 
     async def _run_transfer(
         self, transfer_id: str, debit: str, credit: str, amount: int | str, mode: str, timeout: int,
         require_pubkey: str, token: TokenSpend | None, meta: dict[str, str], guard: Guard | None = None,
-        open_credit: AccountKind | None = None,
+        open_credit: AccountKind | None = None, idempotency: tuple[str, str, int] | None = None,
     ) -> Result:
         valid = amount == ALL and mode == "post" and token is None
         if not valid and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
@@ -535,17 +550,21 @@ class Ledger:
         args: list[Any] = [transfer_id, debit, credit, amount, mode, timeout, require_pubkey, json.dumps(meta),
                            token.secret_hash if token else "", token.path if token else "",
                            guard.forbid if guard else "", guard.claim if guard else "", guard.value if guard else "",
-                           open_credit.value if open_credit else ""]
+                           open_credit.value if open_credit else "", "1" if idempotency else "",
+                           max(1, int(idempotency[2])) if idempotency else 0]
         res = await self._batch.call(
             self._transfer,
             [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending,
              self.journal_key, self._hist(debit), self._hist(credit), self._token(token.token_id if token else "-"),
-             guard.key if guard else f"{self.tag}:guard:-", self._accounts],
+             guard.key if guard else f"{self.tag}:guard:-", self._accounts,
+             self._idem(*idempotency[:2]) if idempotency else f"{self.tag}:idem:-"],
             args,
         )
         outcome = Outcome(_s(res[0]))
         if outcome is Outcome.REPLAYED:
             return Result(outcome, _decode_transfer(_pairs(res[1:])))
+        if outcome is Outcome.KEY_USED:
+            return Result(outcome, {"id": _s(res[1])})
         if len(res) > 2:
             return Result(outcome, {"id": transfer_id, "state": _s(res[1]), "amount": int(res[2])})
         return Result(outcome, {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})

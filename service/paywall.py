@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -30,8 +31,8 @@ from redis.exceptions import RedisError
 from . import protocol as P
 from .challenge import render_402
 from .config import Settings
-from .errors import (ApiError, Conflict, Forbidden, PaymentRequired, ServiceUnavailable, Unauthorized,
-                     Unprocessable)
+from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired, ServiceUnavailable,
+                     Unauthorized, Unprocessable)
 from . import metrics
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
 from .payments import KeepsFailedPayments, Payment, PaymentMethod
@@ -60,6 +61,7 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
     Outcome.TOKEN_MAX_TOTAL: (Forbidden, "token_max_total", "this token's max_total would be exceeded"),
     Outcome.LIMIT: (Conflict, "counter_limit", "an account's lifetime counter would pass 2^53 - 1 sat; refused"),
 }
+_IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _KEPT_HEADERS = ("Content-Type", "Location", P.PAYMENT_RECEIPT, P.PAYMENT_RESPONSE)
 
 
@@ -146,11 +148,16 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
     debit = payment.debit or user_account(payment.payer)
     hold = Hold(payment.transfer_id, debit, quote.credit or REVENUE, int(quote.amount), token_id)
     deadline = time.time() + settings.hold_timeout
+    key = request.headers.get(P.IDEMPOTENCY_KEY)
+    if key is not None and not _IDEMPOTENCY_RE.match(key):
+        raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
+    # a signed transfer is its own key; with Idempotency-Key, a re-signed retry finds the first one too
+    bind = (payment.payer, key, settings.idempotency_ttl) if key and payment.payer and payment.token is None else None
     result = await ledger.hold(
         hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
         require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
         open_credit=AccountKind.ESCROW if hold.credit.startswith("escrow:") else None,
-        method=payment.method, request_hash=quote.request_hash,
+        method=payment.method, request_hash=quote.request_hash, idempotency=bind,
     )
     if result.outcome is Outcome.APPLIED:
         # a token payment without Idempotency-Key has a random id: nobody can retry it
@@ -158,6 +165,9 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
         return Settlement(payment, hold, method, deadline, replayable)
     if result.outcome is Outcome.REPLAYED:
         raise _Replayed(result.transfer)
+    if result.outcome is Outcome.KEY_USED:
+        first = await ledger.transfer(result.transfer["id"])
+        raise _Replayed(first or result.transfer)
     error_type, code, detail = _HOLD_ERRORS.get(
         result.outcome, (Unauthorized, result.outcome.value, "the payment was refused"))
     raise error_type(code, detail)

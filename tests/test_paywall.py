@@ -505,3 +505,33 @@ async def test_a_retry_while_the_first_is_running_is_409_request_in_progress(aio
     status, body, got = await send()
     assert (status, body, got[REPLAYED]) == (200, {"done": True}, "true")
     assert (await ledger.balance(user_account(wallet.username))).posted == 900
+
+
+async def test_idempotency_key_finds_the_first_result_for_a_re_signed_transfer(http, base_url, manifest, funded,
+                                                                               ledger, settings):
+    """Finding 7 with BitTransfer: the client lost the response and signs a new transfer for the retry;
+    with the same Idempotency-Key it gets the first result and pays once. Only the payer's own key may
+    read it: a transfer naming the payer but signed by another key is refused (401 pubkey_mismatch)."""
+    wallet, mallory = await funded(1000), await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    key = {"Idempotency-Key": "deploy-7"}
+    async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url), **key}) as r:
+        assert r.status == 200
+        first, receipt = await r.json(), r.headers["Payment-Receipt"]
+    async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url), **key}) as r:
+        assert (r.status, r.headers[REPLAYED], r.headers["Payment-Receipt"]) == (200, "true", receipt)
+        assert await r.json() == first
+    other = manifest.replace(b"settings", b"other")
+    async with http.post(url, data=other, headers={**_headers(wallet, settings, url), **key}) as r:
+        assert (r.status, (await r.json())["error"]) == (422, "idempotency_key_reused")
+    forged = _headers(mallory, settings, url, payer=wallet.username)  # mallory's key, the victim's name
+    async with http.post(url, data=manifest, headers={**forged, **key}) as r:
+        assert (r.status, (await r.json())["error"]) == (401, "pubkey_mismatch")
+    async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url),
+                                                      "Idempotency-Key": "deploy-8"}) as r:
+        assert r.status == 200 and REPLAYED not in r.headers   # a new key is a new call
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - 2 * PRICE_ONE_DOC
+    assert (await ledger.balance(user_account(mallory.username))).posted == 1000
+    async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url),
+                                                      "Idempotency-Key": "bad key"}) as r:
+        assert (r.status, (await r.json())["error"]) == (400, "malformed_idempotency_key")
