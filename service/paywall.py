@@ -153,12 +153,17 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
         raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
     # a signed transfer is its own key; with Idempotency-Key, a re-signed retry finds the first one too
     bind = (payment.payer, key, settings.idempotency_ttl) if key and payment.payer and payment.token is None else None
-    result = await ledger.hold(
-        hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
-        require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
-        open_credit=AccountKind.ESCROW if hold.credit.startswith("escrow:") else None,
-        method=payment.method, request_hash=quote.request_hash, idempotency=bind,
-    )
+    try:
+        result = await ledger.hold(
+            hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
+            require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
+            open_credit=AccountKind.ESCROW if hold.credit.startswith("escrow:") else None,
+            method=payment.method, request_hash=quote.request_hash, idempotency=bind,
+        )
+    except RedisError as exc:  # the hold may still apply, but nothing captures it: the sweeper voids it
+        log.error("hold_ambiguous", transfer=hold.id, error=str(exc))
+        raise ServiceUnavailable("ledger_unavailable", "the ledger cannot be reached; nothing was charged (a "
+                                 "hold, if it was taken, is released at its timeout)", headers={"Retry-After": "1"})
     if result.outcome is Outcome.APPLIED:
         # a token payment without Idempotency-Key has a random id: nobody can retry it
         replayable = payment.token is None or P.IDEMPOTENCY_KEY in request.headers

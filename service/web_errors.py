@@ -36,7 +36,8 @@ async def error_middleware(
                           {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except RedisError as exc:
         log.error("redis_unavailable", error=str(exc))
-        return json_error(503, "ledger_unavailable", "the ledger cannot be reached; nothing was charged",
+        return json_error(503, "ledger_unavailable", "the ledger cannot be reached or answered too late; if this "
+                          "request moves money, look at your account (GET /v1/accounts/me) before retrying",
                           {"Retry-After": "1"})
     except Exception:
         log.exception("unhandled_error")
