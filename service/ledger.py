@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
 from .redis_client import ScriptBatcher
 
@@ -631,6 +631,14 @@ class Ledger:
         except TimeoutError:
             raise RedisTimeoutError(f"no reply from Redis within {self._batch.timeout} s") from None
         return _s(value) if value is not None else None
+
+    async def state_after_doubt(self, transfer_id: str) -> str:
+        """After an ambiguous reply (timeout, lost connection: the script may still run), what became of
+        the transfer: pending | posted | voided | absent, or unknown when it cannot be read either."""
+        try:
+            return await self.state_of(transfer_id) or "absent"
+        except RedisError:
+            return "unknown"
 
     async def store_response(self, transfer_id: str, response: str, ttl: int) -> None:
         """Keep a paid response for retries (when the hold was captured before the response existed)."""

@@ -4,15 +4,17 @@ operator's offline signer; batching locks the hold (it can no longer expire or b
 hold is posted when the batch is broadcast, voided if cancelled or expired before batching."""
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from .bitcoin import DUST_LIMIT, valid_address
-from .errors import Conflict, NotFound, PaymentRequired, Unprocessable
-from .ledger import BITCOIN, Hold, Ledger, Outcome, user_account
+from .errors import Conflict, NotFound, PaymentRequired, ServiceUnavailable, Unprocessable
+from .ledger import BITCOIN, Hold, Ledger, Outcome, Result, user_account
 
 __all__ = ["Payouts", "charity_account"]
 
@@ -36,6 +38,7 @@ class Payouts:
         self.tag = "{" + prefix + "}"
         self.hold_seconds = hold_days * 86400
         self.minimum_withdrawal = minimum_withdrawal
+        self._orphans: set[asyncio.Future] = set()  # background releases of holds without a withdrawal
 
     def _k(self, *parts: str) -> str:
         return ":".join([self.tag, *parts])
@@ -81,20 +84,57 @@ class Payouts:
             raise Unprocessable("validation_error", {"amount": [f"at least {max(self.minimum_withdrawal, DUST_LIMIT)} sat"]})
         await self.refuse_if_frozen(username)
         wd_id = f"wd_{secrets.token_hex(8)}"
-        result = await self.ledger.hold(wd_id, user_account(username), BITCOIN, amount, timeout=self.hold_seconds,
-                                        reason=f"withdrawal to {address}")
+        hold = Hold(wd_id, user_account(username), BITCOIN, amount)
+        try:
+            result = await self.ledger.hold(wd_id, hold.debit, BITCOIN, amount, timeout=self.hold_seconds,
+                                            reason=f"withdrawal to {address}")
+        except RedisError:  # the hold may still apply: go on only if the ledger says it did
+            state = await self.ledger.state_after_doubt(wd_id)
+            if state != "pending":
+                raise self._not_withdrawn(hold, state) from None
+            result = Result(Outcome.APPLIED)
         if result.outcome is Outcome.INSUFFICIENT:
             raise PaymentRequired("insufficient_funds", "the amount exceeds your available balance")
         if not result.ok:
             raise Conflict(result.outcome.value, "the withdrawal could not be held")
         record = {"id": wd_id, "user": username, "amount": amount, "address": address, "state": "queued",
                   "created": int(time.time())}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._k("wd", wd_id), mapping=record)
-            pipe.zadd(self._k("wd", "queue"), {wd_id: record["created"]})
-            pipe.zadd(self._k("wd", "of", username), {wd_id: record["created"]})
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._k("wd", wd_id), mapping=record)
+                pipe.zadd(self._k("wd", "queue"), {wd_id: record["created"]})
+                pipe.zadd(self._k("wd", "of", username), {wd_id: record["created"]})
+                await pipe.execute()
+        except RedisError:  # queued or not: the background check keeps it, or releases the hold
+            raise self._not_withdrawn(hold, "unknown") from None
         return await self.get(wd_id, username)
+
+    def _not_withdrawn(self, hold: Hold, state: str) -> ServiceUnavailable:
+        """A withdrawal the ledger did not confirm: nothing is sent unless it was queued; a hold taken
+        without a queued withdrawal is released in the background as soon as the ledger answers."""
+        if state == "absent":
+            return ServiceUnavailable("ledger_unavailable", "the ledger did not answer; nothing was held or "
+                                      "withdrawn; retry", headers={"Retry-After": "1"})
+        self._orphans.add(asyncio.ensure_future(self._release_orphan(hold)))
+        return ServiceUnavailable(
+            "withdrawal_outcome_unknown",
+            f"the ledger did not confirm withdrawal {hold.id}; if GET /v1/accounts/me lists it, it is queued; "
+            f"otherwise nothing is sent and any amount held for it is released as soon as the ledger answers",
+            headers={"Retry-After": "1"})
+
+    async def _release_orphan(self, hold: Hold, tries: int = 120) -> None:
+        """Void a withdrawal hold that has no queued withdrawal record (the request failed midway)."""
+        try:
+            for _ in range(tries):
+                try:
+                    if await self.redis.exists(self._k("wd", hold.id)):
+                        return  # it was queued after all: a real withdrawal
+                    await self.ledger.void(hold, "withdrawal not queued")
+                    return  # voided, or nothing to void (never held, or resolved already)
+                except RedisError:
+                    await asyncio.sleep(1)
+        finally:
+            self._orphans.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def is_ours(self, address: str) -> bool:
         """Paying our own invoice, deposit or change address would come back as a deposit: the batch fee

@@ -240,13 +240,12 @@ async def _capture(ledger: Ledger, paid: Settlement, record: str = "", ttl: int 
     raise _unknown(hold.id)
 
 
-async def _state_after_doubt(ledger: Ledger, transfer_id: str) -> str | None:
+async def _state_after_doubt(ledger: Ledger, transfer_id: str) -> str:
     """The transfer's state read by id after an ambiguous reply; 'unknown' when it cannot be read."""
-    try:
-        return await ledger.state_of(transfer_id) or "absent"
-    except RedisError as exc:
-        log.error("state_unreadable", transfer=transfer_id, error=str(exc))
-        return "unknown"
+    state = await ledger.state_after_doubt(transfer_id)
+    if state == "unknown":
+        log.error("state_unreadable", transfer=transfer_id)
+    return state
 
 
 def _expired() -> ServiceUnavailable:

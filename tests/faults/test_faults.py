@@ -283,3 +283,40 @@ async def test_a_capture_whose_reply_is_lost_is_never_reported_as_not_charged(tm
         await r.aclose()
         server.stop()
         await proxy.stop()
+
+
+async def test_a_withdrawal_hold_whose_reply_is_lost_is_released_not_left_for_days(tmp_path, prefix, http,
+                                                                                     redis_url):
+    """Finding 6 for withdrawals: the hold ran in Redis but neither its reply nor a read of its state came
+    back in time. The answer is 503 withdrawal_outcome_unknown (not "nothing was charged"), no withdrawal is
+    queued, and the held amount is released as soon as the ledger answers, not after WITHDRAWAL_HOLD_DAYS."""
+    proxy = await SlowReplies(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    server = Server(tmp_path, proxy.url, prefix, REDIS_TIMEOUT_MS="300")
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 50_000)
+        async with PaidSession(wallet, session=http) as s:  # one withdrawal goes through first
+            status, body = await s.signed("POST", f"{server.url}/v1/accounts/me/withdrawals",
+                                          {"amount": 10_000, "address": "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm"})
+            assert status == 201, body
+            proxy.delay, proxy.only = 1.0, b"pending"          # the next hold's reply comes too late
+            status, body = await s.signed("POST", f"{server.url}/v1/accounts/me/withdrawals",
+                                          {"amount": 20_000, "address": "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm"})
+            proxy.delay = 0.0
+        assert (status, body["error"]) == (503, "withdrawal_outcome_unknown"), body
+        assert "nothing was charged" not in body["detail"]
+        deadline = time.monotonic() + 15
+        while (await ledger.balance(user_account(wallet.username))).pending_debits != 10_000:
+            assert time.monotonic() < deadline, "the orphaned withdrawal hold was not released"
+            await asyncio.sleep(0.2)
+        async with PaidSession(wallet, session=http) as s:
+            status, me = await s.signed_get(f"{server.url}/v1/accounts/me")
+        assert [w["amount"] for w in me["withdrawals"]] == [10_000]
+        balance = await ledger.balance(user_account(wallet.username))
+        assert (balance.posted, balance.available) == (50_000, 40_000)
+        reconcile_cli(redis_url, prefix)
+    finally:
+        await r.aclose()
+        server.stop()
+        await proxy.stop()
