@@ -22,11 +22,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from . import metrics, tasks, webhooks
-from .errors import Conflict, Forbidden, NotFound, Unprocessable
+from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .inputs import identifier
-from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
+from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, Result, user_account
 from .payouts import Payouts, charity_account
 
 __all__ = ["Experts", "CHARITIES"]
@@ -245,10 +246,22 @@ class Experts:
         now = int(time.time() * 1000)
         record = {"by": username, "text": text, "answers": answers, "at": now / 1000,
                   "paid": int(q["price_each"]), "paid_to": credit}
-        result = await self.ledger.post(
-            f"xp:{qid}:pay:{username}", self.escrow(qid), credit, int(q["price_each"]),
-            guard=Guard(self._k("q", qid), forbid="closed", claim=f"reply:{username}", value=json.dumps(record)),
-            reason=f"reply to question {qid}")
+        pay_id = f"xp:{qid}:pay:{username}"
+        try:
+            result = await self.ledger.post(
+                pay_id, self.escrow(qid), credit, int(q["price_each"]),
+                guard=Guard(self._k("q", qid), forbid="closed", claim=f"reply:{username}", value=json.dumps(record)),
+                reason=f"reply to question {qid}")
+        except RedisError:  # the script may still run: go on only if the ledger says this reply was paid
+            state = await self.ledger.state_after_doubt(pay_id)
+            if state == "absent":
+                raise ServiceUnavailable("ledger_unavailable", "the ledger did not answer; the reply was not "
+                                         "stored or paid; retry", headers={"Retry-After": "1"}) from None
+            if state != "posted":
+                raise ServiceUnavailable("reply_outcome_unknown", "the ledger did not confirm the reply; retry the "
+                                         "same reply: it is stored and paid at most once (409 already_replied "
+                                         "means it was)", headers={"Retry-After": "1"}) from None
+            result = Result(Outcome.APPLIED)
         if result.outcome in (Outcome.CLAIMED, Outcome.REPLAYED):
             raise Conflict("already_replied", "you replied to this question already (and were paid once)")
         if result.outcome is Outcome.GUARDED:

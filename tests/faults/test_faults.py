@@ -3,6 +3,7 @@ graceful stop with a paid call in flight. Real processes, real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -315,6 +316,41 @@ async def test_a_withdrawal_hold_whose_reply_is_lost_is_released_not_left_for_da
         assert [w["amount"] for w in me["withdrawals"]] == [10_000]
         balance = await ledger.balance(user_account(wallet.username))
         assert (balance.posted, balance.available) == (50_000, 40_000)
+        reconcile_cli(redis_url, prefix)
+    finally:
+        await r.aclose()
+        server.stop()
+        await proxy.stop()
+
+
+async def test_a_reply_whose_payment_reply_is_lost_is_not_reported_as_unpaid(tmp_path, prefix, http, redis_url):
+    """Finding 6 for escrow payouts: the expert's reply was paid from the escrow in Redis, but the answer
+    came too late. The expert is told the outcome is unknown (not "nothing was charged"), and retrying the
+    same reply is safe: paid once (409 already_replied)."""
+    proxy = await SlowReplies(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    server = Server(tmp_path, proxy.url, prefix, REDIS_TIMEOUT_MS="300")
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await server.wait("/readyz")
+        asker, expert = await register_funded(http, server.url, 5000), await register_funded(http, server.url, 1)
+        async with PaidSession(expert, session=http) as s:
+            status, body = await s.signed("PUT", f"{server.url}/v1/experts/me",
+                                          {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
+            assert status == 200, body
+        async with PaidSession(asker, max_price=1000, session=http) as s:
+            status, q, _ = await s.request("POST", f"{server.url}/v1/experts/{expert.username}/questions",
+                                           data=json.dumps({"text": "CNI?"}),
+                                           headers={"Content-Type": "application/json"})
+            assert status == 201, q
+        async with PaidSession(expert, session=http) as s:
+            proxy.delay, proxy.only = 1.0, b"posted"           # the payment's answer comes too late
+            status, body = await s.signed("POST", f"{server.url}/v1/questions/{q['id']}/reply", {"text": "Cilium"})
+            proxy.delay = 0.0
+            assert (status, body["error"]) == (503, "reply_outcome_unknown"), body
+            assert (await ledger.balance(user_account(expert.username))).posted == 501   # it was paid
+            status, body = await s.signed("POST", f"{server.url}/v1/questions/{q['id']}/reply", {"text": "Cilium"})
+            assert (status, body["error"]) == (409, "already_replied")
+        assert (await ledger.balance(user_account(expert.username))).posted == 501       # once
         reconcile_cli(redis_url, prefix)
     finally:
         await r.aclose()
