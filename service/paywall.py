@@ -74,10 +74,11 @@ class Settlement:
     method: PaymentMethod
     deadline: float       # unix s; the ledger's own deadline is later (it starts when the hold applies)
     replayable: bool      # the payment id can come again (signed transfer, tx, Idempotency-Key)
-    state: str = "held"
+    state: str = "held"   # held → captured | voided | unknown (not confirmed) → refunded
 
 
 SETTLEMENT = web.RequestKey("settlement", Settlement)
+_BACKGROUND: set[asyncio.Future] = set()  # settlements finished after the answer (ambiguous commits)
 
 
 class _Replayed(Exception):
@@ -138,8 +139,14 @@ async def commit(request: web.Request) -> None:
     queueing): raises 503 `hold_expired` (not charged; do nothing) or `payment_outcome_unknown`.
     Afterwards the paywall does not capture again. No-op on unpriced or already committed requests."""
     paid = request.get(SETTLEMENT)
-    if paid is not None and paid.state == "held":
+    if paid is None or paid.state != "held":
+        return
+    try:
         await _capture(request.app[LEDGER], paid)
+    except ServiceUnavailable:
+        if paid.state == "unknown":  # nothing will be done: the paywall voids or refunds it later
+            raise _unknown(paid.hold.id, done=False) from None
+        raise
 
 
 async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, quote: Quote) -> Settlement:
@@ -237,6 +244,7 @@ async def _capture(ledger: Ledger, paid: Settlement, record: str = "", ttl: int 
         log.warning("capture_refused", transfer=hold.id)
         await _void(ledger, paid, "expired")  # books on-chain money for a refund (KeepsFailedPayments)
         raise _expired()
+    paid.state = "unknown"
     raise _unknown(hold.id)
 
 
@@ -253,13 +261,15 @@ def _expired() -> ServiceUnavailable:
                                               "and nothing was done", headers={"Retry-After": "1"})
 
 
-def _unknown(transfer_id: str) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "payment_outcome_unknown",
-        f"the ledger did not confirm the payment in time; it may have been captured. Look it up with "
-        f"GET /v1/receipts/{transfer_id} (state posted: charged, voided: not charged), or retry with the same "
-        f"payment: a captured call answers with its result and is not charged again",
-        headers={"Retry-After": "1"})
+def _unknown(transfer_id: str, done: bool = True) -> ServiceUnavailable:
+    if not done:  # a commit before the handler's effects: nothing was done, so nothing stays charged
+        detail = (f"the ledger did not confirm the payment in time and nothing was done; if it was captured it is "
+                  f"refunded (refund_{transfer_id}) as soon as the ledger answers: GET /v1/receipts/{transfer_id}")
+    else:
+        detail = (f"the ledger did not confirm the payment in time; it may have been captured. Look it up with "
+                  f"GET /v1/receipts/{transfer_id} (state posted: charged, voided: not charged), or retry with the "
+                  f"same payment: a captured call answers with its result and is not charged again")
+    return ServiceUnavailable("payment_outcome_unknown", detail, headers={"Retry-After": "1"})
 
 
 async def _undo(ledger: Ledger, paid: Settlement, reason: str, effects_known: bool = True) -> None:
@@ -268,12 +278,40 @@ async def _undo(ledger: Ledger, paid: Settlement, reason: str, effects_known: bo
     if paid.state == "held":
         await _void(ledger, paid, reason)
         return
+    if paid.state == "unknown":  # a commit the ledger did not confirm, and the handler did nothing
+        task = asyncio.ensure_future(_settle_uncommitted(ledger, paid, reason))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+        return
     if paid.state != "captured":
         return
     if not effects_known:
         log.error("failed_after_capture", transfer=paid.hold.id, reason=reason)
         raise _unknown(paid.hold.id)
     await _refund(ledger, paid, reason)
+
+
+async def _settle_uncommitted(ledger: Ledger, paid: Settlement, reason: str, tries: int = 240) -> None:
+    """Charged only if served: once the ledger answers, void the hold, or refund it if the unconfirmed
+    capture did apply (the handler stopped before its effects)."""
+    for _ in range(tries):
+        state = await ledger.state_after_doubt(paid.hold.id)
+        try:
+            if state == "pending":  # a capture still in flight may win the race: read again after
+                await ledger.void(paid.hold, reason)
+                continue
+            if state == "posted":
+                await _refund(ledger, paid, reason)
+                return
+            if state in ("voided", "absent"):
+                paid.state = "voided"
+                if isinstance(paid.method, KeepsFailedPayments):
+                    await paid.method.on_void(ledger, paid.payment)
+                return
+        except (RedisError, ApiError) as exc:
+            log.warning("settle_retry", transfer=paid.hold.id, error=str(exc))
+        await asyncio.sleep(0.5)
+    log.error("settle_gave_up", transfer=paid.hold.id)
 
 
 async def _refund(ledger: Ledger, paid: Settlement, reason: str) -> None:

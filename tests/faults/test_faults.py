@@ -356,3 +356,45 @@ async def test_a_reply_whose_payment_reply_is_lost_is_not_reported_as_unpaid(tmp
         await r.aclose()
         server.stop()
         await proxy.stop()
+
+
+async def test_an_ask_whose_commit_is_not_confirmed_is_not_stored_and_ends_uncharged(tmp_path, prefix, http,
+                                                                                     redis_url):
+    """Finding 6 on a route with effects: the ask's capture (made before storing the question) ran in Redis
+    but its answer came too late. Nothing is stored; the answer says so and that a capture is refunded;
+    once the ledger answers, the asker has every satoshi back (charged only if served)."""
+    proxy = await SlowReplies(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    server = Server(tmp_path, proxy.url, prefix, REDIS_TIMEOUT_MS="300")
+    ledger, r = await ledger_for(redis_url, prefix)
+    try:
+        await server.wait("/readyz")
+        asker, expert = await register_funded(http, server.url, 5000), await register_funded(http, server.url, 1)
+        async with PaidSession(expert, session=http) as s:
+            status, body = await s.signed("PUT", f"{server.url}/v1/experts/me",
+                                          {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
+            assert status == 200, body
+        url = f"{server.url}/v1/experts/{expert.username}/questions"
+        async with PaidSession(asker, max_price=1000, session=http) as s:  # one ask settles normally first
+            status, first, _ = await s.request("POST", url, data=json.dumps({"text": "CNI?"}),
+                                               headers={"Content-Type": "application/json"})
+            assert status == 201, first
+            proxy.delay, proxy.only = 1.0, b"posted"           # the capture's answer comes too late
+            status, body, _ = await s.request("POST", url, data=json.dumps({"text": "CSI?"}),
+                                              headers={"Content-Type": "application/json"})
+            proxy.delay = 0.0
+        assert (status, body["error"]) == (503, "payment_outcome_unknown"), body
+        assert "nothing was done" in body["detail"]
+        deadline = time.monotonic() + 15
+        while (await ledger.balance(user_account(asker.username))).available != 4500:
+            assert time.monotonic() < deadline, "the unconfirmed capture was neither voided nor refunded"
+            await asyncio.sleep(0.2)
+        journal = [e for _, e in await r.xrange(ledger.journal_key)]
+        assert [e["op"] for e in journal if e.get("id", "").startswith("refund_bt_")] == ["post"]  # it was captured
+        async with PaidSession(expert, session=http) as s:
+            status, inbox = await s.signed("GET", f"{server.url}/v1/experts/me/questions")
+        assert [q["id"] for q in inbox["questions"]] == [first["id"]]
+        reconcile_cli(redis_url, prefix)
+    finally:
+        await r.aclose()
+        server.stop()
+        await proxy.stop()
