@@ -261,8 +261,13 @@ def _expired() -> ServiceUnavailable:
                                               "and nothing was done", headers={"Retry-After": "1"})
 
 
-def _unknown(transfer_id: str, done: bool = True) -> ServiceUnavailable:
-    if not done:  # a commit before the handler's effects: nothing was done, so nothing stays charged
+def _unknown(transfer_id: str, done: bool | None = True) -> ServiceUnavailable:
+    """done: the call's result is kept with the capture; False: nothing was done (a capture is refunded);
+    None: charged, but the handler failed after its effects began (their outcome is unknown)."""
+    if done is None:
+        detail = (f"the payment was captured (GET /v1/receipts/{transfer_id}) but the request failed after it "
+                  f"started its effects; look at the resource before retrying with a new payment")
+    elif not done:  # a commit before the handler's effects: nothing was done, so nothing stays charged
         detail = (f"the ledger did not confirm the payment in time and nothing was done; if it was captured it is "
                   f"refunded (refund_{transfer_id}) as soon as the ledger answers: GET /v1/receipts/{transfer_id}")
     else:
@@ -279,16 +284,25 @@ async def _undo(ledger: Ledger, paid: Settlement, reason: str, effects_known: bo
         await _void(ledger, paid, reason)
         return
     if paid.state == "unknown":  # a commit the ledger did not confirm, and the handler did nothing
-        task = asyncio.ensure_future(_settle_uncommitted(ledger, paid, reason))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
+        _settle_later(ledger, paid, reason)
         return
     if paid.state != "captured":
         return
     if not effects_known:
         log.error("failed_after_capture", transfer=paid.hold.id, reason=reason)
-        raise _unknown(paid.hold.id)
-    await _refund(ledger, paid, reason)
+        raise _unknown(paid.hold.id, done=None)
+    try:
+        await _refund(ledger, paid, reason)
+    except ServiceUnavailable:  # not confirmed: refunded in the background once the ledger answers
+        paid.state = "unknown"
+        _settle_later(ledger, paid, reason)
+        raise _unknown(paid.hold.id, done=False) from None
+
+
+def _settle_later(ledger: Ledger, paid: Settlement, reason: str) -> None:
+    task = asyncio.ensure_future(_settle_uncommitted(ledger, paid, reason))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 async def _settle_uncommitted(ledger: Ledger, paid: Settlement, reason: str, tries: int = 240) -> None:

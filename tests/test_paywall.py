@@ -535,3 +535,31 @@ async def test_idempotency_key_finds_the_first_result_for_a_re_signed_transfer(h
     async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url),
                                                       "Idempotency-Key": "bad key"}) as r:
         assert (r.status, (await r.json())["error"]) == (400, "malformed_idempotency_key")
+
+
+async def test_a_handler_that_refuses_after_committing_refunds_the_payer(aiohttp_server, make_app, http, funded,
+                                                                         ledger, settings):
+    """commit() captures before the effects; a handler that then refuses (an ApiError, no effect) gets the
+    payer's money back by a compensating transfer: charged only if served."""
+    from service.errors import Conflict
+    from service.paywall import commit
+
+    @priced("qa.validate")
+    async def refuses(request: web.Request) -> web.Response:
+        await commit(request)
+        raise Conflict("too_late", "refused after the capture")
+
+    app = make_app()
+    app.router.add_post("/test/refuses", refuses)
+    server = await aiohttp_server(app)
+    url = f"{str(server.make_url('')).rstrip('/')}/test/refuses"
+    wallet = await funded(1000)
+    headers = _headers(wallet, settings, url, amount=100)
+    async with http.post(url, data=b"{}", headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (409, "too_late") and "Payment-Receipt" not in r.headers
+    balance = await ledger.balance(user_account(wallet.username))
+    assert (balance.posted, balance.pending_debits) == (1000, 0)
+    assert (await ledger.balance(REVENUE)).posted == 0
+    history = await ledger.history(user_account(wallet.username))
+    assert [h["id"].split("_")[0] for h in history[:2]] == ["refund", "bt"]
+    assert (await ledger.reconcile()).ok
