@@ -53,7 +53,7 @@ class Settings:
     transfer_window: int = 600
     auth_window: int = 300
     hold_timeout: int = 120
-    idempotency_ttl: int = 86400      # how long a paid response is kept for retries with the same payment/key
+    idempotency_ttl: int = 86400      # how long a paid response is kept for retries with an Idempotency-Key
     max_body: int = 1024 * 1024
     validate_base_price: int = 100
     validate_per_document: int = 20

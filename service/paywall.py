@@ -11,8 +11,9 @@ naming the receipt to look up. A handler with side effects calls `commit(request
 is captured first, so a call that is not charged has no effects.
 
 Idempotent retries (Stripe's model): a captured response is kept under its payment's id (the signed
-transfer, the on-chain tx, or the token's `Idempotency-Key`) for IDEMPOTENCY_TTL; the same request with
-the same payment gets it again uncharged (`Idempotent-Replayed: true`), a different request 422.
+transfer, the on-chain tx, or the token's `Idempotency-Key`) for the hold's lifetime, or IDEMPOTENCY_TTL
+when the client sent an `Idempotency-Key` (opt-in, so memory stays bounded under load); the same request
+with the same payment gets it again uncharged (`Idempotent-Replayed: true`), a different request 422.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class Settlement:
     method: PaymentMethod
     deadline: float       # unix s; the ledger's own deadline is later (it starts when the hold applies)
     replayable: bool      # the payment id can come again (signed transfer, tx, Idempotency-Key)
+    keep_for: int         # seconds its response is kept: IDEMPOTENCY_TTL with Idempotency-Key, else the hold's
     state: str = "held"   # held → captured | voided | unknown (not confirmed) → refunded
 
 
@@ -173,8 +175,9 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
                                  "hold, if it was taken, is released at its timeout)", headers={"Retry-After": "1"})
     if result.outcome is Outcome.APPLIED:
         # a token payment without Idempotency-Key has a random id: nobody can retry it
-        replayable = payment.token is None or P.IDEMPOTENCY_KEY in request.headers
-        return Settlement(payment, hold, method, deadline, replayable)
+        replayable = payment.token is None or key is not None
+        keep_for = settings.idempotency_ttl if key is not None else settings.hold_timeout
+        return Settlement(payment, hold, method, deadline, replayable, keep_for)
     if result.outcome is Outcome.REPLAYED:
         raise _Replayed(result.transfer)
     if result.outcome is Outcome.KEY_USED:
@@ -204,11 +207,11 @@ async def _serve(request: web.Request, handler: Handler, paid: Settlement) -> we
     if paid.state == "captured":  # the handler committed before its effects: keep the response now
         if record:
             try:
-                await ledger.store_response(paid.hold.id, record, settings.idempotency_ttl)
+                await ledger.store_response(paid.hold.id, record, paid.keep_for)
             except RedisError as exc:
                 log.warning("response_not_kept", transfer=paid.hold.id, error=str(exc))
     else:
-        await _capture(ledger, paid, record, settings.idempotency_ttl)
+        await _capture(ledger, paid, record, paid.keep_for)
     metrics.PAYMENTS.labels(paid.payment.method, "captured").inc()
     metrics.SATS.labels("captured").inc(paid.hold.amount)
     log.info("payment_captured", transfer=paid.hold.id, payer=paid.payment.payer, amount=paid.hold.amount,
