@@ -35,8 +35,8 @@ from .config import Settings
 from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired, ServiceUnavailable,
                      Unauthorized, Unprocessable)
 from . import metrics
-from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, user_account
-from .payments import KeepsFailedPayments, Payment, PaymentMethod
+from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, TokenSpend, user_account
+from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod
 from .pricing import Quote, quote_request, route_rule
 from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
 
@@ -130,7 +130,10 @@ def paywall_middleware() -> Callable:
             log.info("payment_refused", reason=exc.code, method=method.name)
             return await _challenge(request, quote, exc.code, exc.detail)
         except _Replayed as replay:
-            return await _replay(ledger, payment, quote, replay.transfer)
+            return await _replay(ledger, payment.token, quote, replay.transfer)
+        except PaidBefore as before:  # the method recognised a retry of its payment (on-chain)
+            first = await ledger.transfer(before.transfer_id)
+            return await _replay(ledger, None, quote, first or {"id": before.transfer_id})
         return await _serve(request, handler, paid)
 
     return paywall
@@ -372,12 +375,12 @@ def _record(response: web.StreamResponse) -> str:
     return json.dumps({"status": response.status, "headers": headers, "body": base64.b64encode(body).decode()})
 
 
-async def _replay(ledger: Ledger, payment: Payment, quote: Quote, transfer: dict[str, Any]) -> web.Response:
+async def _replay(ledger: Ledger, token: TokenSpend | None, quote: Quote, transfer: dict[str, Any]) -> web.Response:
     """A payment id that was used before: the first request's response, or why there is none."""
-    transfer_id = transfer.get("id", payment.transfer_id)
-    if payment.token is not None:  # the id names the token; only its secret may read what it bought
-        record = await ledger.token(payment.token.token_id)
-        if record is None or record["secret_hash"] != payment.token.secret_hash:
+    transfer_id = transfer["id"]
+    if token is not None:  # the id names the token; only its secret may read what it bought
+        record = await ledger.token(token.token_id)
+        if record is None or record["secret_hash"] != token.secret_hash:
             raise Unauthorized("token_invalid", "unknown token, or wrong secret")
     first_hash = transfer.get("meta", {}).get("request_hash")
     if first_hash and first_hash != quote.request_hash:
@@ -393,6 +396,10 @@ async def _replay(ledger: Ledger, payment: Payment, quote: Quote, transfer: dict
             return _from_record(kept)
         raise Conflict("payment_replayed", f"this payment was already captured for this request and its response "
                                            f"is no longer kept; see GET /v1/receipts/{transfer_id}")
+    if transfer.get("meta", {}).get("method") == P.METHOD_ONCHAIN:
+        raise Conflict("payment_replayed", f"the call this transaction paid for failed and the price was not "
+                                           f"taken; its coins are credited or kept for a refund (GET "
+                                           f"/v1/receipts/{transfer_id}); pay again with a new transaction")
     raise Conflict("payment_replayed", "this payment was already used and voided (you were not charged); "
                                        "sign a new one (or use a new Idempotency-Key)")
 

@@ -11,7 +11,7 @@ from ..invoices import Invoice
 from ..ledger import TokenSpend
 from ..pricing import Quote
 
-__all__ = ["Payment", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments"]
+__all__ = ["Payment", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments", "PaidBefore"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ class PaymentMethod(Protocol):
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
         """Check the payment against the quote without touching money; raise an ApiError with the reason."""
+
+
+class PaidBefore(Exception):
+    """Raised by `verify` for a retry of a payment whose ledger transfer exists already: the paywall
+    answers from what became of the first request (its kept response, or why there is none)."""
+
+    def __init__(self, transfer_id: str) -> None:
+        super().__init__(transfer_id)
+        self.transfer_id = transfer_id
 
 
 @runtime_checkable

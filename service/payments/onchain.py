@@ -41,7 +41,7 @@ from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, 
 from ..invoices import Invoice, Invoices
 from ..ledger import ALL, BITCOIN, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
 from ..pricing import Quote, route_rule
-from . import Payment
+from . import PaidBefore, Payment
 from . import btc_rules as R
 
 __all__ = ["OnChain", "OnChainRecords", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
@@ -259,10 +259,8 @@ class OnChain:
 
     async def _answered_already(self, txid: str) -> None:
         """A retry of our own payment whose call already has an outcome: say which (its receipt)."""
-        hold = await self.ledger.transfer(f"tx_{txid}")
-        if hold:
-            raise Conflict("payment_replayed", f"this transaction already paid this request: receipt tx_{txid} "
-                                               f"({hold['state']}); see GET /v1/receipts/tx_{txid}")
+        if await self.ledger.transfer(f"tx_{txid}"):
+            raise PaidBefore(f"tx_{txid}")  # the paywall replays the kept response, or says why not
 
     async def _broadcast(self, raw: str, txid: str, invoice_id: str, address: str) -> None:
         try:
