@@ -346,14 +346,23 @@ redis.call('XADD', KEYS[3], '*', 'op', ARGV[2], 'id', ARGV[1], 'debit', x[3], 'c
 return {'ok', ARGV[3]}
 """
 
-_POST_ALL = _NOW + """
+_POST_ALL = _NOW + _MAX + """
 -- Several single-phase transfers, all or nothing (e.g. every coin of one on-chain payment).
 -- KEYS: journal, accounts-set, then per transfer: xfer, debit acct, credit acct, debit history, credit history
 -- ARGV: open kind for missing credit accounts ('' = they must exist), then per transfer: id, debit, credit,
 --       amount, meta. Returns {'ok'}; {'replayed', i, <transfer i's fields>} if transfer i exists (nothing
---       moved: idempotent as a whole when all exist); or {<refusal>, i}.
+--       moved: idempotent as a whole when all exist); or {<refusal>, i}: same_account, no_debit_account,
+--       no_credit_account, insufficient, counter_limit (a counter would pass 2^53 - 1, see MAX_COUNTER).
 local n = (#KEYS - 2) / 5
 local delta, opened = {}, {}
+local outs, ins = {}, {}  -- per account: dp + dpend and cp + cpend, plus what this script adds (<= MAX)
+local function counters(name, key)
+  if outs[name] then return true end
+  local v = redis.call('HMGET', key, 'dp', 'cp', 'dpend', 'cpend')
+  outs[name] = tonumber(v[1] or '0') + tonumber(v[3] or '0')
+  ins[name] = tonumber(v[2] or '0') + tonumber(v[4] or '0')
+  return outs[name] <= MAX and ins[name] <= MAX
+end
 for i = 1, n do
   local k, a = 2 + (i - 1) * 5, 1 + (i - 1) * 5
   if redis.call('EXISTS', KEYS[k + 1]) == 1 then
@@ -363,6 +372,11 @@ for i = 1, n do
   if ARGV[a + 2] == ARGV[a + 3] then return {'same_account', i} end
   local d = redis.call('HMGET', KEYS[k + 2], 'nonneg', 'dp', 'cp', 'dpend')
   if not d[1] then return {'no_debit_account', i} end
+  local within = counters(ARGV[a + 2], KEYS[k + 2]) and counters(ARGV[a + 3], KEYS[k + 3])
+  if not amount or amount > MAX or not within then return {'counter_limit', i} end
+  outs[ARGV[a + 2]] = outs[ARGV[a + 2]] + amount
+  ins[ARGV[a + 3]] = ins[ARGV[a + 3]] + amount
+  if outs[ARGV[a + 2]] > MAX or ins[ARGV[a + 3]] > MAX then return {'counter_limit', i} end
   if redis.call('EXISTS', KEYS[k + 3]) == 0 and not opened[ARGV[a + 3]] then
     if ARGV[1] == '' then return {'no_credit_account', i} end
     opened[ARGV[a + 3]] = KEYS[k + 3]

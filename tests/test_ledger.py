@@ -184,3 +184,19 @@ async def test_reconcile_flags_a_user_account_below_zero(ledger):
     report = await ledger.reconcile()
     assert not report.ok
     assert report.mismatches == [f"{carol}: available balance -119 is below zero"]
+
+
+async def test_post_all_stops_at_2_53_minus_1_and_changes_nothing(ledger):
+    """The all-or-nothing multi-transfer script (coins of one on-chain payment) keeps the same exact bound."""
+    from service.ledger import MAX_COUNTER
+
+    await open_users(ledger, "dora")
+    dora = user_account("dora")
+    assert (await ledger.post("g", GRANTS, dora, MAX_COUNTER - 10)).ok
+    before = (await ledger.balance(dora), await ledger.redis.xlen(ledger.journal_key))
+    result = await ledger.post_all([("p1", GRANTS, dora, 5, {}), ("p2", GRANTS, dora, 6, {})])
+    assert result.outcome is Outcome.LIMIT
+    assert (await ledger.balance(dora), await ledger.redis.xlen(ledger.journal_key)) == before
+    assert (await ledger.post_all([("p3", GRANTS, dora, 4, {}), ("p4", GRANTS, dora, 6, {})])).ok
+    assert (await ledger.balance(dora)).posted == MAX_COUNTER
+    assert (await ledger.reconcile()).ok
