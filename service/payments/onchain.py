@@ -258,7 +258,7 @@ class OnChain:
         return dict(zip(dict.fromkeys(points), found))
 
     async def _answered_already(self, txid: str) -> None:
-        """A retry of our own payment whose call already has an outcome: say which (its receipt)."""
+        """A retry of our own payment whose call already has an outcome: the paywall answers it from there."""
         if await self.ledger.transfer(f"tx_{txid}"):
             raise PaidBefore(f"tx_{txid}")  # the paywall replays the kept response, or says why not
 
