@@ -101,7 +101,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
         methods.append(OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger,
                                OnChainRecords(redis, s.redis_prefix)))
-    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
+    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns, ledger), *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
     if ADDRESSES in app:  # another deployment deriving the same addresses: refuse to start (AddressConflict)

@@ -22,6 +22,7 @@ from .. import protocol as P
 from ..config import Settings
 from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice, Invoices
+from ..ledger import Ledger, user_account
 from ..pricing import Quote
 from . import Payment
 
@@ -65,10 +66,13 @@ def transfer_id_of(transfer_json: str) -> str:
 class BitTransfer:
     name = P.METHOD_BITTRANSFER
 
-    def __init__(self, settings: Settings, invoices: Invoices, owns: Callable[[str], Awaitable[bool]] | None = None) -> None:
+    def __init__(self, settings: Settings, invoices: Invoices, owns: Callable[[str], Awaitable[bool]] | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.invoices = invoices
         self.owns = owns  # is this one of our derived receiving addresses? (with an xpub configured)
+        self.ledger = ledger  # reads the payer's registered key before anything is counted against the payer
+        self._keys: dict[str, str] = {}  # username -> registered pubkey hex (keys never change once registered)
 
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
@@ -151,7 +155,25 @@ class BitTransfer:
             raise BadRequest("malformed_signature", f"Authorization: {exc}") from None
         if not valid:
             raise Unauthorized("bad_signature", "the signature does not verify for payer_pubkey over the transfer")
+        await self._check_payer_key(t["payer"], pubkey.hex())
         return Payment(
             method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
             amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
         )
+
+    async def _check_payer_key(self, payer: str, pubkey_hex: str) -> None:
+        """The transfer is signed by the payer's registered key, checked before the payer's rate limit is
+        charged, so an outsider signing transfers in someone else's name cannot lock them out. (The hold
+        checks it again, atomically with the balance.)"""
+        if self.ledger is None:
+            return
+        registered = self._keys.get(payer)
+        if registered is None:
+            registered = await self.ledger.account_meta(user_account(payer), "pubkey")
+            if registered is None:
+                raise Unauthorized("unknown_payer", "no account is registered under this payer name")
+            if len(self._keys) >= 100_000:
+                self._keys.clear()
+            self._keys[payer] = registered
+        if registered != pubkey_hex:
+            raise Unauthorized("pubkey_mismatch", "payer_pubkey is not the key registered for this payer")
