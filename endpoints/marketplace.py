@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from service.deployment import origin
 from service.pricing import PriceRule, describe, route_rule
 from service.state import METHODS, PRICES, SETTINGS
 
@@ -63,7 +64,7 @@ async def catalog(request: web.Request) -> web.Response:
 async def x402_discovery(request: web.Request) -> web.Response:
     """x402 Bazaar-style items: one per priced operation, accepts quoted at its base price."""
     s = request.app[SETTINGS]
-    base = f"{request.scheme}://{request.host}"
+    base = origin(s, request)  # PUBLIC_URL, never the Host header
     items = []
     for op in priced_operations(request.app):
         amount = op["price"].get("amount", min((v["amount"] for v in op["price"].get("variants", {}).values()), default=0))

@@ -20,6 +20,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from .. import crypto
 from .. import protocol as P
 from ..config import Settings
+from ..deployment import absolute_url, names_this_deployment, origin
 from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice, Invoices
 from ..ledger import Ledger, user_account
@@ -143,8 +144,7 @@ class BitTransfer:
             reason = self.invoices.check(t["invoice"], quote, t["payee_address"])
             if reason:
                 raise PaymentRequired(reason, "the invoice was not issued for this request, or has expired")
-        if t["description"] and urlsplit(t["description"]).path != request.path:
-            raise PaymentRequired("wrong_resource", "the transfer's description names another resource")
+        self._check_resource(request, t["description"], t["invoice"])
         try:
             pubkey = crypto.parse_pubkey(t["payer_pubkey"])
         except crypto.KeyError_ as exc:
@@ -160,6 +160,25 @@ class BitTransfer:
             method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
             amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
         )
+
+    def _check_resource(self, request: web.Request, description: str | None, invoice: str | None) -> None:
+        """A transfer pays one request of one deployment: its description is this deployment's URL of this
+        path (two1 clients send the URL they requested), or, without one, it answers our invoice (checked
+        above; invoices are bound to the deployment)."""
+        if not description:
+            if invoice is None:
+                raise PaymentRequired("wrong_resource", "description must be the URL you requested "
+                                                        f"({absolute_url(self.settings, request)}), or give the invoice")
+            return
+        try:
+            path = urlsplit(description).path
+        except ValueError:
+            path = None
+        if path != request.path:
+            raise PaymentRequired("wrong_resource", "the transfer's description names another resource")
+        if not names_this_deployment(self.settings, request, description):
+            raise PaymentRequired("wrong_deployment", "the transfer's description names another deployment; "
+                                                      f"this one is {origin(self.settings, request)}")
 
     async def _check_payer_key(self, payer: str, pubkey_hex: str) -> None:
         """The transfer is signed by the payer's registered key, checked before the payer's rate limit is
