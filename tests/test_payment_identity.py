@@ -206,6 +206,10 @@ async def test_token_list_question_needs_the_agreed_amount(http, base_url, funde
         status, lst = await s.signed("POST", f"{base_url}/v1/lists",
                                      {"name": f"k8s-{owner.username}", "price": 100, "description": "Kubernetes"})
     assert status == 201, lst
+    member = await funded(0)
+    async with PaidSession(member, session=http) as s:
+        status, body = await s.signed("POST", f"{base_url}/v1/lists/{lst['name']}/members/me")
+    assert status in (200, 201), body
     token = await issue(http, base_url, asker)
     url = f"{base_url}/v1/lists/{lst['name']}/questions"
     question = json.dumps({"text": "HPA?", "max_responses": 3})

@@ -3,7 +3,9 @@
 The token pays from its owner's account within its caveats (max total, max per call, expiry, route
 prefixes, revocation); the ledger checks them and counts the spend in the same script as the hold.
 Only sha256(secret) is stored. With an `Idempotency-Key` header a retried call pays once; with
-`Payment-Amount` the call is refused (402) unless the price is exactly what the client agreed to.
+`Payment-Amount` the call is refused (402) unless the price is exactly what the client agreed to; where a third
+party sets the price (an expert, a list) `Payment-Amount` is required, so a price raised after the client
+read it is never charged.
 """
 from __future__ import annotations
 
@@ -65,6 +67,10 @@ class TokenPayment:
             raise BadRequest("malformed_token", "expected Authorization: Token tk_<16 hex>.<secret>")
         token_id, secret = match.groups()
         agreed = request.headers.get(P.PAYMENT_AMOUNT)
+        if agreed is None and quote.rule.set_by:  # a third party sets this price and may change it at any time
+            raise PaymentRequired("amount_required", f"the price of this request is set by {quote.rule.set_by}: "
+                                                     f"a token payment must name it with {P.PAYMENT_AMOUNT}: "
+                                                     f"{quote.amount}")
         if agreed is not None and agreed != str(quote.amount):
             raise PaymentRequired("wrong_amount", f"the price of this request is {quote.amount} sat, "
                                                   f"{P.PAYMENT_AMOUNT} says {agreed}")
