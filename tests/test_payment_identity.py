@@ -282,6 +282,11 @@ async def test_a_token_reads_only_the_runs_it_paid_for_and_only_within_its_route
     sibling = await issue(http, base_url, owner, routes=["/v1/qa/"])
     experts_only = await issue(http, base_url, owner, routes=["/v1/experts/"])
     run_id = await _buy_run(http, base_url, manifest, {"Authorization": f"Token {payer['token']}"})
+    for _ in range(200):  # until it has results (JUnit exists then)
+        async with http.get(f"{base_url}/v1/qa/runs/{run_id}", headers={"Authorization": f"Token {payer['token']}"}) as r:
+            if (await r.json())["status"] in ("passed", "failed"):
+                break
+        await asyncio.sleep(0.05)
     for path in (f"/v1/qa/runs/{run_id}", f"/v1/qa/runs/{run_id}/junit.xml"):
         async with http.get(f"{base_url}{path}", headers={"Authorization": f"Token {payer['token']}"}) as r:
             assert r.status == 200, await r.text()
