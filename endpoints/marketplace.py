@@ -41,10 +41,11 @@ def priced_operations(app: web.Application) -> list[dict[str, Any]]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """openapi.yaml with each x-price replaced by the operator's configured price."""
+    """openapi.yaml with each x-price replaced by the operator's configured price, and this deployment's
+    PUBLIC_URL as its server."""
     spec = _spec_on_disk()
     book: dict[str, PriceRule] = request.app[PRICES]
-    live = {"paths": {}}
+    live: dict[str, Any] = {"servers": [{"url": origin(request.app[SETTINGS], request)}], "paths": {}}
     for path, item in spec.get("paths", {}).items():
         live["paths"][path] = {}
         for verb, op in item.items():
