@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from service.deployment import origin
 from service.pricing import PriceRule, describe, route_rule
 from service.state import METHODS, PRICES, SETTINGS
 
@@ -40,10 +41,11 @@ def priced_operations(app: web.Application) -> list[dict[str, Any]]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """openapi.yaml with each x-price replaced by the operator's configured price."""
+    """openapi.yaml with each x-price replaced by the operator's configured price, and this deployment's
+    PUBLIC_URL as its server."""
     spec = _spec_on_disk()
     book: dict[str, PriceRule] = request.app[PRICES]
-    live = {"paths": {}}
+    live: dict[str, Any] = {"servers": [{"url": origin(request.app[SETTINGS], request)}], "paths": {}}
     for path, item in spec.get("paths", {}).items():
         live["paths"][path] = {}
         for verb, op in item.items():
@@ -63,7 +65,7 @@ async def catalog(request: web.Request) -> web.Response:
 async def x402_discovery(request: web.Request) -> web.Response:
     """x402 Bazaar-style items: one per priced operation, accepts quoted at its base price."""
     s = request.app[SETTINGS]
-    base = f"{request.scheme}://{request.host}"
+    base = origin(s, request)  # PUBLIC_URL, never the Host header
     items = []
     for op in priced_operations(request.app):
         amount = op["price"].get("amount", min((v["amount"] for v in op["price"].get("variants", {}).values()), default=0))

@@ -6,8 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
-from service.auth import authenticate
-from service.errors import BadRequest, TooManyRequests
+from service.auth import READ_TOKEN, authenticate
+from service.errors import BadRequest, NotFound, TooManyRequests
 from service.paywall import PAYMENT, commit
 from service.pricing import priced
 from service.qa import manifests, suites
@@ -117,14 +117,27 @@ async def _owner(request: web.Request) -> str:
     return await authenticate(request, request.app[LEDGER], request.app[SETTINGS].auth_window, allow_token=True)
 
 
-async def show_run(request: web.Request) -> web.Response:
+async def _readable_run(request: web.Request) -> tuple[str, dict[str, Any]]:
+    """(owner, run) when the caller may read it: the owner's signature, or the very token that paid for it
+    (another token of the same owner gets the same 404 as for an unknown id)."""
     owner = await _owner(request)
+    run = await request.app[RUNS].view(request.match_info["id"], owner)
+    token_id = request.get(READ_TOKEN)
+    if token_id is not None:
+        paid = await request.app[LEDGER].transfer(run["receipt"]) if run.get("receipt") else None
+        if paid is None or paid.get("token") != token_id:
+            raise NotFound("unknown_run", "no run with this id for this account")
+    return owner, run
+
+
+async def show_run(request: web.Request) -> web.Response:
+    owner, run = await _readable_run(request)
     if "application/xml" in request.headers.get("Accept", ""):
         return await junit(request)
-    return web.json_response(await request.app[RUNS].view(request.match_info["id"], owner))
+    return web.json_response(run)
 
 
 async def junit(request: web.Request) -> web.Response:
-    owner = await _owner(request)
+    owner, _ = await _readable_run(request)
     xml = await request.app[RUNS].junit(request.match_info["id"], owner)
     return web.Response(text=xml, content_type="application/xml")

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from endpoints import routes as endpoint_routes
 
 from .config import Settings
+from .deployment import deployment_id
 from .invoices import Invoices, load_secret
 from .ledger import Ledger
 from .logs import request_context_middleware
@@ -82,7 +83,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = Ledger(redis, s.redis_prefix, timeout=s.redis_timeout)
     app[LEDGER] = ledger
     app[INVOICES] = Invoices(s.invoice_secret.encode() if s.invoice_secret else None,
-                             ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address)
+                             ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address,
+                             deployment=deployment_id(s))
     app[RUNS] = RunStore(redis, s.redis_prefix)
     app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease)
     app[PAYOUTS] = Payouts(redis, s.redis_prefix, ledger, network=s.network, hold_days=s.withdrawal_hold_days,
@@ -101,7 +103,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
         methods.append(OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger,
                                OnChainRecords(redis, s.redis_prefix)))
-    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns), *methods)
+    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns, ledger), *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
     if ADDRESSES in app:  # another deployment deriving the same addresses: refuse to start (AddressConflict)

@@ -16,11 +16,14 @@ from aiohttp import web
 
 from . import crypto
 from . import protocol as P
-from .errors import Conflict, Unauthorized
+from .errors import Conflict, Forbidden, Unauthorized
 from .inputs import ascii_int, undecodable
 from .ledger import Ledger, user_account
 
-__all__ = ["authenticate", "require_signature", "verify_body_signature"]
+__all__ = ["authenticate", "require_signature", "verify_body_signature", "READ_TOKEN"]
+
+# Set when a read was authorized by a spending token (its id): the route then shows only what that token paid.
+READ_TOKEN = web.RequestKey("read_token", str)
 
 _NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -31,7 +34,7 @@ async def authenticate(request: web.Request, ledger: Ledger, window: int, *, all
     token: a CI job reads what it bought); Unauthorized with the reason otherwise."""
     scheme, _, value = request.headers.get(P.AUTHORIZATION, "").partition(" ")
     if allow_token and scheme == P.TOKEN_SCHEME:
-        return await _token_owner(ledger, value.strip())
+        return await _token_owner(ledger, value.strip(), request)
     if scheme != P.SIG_SCHEME:
         raise Unauthorized("auth_required", f"sign the request: Authorization: {P.SIG_SCHEME} <username>:<unix ts>:<signature>")
     parts = value.strip().split(":", 2)
@@ -86,7 +89,9 @@ def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes) -> 
         raise Unauthorized("bad_signature", "the signature does not verify for this pubkey over the body")
 
 
-async def _token_owner(ledger: Ledger, value: str) -> str:
+async def _token_owner(ledger: Ledger, value: str, request: web.Request) -> str:
+    """The owner of a valid token (secret compared in constant time) whose route caveat allows this path;
+    the token's id is left in request[READ_TOKEN] so the route shows only what this token paid for."""
     from .payments.token import TOKEN_RE, secret_hash  # noqa: PLC0415
 
     match = TOKEN_RE.match(value)
@@ -95,4 +100,7 @@ async def _token_owner(ledger: Ledger, value: str) -> str:
         raise Unauthorized("token_invalid", "unknown token, or wrong secret")
     if record["revoked"] or (record["expires_at"] and record["expires_at"] <= time.time()):
         raise Unauthorized("token_expired", "this token is revoked or expired")
+    if record["routes"] and not any(request.path.startswith(prefix) for prefix in record["routes"]):
+        raise Forbidden("token_route", "this token may not be used on this route")
+    request[READ_TOKEN] = record["id"]
     return record["owner"].removeprefix("u:")

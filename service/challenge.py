@@ -29,7 +29,7 @@ def payment_required_body(url: str, quote: Quote, invoice: Invoice, accepts: lis
 
 def render_402(url: str, quote: Quote, invoice: Invoice, accepts: list[dict[str, Any]],
                error: str = "payment_required", detail: Any = None) -> web.Response:
-    """`url` is the resource as the client addressed it (absolute)."""
+    """`url` is the resource's absolute URL on this deployment (deployment.absolute_url: PUBLIC_URL, never Host)."""
     body = payment_required_body(url, quote, invoice, accepts, error, detail)
     text = json.dumps(body, separators=(",", ":"))
     headers = {

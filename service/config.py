@@ -5,6 +5,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 __all__ = ["Settings", "NETWORKS", "ConfigError"]
 
@@ -33,12 +34,30 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def public_origin(raw: str | None) -> str | None:
+    """PUBLIC_URL normalised to scheme://host[:port] (lower case, no default port, no path)."""
+    if raw is None:
+        return None
+    try:
+        parts = urlsplit(raw.strip())
+        port = parts.port
+    except ValueError:
+        port, parts = -1, None
+    if (parts is None or port == -1 or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password):
+        raise ConfigError(f"PUBLIC_URL must be http(s)://host[:port] with no path, got {raw!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment, validated once at startup."""
 
     host: str = "127.0.0.1"
     port: int = 8402
+    public_url: str | None = None      # https://api.example.org: this deployment's origin (see deployment.py)
     redis_url: str | None = None
     redis_prefix: str = "mt"
     redis_timeout: float = 5.0
@@ -99,8 +118,12 @@ class Settings:
             if network == "mainnet":
                 raise ConfigError("PAYEE_ADDRESS is required on mainnet")
             address = DEFAULT_TESTNET_ADDRESS
+        public_url = env.get("PUBLIC_URL") or None
+        if public_url is None and network == "mainnet":
+            raise ConfigError("PUBLIC_URL is required on mainnet (the origin clients pay, e.g. https://api.example.org)")
         settings = cls(
             host=env.get("HOST", "127.0.0.1"),
+            public_url=public_url,
             port=_int(env, "PORT", 8402),
             redis_url=env.get("REDIS_URL") or None,
             redis_prefix=env.get("REDIS_PREFIX", "mt"),
@@ -167,6 +190,9 @@ class Settings:
         if settings.trusted_proxy_hops < 1:
             raise ConfigError("TRUSTED_PROXY_HOPS must be at least 1")
         return settings
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_url", public_origin(self.public_url))
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)

@@ -43,14 +43,15 @@ class Invoice:
 
 
 class Invoices:
-    def __init__(self, secret: bytes | None, *, ttl: int, payee: str, address: str) -> None:
+    def __init__(self, secret: bytes | None, *, ttl: int, payee: str, address: str, deployment: str = "") -> None:
         self.secret = secret  # None until loaded from Redis (the health monitor does that)
+        self.deployment = deployment  # bound into every MAC: an invoice of one deployment pays no other
         self.ttl = ttl
         self.payee = payee
         self.address = address
 
     def _mac(self, expires: int, nonce: str, amount: int, address: str, request_hash: str) -> str:
-        msg = f"{expires}|{nonce}|{amount}|{self.payee}|{address}|{request_hash}".encode()
+        msg = f"{self.deployment}|{expires}|{nonce}|{amount}|{self.payee}|{address}|{request_hash}".encode()
         if self.secret is None:
             raise ServiceUnavailable("ledger_unavailable", "the service is starting; retry shortly",
                                      headers={"Retry-After": "1"})

@@ -693,16 +693,16 @@ class Ledger:
     # spending tokens -------------------------------------------------------------------------------
     async def create_token(self, token_id: str, owner: str, secret_hash: str, *, max_total: int,
                            max_per_call: int = 0, expires_at: int = 0, routes: list[str] | None = None,
-                           label: str = "") -> None:
-        """Store a token (only the hash of its secret). One MULTI/EXEC: the token and the owner's index."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._token(token_id), mapping={
-                "id": token_id, "owner": owner, "secret_hash": secret_hash, "max_total": max_total,
-                "max_per_call": max_per_call, "expires_at": expires_at, "routes": json.dumps(routes or []),
-                "label": label, "spent": 0, "revoked": 0, "created": int(time.time()),
-            })
-            pipe.sadd(self._tokens_of(owner), token_id)
-            await pipe.execute()
+                           label: str = "", cap: int = 0) -> bool:
+        """Store a token (only the hash of its secret) and index it, unless the owner already has `cap`
+        live (unrevoked, unexpired) tokens (0: no cap): False then. One script: the count and the write."""
+        res = await self._batch.call(
+            self._token_script,
+            [self._token(token_id), self._tokens_of(owner), self._live_tokens(owner)],
+            [token_id, owner, secret_hash, max_total, max_per_call, expires_at, json.dumps(routes or []), label,
+             cap],
+        )
+        return _s(res) == "ok"
 
     async def token(self, token_id: str) -> dict[str, Any] | None:
         row = await self.redis.hgetall(self._token(token_id))
@@ -720,8 +720,25 @@ class Ledger:
         return [t for t in [await self.token(i) for i in ids] if t]
 
     async def revoke_token(self, token_id: str) -> None:
-        """Revoked tokens refuse new holds at once; holds already taken settle normally."""
-        await self.redis.hset(self._token(token_id), "revoked", 1)
+        """Revoked tokens refuse new holds at once; holds already taken settle normally. A revoked token
+        no longer counts against its owner's cap."""
+        owner = await self.redis.hget(self._token(token_id), "owner")  # immutable once issued
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._token(token_id), "revoked", 1)
+            if owner is not None:
+                pipe.zrem(self._live_tokens(_s(owner)), token_id)
+            await pipe.execute()
+
+    def _live_tokens(self, owner: str) -> str:
+        """Owner's unrevoked tokens, scored by expiry (+inf: none): what the cap counts."""
+        return f"{self.tag}:tokens-live:{owner}"
+
+    @property
+    def _token_script(self) -> Any:
+        script = getattr(self, "_create_token_script", None)
+        if script is None:
+            script = self._create_token_script = self.redis.register_script(_CREATE_TOKEN)
+        return script
 
     # audit -----------------------------------------------------------------------------------------
     async def reconcile(self, batch: int = 5000) -> ReconcileReport:
@@ -803,3 +820,22 @@ class Ledger:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_CREATE_TOKEN = """
+-- KEYS: token hash, owner's token index (every token, for listing), owner's live tokens (zset by expiry).
+-- ARGV: id, owner, secret hash, max_total, max_per_call, expires_at (0: never), routes json, label, cap (0: none).
+-- Returns 'ok', or 'too_many' when the owner already has `cap` live tokens (nothing written then).
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- expired tokens no longer count
+local cap = tonumber(ARGV[9])
+if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then return 'too_many' end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'secret_hash', ARGV[3], 'max_total', ARGV[4],
+  'max_per_call', ARGV[5], 'expires_at', ARGV[6], 'routes', ARGV[7], 'label', ARGV[8], 'spent', 0, 'revoked', 0,
+  'created', now)
+redis.call('SADD', KEYS[2], ARGV[1])
+local expires = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[3], expires > 0 and expires or '+inf', ARGV[1])
+return 'ok'
+"""

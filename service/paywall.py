@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from . import protocol as P
 from .challenge import render_402
 from .config import Settings
+from .deployment import absolute_url
 from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired, ServiceUnavailable,
                      Unauthorized, Unprocessable)
 from . import metrics
@@ -101,7 +102,7 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
         await book.bind(address, invoice.id)
     metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
-    return render_402(str(request.url), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
+    return render_402(absolute_url(request.app[SETTINGS], request), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
 
 
 def paywall_middleware() -> Callable:

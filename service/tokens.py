@@ -32,12 +32,13 @@ async def issue(ledger: Ledger, username: str, *, max_total: int, max_per_call: 
     if max_per_call is not None and max_per_call > max_total:
         raise Unprocessable("validation_error", {"max_per_call": ["must not exceed max_total"]})
     owner = user_account(username)
-    if len(await ledger.tokens_of(owner)) >= MAX_TOKENS_PER_ACCOUNT:
-        raise Unprocessable("too_many_tokens", f"at most {MAX_TOKENS_PER_ACCOUNT} tokens per account; revoke some")
     token_id, secret = new_token()
-    await ledger.create_token(token_id, owner, secret_hash(secret), max_total=max_total,
-                              max_per_call=max_per_call or 0, expires_at=expires_at or 0, routes=routes,
-                              label=label)
+    created = await ledger.create_token(token_id, owner, secret_hash(secret), max_total=max_total,
+                                        max_per_call=max_per_call or 0, expires_at=expires_at or 0, routes=routes,
+                                        label=label, cap=MAX_TOKENS_PER_ACCOUNT)
+    if not created:  # the cap counts live tokens, in the same script as the write
+        raise Unprocessable("too_many_tokens", f"at most {MAX_TOKENS_PER_ACCOUNT} live (unrevoked, unexpired) "
+                                               "tokens per account; revoke some")
     record = await ledger.token(token_id)
     assert record is not None
     return {**_public(record), "token": f"{token_id}.{secret}"}

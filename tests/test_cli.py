@@ -34,8 +34,8 @@ def cli_env(settings, tmp_path) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(self.port)],
@@ -70,7 +70,10 @@ def test_help_lists_the_subcommands(cli_env):
 
 
 async def test_two_processes_on_one_redis_reject_a_replay_across_them(cli_env, tmp_path, manifest, ledger, http):
-    a, b = Server(cli_env, tmp_path / "a.log"), Server(cli_env, tmp_path / "b.log")
+    """Two processes of one deployment (one PUBLIC_URL, as behind a load balancer)."""
+    port = free_port()
+    cli_env = {**cli_env, "PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    a, b = Server(cli_env, tmp_path / "a.log", port), Server(cli_env, tmp_path / "b.log")
     try:
         await a.ready(http)
         await b.ready(http)

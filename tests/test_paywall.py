@@ -366,7 +366,7 @@ async def test_refused_token_payments_for_an_ask_leave_no_ledger_state(http, bas
     before = await ledger_state(ledger)
     for _ in range(3):
         async with http.post(f"{base_url}/v1/experts/{expert.username}/questions", json={"text": "CNI?"},
-                             headers={"Authorization": f"Token {token}"}) as r:
+                             headers={"Authorization": f"Token {token}", "Payment-Amount": "500"}) as r:
             assert (r.status, (await r.json())["error"]) == (status, code)
     assert await ledger_state(ledger) == before
 

@@ -20,8 +20,10 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from .. import crypto
 from .. import protocol as P
 from ..config import Settings
+from ..deployment import absolute_url, names_this_deployment, origin
 from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice, Invoices
+from ..ledger import Ledger, user_account
 from ..pricing import Quote
 from . import Payment
 
@@ -65,10 +67,13 @@ def transfer_id_of(transfer_json: str) -> str:
 class BitTransfer:
     name = P.METHOD_BITTRANSFER
 
-    def __init__(self, settings: Settings, invoices: Invoices, owns: Callable[[str], Awaitable[bool]] | None = None) -> None:
+    def __init__(self, settings: Settings, invoices: Invoices, owns: Callable[[str], Awaitable[bool]] | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.invoices = invoices
         self.owns = owns  # is this one of our derived receiving addresses? (with an xpub configured)
+        self.ledger = ledger  # reads the payer's registered key before anything is counted against the payer
+        self._keys: dict[str, str] = {}  # username -> registered pubkey hex (keys never change once registered)
 
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
@@ -139,8 +144,7 @@ class BitTransfer:
             reason = self.invoices.check(t["invoice"], quote, t["payee_address"])
             if reason:
                 raise PaymentRequired(reason, "the invoice was not issued for this request, or has expired")
-        if t["description"] and urlsplit(t["description"]).path != request.path:
-            raise PaymentRequired("wrong_resource", "the transfer's description names another resource")
+        self._check_resource(request, t["description"], t["invoice"])
         try:
             pubkey = crypto.parse_pubkey(t["payer_pubkey"])
         except crypto.KeyError_ as exc:
@@ -151,7 +155,44 @@ class BitTransfer:
             raise BadRequest("malformed_signature", f"Authorization: {exc}") from None
         if not valid:
             raise Unauthorized("bad_signature", "the signature does not verify for payer_pubkey over the transfer")
+        await self._check_payer_key(t["payer"], pubkey.hex())
         return Payment(
             method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
             amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
         )
+
+    def _check_resource(self, request: web.Request, description: str | None, invoice: str | None) -> None:
+        """A transfer pays one request of one deployment: its description is this deployment's URL of this
+        path (two1 clients send the URL they requested), or, without one, it answers our invoice (checked
+        above; invoices are bound to the deployment)."""
+        if not description:
+            if invoice is None:
+                raise PaymentRequired("wrong_resource", "description must be the URL you requested "
+                                                        f"({absolute_url(self.settings, request)}), or give the invoice")
+            return
+        try:
+            path = urlsplit(description).path
+        except ValueError:
+            path = None
+        if path != request.path:
+            raise PaymentRequired("wrong_resource", "the transfer's description names another resource")
+        if not names_this_deployment(self.settings, request, description):
+            raise PaymentRequired("wrong_deployment", "the transfer's description names another deployment; "
+                                                      f"this one is {origin(self.settings, request)}")
+
+    async def _check_payer_key(self, payer: str, pubkey_hex: str) -> None:
+        """The transfer is signed by the payer's registered key, checked before the payer's rate limit is
+        charged, so an outsider signing transfers in someone else's name cannot lock them out. (The hold
+        checks it again, atomically with the balance.)"""
+        if self.ledger is None:
+            return
+        registered = self._keys.get(payer)
+        if registered is None:
+            registered = await self.ledger.account_meta(user_account(payer), "pubkey")
+            if registered is None:
+                raise Unauthorized("unknown_payer", "no account is registered under this payer name")
+            if len(self._keys) >= 100_000:
+                self._keys.clear()
+            self._keys[payer] = registered
+        if registered != pubkey_hex:
+            raise Unauthorized("pubkey_mismatch", "payer_pubkey is not the key registered for this payer")

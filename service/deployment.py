@@ -1,0 +1,59 @@
+"""A deployment's identity: its public origin (`PUBLIC_URL`), never the request's `Host` header.
+
+Absolute URLs (the 402's `resource.url`, discovery) are built from it, and a BitTransfer must name it in
+its `description`, so a transfer signed for one deployment cannot pay another. Without `PUBLIC_URL`
+(local runs) the origin is `http://<HOST>:<the port the request arrived on>`, and any loopback name for
+that port is accepted; production sets `PUBLIC_URL` (required on mainnet).
+"""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .config import ConfigError, Settings, public_origin
+
+__all__ = ["origin", "absolute_url", "names_this_deployment", "deployment_id"]
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_WILDCARD = {"", "0.0.0.0", "::"}
+
+
+def _local_port(request: web.Request, settings: Settings) -> int:
+    """The port the request arrived on (from the socket, not from anything the client wrote)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2 and isinstance(sockname[1], int):
+        return sockname[1]
+    return settings.port
+
+
+def origin(settings: Settings, request: web.Request) -> str:
+    """scheme://host[:port] of this deployment, as clients should address it."""
+    if settings.public_url:
+        return settings.public_url
+    host = "127.0.0.1" if settings.host in _WILDCARD else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{_local_port(request, settings)}"
+
+
+def absolute_url(settings: Settings, request: web.Request, path_qs: str | None = None) -> str:
+    return origin(settings, request) + (request.path_qs if path_qs is None else path_qs)
+
+
+def names_this_deployment(settings: Settings, request: web.Request, url: str) -> bool:
+    """Is `url`'s origin this deployment's?"""
+    try:
+        parts = urlsplit(url)
+        theirs = public_origin(f"{parts.scheme}://{parts.netloc}")
+    except (ValueError, ConfigError):
+        return False
+    if settings.public_url:
+        return theirs == settings.public_url
+    parts = urlsplit(theirs or "")
+    hosts = _LOOPBACK | ({settings.host} - _WILDCARD)
+    return parts.scheme == "http" and (parts.hostname or "") in hosts and parts.port == _local_port(request, settings)
+
+
+def deployment_id(settings: Settings) -> str:
+    """What invoices are bound to (with the invoice secret): an invoice of one deployment pays no other."""
+    return f"{settings.public_url or f'local:{settings.host}:{settings.port}'}|{settings.redis_prefix}"
