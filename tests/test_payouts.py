@@ -77,3 +77,21 @@ async def test_unknown_charity_or_bad_address_payout_is_refused(http, base_url, 
     for payout in ("charity:nope", "address:1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2"):
         status, got = await signed(http, user, "PUT", f"{base_url}/v1/accounts/me/payout", {"payout": payout})
         assert status == 422 and "payout" in got["detail"]
+
+
+async def test_concurrent_withdrawals_never_hold_more_than_the_balance(http, base_url, funded, ledger):
+    """Withdrawal race: 20 withdrawals of 50,000 at once from 200,000 → exactly 4 queued, the rest 402."""
+    import asyncio
+
+    user = await funded(200_000)
+    async with PaidSession(user, session=http) as s:
+        results = await asyncio.gather(*[
+            s.signed("POST", f"{base_url}/v1/accounts/me/withdrawals", {"amount": 50_000, "address": ADDRESS})
+            for _ in range(20)])
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [201] * 4 + [402] * 16, statuses
+    balance = await ledger.balance(user_account(user.username))
+    assert (balance.posted, balance.available) == (200_000, 0)
+    status, listed = await signed(http, user, "GET", f"{base_url}/v1/accounts/me")
+    assert status == 200 and len([w for w in listed["withdrawals"] if w["state"] == "queued"]) == 4
+    assert (await ledger.reconcile()).ok
