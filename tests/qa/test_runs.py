@@ -173,7 +173,8 @@ async def test_infrastructure_failure_refunds_exactly_once(extra_suites, aiohttp
     from service.qa.runs import RunStore, Worker
     worker = Worker(RunStore(ledger.redis, settings.redis_prefix), ledger)
     await worker.process("0-1", created["id"])
-    await worker._fail(await worker.store.get(created["id"]), "again")
+    again = await worker.store.get(created["id"])
+    await worker._fail(again, again["attempts"], "again")
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000
     assert (await ledger.balance(REVENUE)).posted == 0
     assert (await ledger.reconcile()).ok
@@ -258,3 +259,61 @@ async def test_webhook_receives_the_summary(http, make_app, funded, aiohttp_serv
     assert received[0]["summary"]["testcases"] == 2
     body, signature = signatures[0]
     assert signature == "sha256=" + hmac.new(created["webhook_secret"].encode(), body, hashlib.sha256).hexdigest()
+
+
+async def test_short_lease_many_workers_each_run_once_charged_never_refunded(
+        extra_suites, aiohttp_server, make_app, http, ledger, monkeypatch):
+    """Issue 11.13: with QA_LEASE shorter than a run, a live worker keeps its lease (heartbeat), so no
+    second worker re-runs it, and no run that was computed ends `error` with a refund."""
+    monkeypatch.setenv("SLOW_SUITE_SECONDS", "2.5")
+    server = await aiohttp_server(make_app(qa_workers=4, qa_lease=1))
+    base = str(server.make_url("")).rstrip("/")
+    wallet = Wallet.generate("short-lease")
+    async with PaidSession(wallet, max_price=500, session=http) as s:
+        await s.register(base)
+        await ledger.post("grant-short-lease", "sys:grants", user_account(wallet.username), 1000)
+        created = [await buy(s, base, suite="slow", manifests=GOOD) for _ in range(4)]
+        runs = await asyncio.gather(*[wait_done(s, base, c["id"], timeout=30) for c in created])
+    assert [r["status"] for r in runs] == ["passed"] * 4 and all(r["refund"] is None for r in runs)
+    for c in created:
+        record = await ledger.redis.hgetall(f"{{{ledger.tag[1:-1]}}}:qa:run:{c['id']}")
+        assert record["attempts"] == "1", record  # never re-claimed while its worker was alive
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - 4 * PRICE_2_DOCS
+    assert (await ledger.balance(REVENUE)).posted == 4 * PRICE_2_DOCS
+    assert (await ledger.reconcile()).ok
+
+
+async def test_stale_worker_cannot_restart_finish_or_refund_a_run(aiohttp_server, make_app, http, ledger, settings):
+    """Issue 11.13: each attempt has a fencing token; the attempt that lost its lease is refused at
+    start, finish and refund, and a finished run is never set back to running."""
+    from service.qa.runs import Limits, RunStore, Worker
+
+    server = await aiohttp_server(make_app(qa_workers=0))
+    base = str(server.make_url("")).rstrip("/")
+    wallet = Wallet.generate("stale-worker")
+    async with PaidSession(wallet, max_price=500, session=http) as s:
+        await s.register(base)
+        await ledger.post("grant-stale", "sys:grants", user_account(wallet.username), 1000)
+        created = await buy(s, base, manifests=GOOD)
+    store = RunStore(ledger.redis, settings.redis_prefix)
+    stale = Worker(store, ledger, Limits(lease_seconds=1), name="stale")
+    live = Worker(store, ledger, Limits(lease_seconds=1), name="live")
+    first = await store.start(created["id"], "stale", lease_ms=50)
+    assert first.token == 1
+    assert (await store.start(created["id"], "live", lease_ms=1000)).state == "leased"  # lease still held
+    await asyncio.sleep(0.1)
+    second = await store.start(created["id"], "live", lease_ms=1000)
+    assert second.token == 2
+    run = await store.get(created["id"])
+    await stale._fail(run, first.token, "stale worker thinks it failed")
+    assert not await store.finish(run, first.token, "failed", summary={}, cases=[])
+    assert not await store.renew(created["id"], first.token, "stale", lease_ms=1000)
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_2_DOCS  # no refund
+    assert await store.finish(run, second.token, "passed", summary={"testcases": 2}, cases=[])
+    assert (await store.start(created["id"], "late", lease_ms=1000)).state == "done"
+    await live._fail(run, second.token, "too late")
+    view = await store.get(created["id"])
+    assert view["status"] == "passed" and not view.get("refund")
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_2_DOCS
+    assert await store.active(wallet.username) == 0
+    assert (await ledger.reconcile()).ok
