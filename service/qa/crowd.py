@@ -3,8 +3,11 @@ lease, run them on their own infrastructure and are paid per accepted result fro
 
 Money: posting a job moves reward × results_wanted from the buyer into the job's own escrow account
 (`escrow:job:<id>`, which can never go below zero), so no job can pay out more than it was funded
-with; each accepted result is one transfer with an id derived from the result (paid at most once);
-what is never earned goes back to the buyer when the job closes or expires.
+with; accepting a result *is* its payment: one ledger transfer (id derived from the result, so paid at
+most once) that claims the result's `accepted_at` field in the same script (a Guard that a rejection
+forbids), so no result is ever accepted but unpaid, nor paid but rejected. The job's counters follow in
+an idempotent script. What is never earned goes back to the buyer, in one all-of-it transfer, when the job
+closes or expires: a payment either lands before it or finds the escrow empty.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import redis.asyncio as aioredis
 
 from .. import metrics
 from ..errors import Conflict, NotFound, PaymentRequired
-from ..ledger import AccountKind, Ledger, Outcome, user_account
+from ..ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
 
 __all__ = ["Crowd"]
 
@@ -53,18 +56,33 @@ redis.call('HINCRBY', KEYS[4], 'pending', 1)
 return 'ok'
 """
 
-_DECIDE = """
--- KEYS: result, job. ARGV: new state (accepted|rejected). Only a submitted result changes, once.
-if redis.call('HGET', KEYS[1], 'state') ~= 'submitted' then return 0 end
+_MARK = """
+-- KEYS: result, job. ARGV: accepted|rejected, now_ms. Brings the result's state and the job's counters in
+-- line with what the ledger decided: 'accepted' once the payment claimed `accepted_at` (idempotent);
+-- 'rejected' only while no payment claimed it (the payment's guard forbids `rejected_at` from then on).
+local r = redis.call('HMGET', KEYS[1], 'state', 'accepted_at', 'rejected_at')
+local undecided = r[1] == 'submitted' or r[1] == 'provisional'
 if ARGV[1] == 'accepted' then
-  local j = redis.call('HMGET', KEYS[2], 'status', 'wanted', 'accepted')
-  if j[1] ~= 'open' or tonumber(j[3]) >= tonumber(j[2]) then return -1 end
+  if not r[2] then return 0 end
+  if not undecided then return 0 end
   redis.call('HINCRBY', KEYS[2], 'accepted', 1)
+else
+  if r[2] then return -2 end
+  if not undecided then return 0 end
+  redis.call('HSET', KEYS[1], 'rejected_at', ARGV[2])
 end
 redis.call('HINCRBY', KEYS[2], 'pending', -1)
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 return 1
 """
+
+
+def _public(result: dict[str, str]) -> dict[str, Any]:
+    """A result as the buyer sees it: a paid result is accepted, whatever the counters script got to."""
+    out = {k: v for k, v in result.items() if k != "junit"}
+    if out.get("accepted_at"):
+        out["state"] = "accepted"
+    return out
 
 
 def _labels_match(wanted: dict[str, str], offered: dict[str, str]) -> bool:
@@ -79,7 +97,7 @@ class Crowd:
         self.tag = "{" + prefix + "}"
         self._claim = redis.register_script(_CLAIM)
         self._submit = redis.register_script(_SUBMIT)
-        self._decide = redis.register_script(_DECIDE)
+        self._mark = redis.register_script(_MARK)
 
     def _k(self, *parts: str) -> str:
         return ":".join([self.tag, "crowd", *parts])
@@ -148,7 +166,7 @@ class Crowd:
                    for rid in await self.redis.lrange(self._k("results", job_id), 0, -1)]
         return {**{k: v for k, v in j.items() if k != "manifests"}, "escrow": balance.posted if balance else 0,
                 "leases": len(await self.redis.hkeys(self._k("leases", job_id))),
-                "results": [{k: v for k, v in r.items() if k != "junit"} for r in results]}
+                "results": [_public(r) for r in results]}
 
     async def claim(self, owner: str, runner_id: str, wait: float) -> dict[str, Any] | None:
         """Long-poll for an open job whose labels the runner has; a lease of `lease_seconds` on success."""
@@ -206,38 +224,52 @@ class Crowd:
         changed = await self._settle(j, result_id, state)
         if changed == -1:
             raise Conflict("job_full_or_closed", "the job has all the results it pays for, or is closed")
-        result = await self.redis.hgetall(self._k("result", job_id, result_id))
-        return {k: v for k, v in result.items() if k != "junit"}
+        if changed == -2:
+            raise Conflict("already_accepted", "this result was accepted and paid; it can no longer be rejected")
+        return _public(await self.redis.hgetall(self._k("result", job_id, result_id)))
+
+    def _pay_id(self, job_id: str, result_id: str) -> str:
+        return f"crowd:{job_id}:pay:{result_id}"
 
     async def _settle(self, j: dict[str, Any], result_id: str, state: str) -> int:
-        """Mark once; an accepted result is paid one reward from the job's escrow (id per result: once)."""
-        changed = await self._decide(keys=[self._k("result", j["id"], result_id), self._k("job", j["id"])], args=[state])
-        if changed == 1 and state == "accepted":
-            owner = await self.redis.hget(self._k("result", j["id"], result_id), "owner")
-            paid = await self.ledger.post(f"crowd:{j['id']}:pay:{result_id}", self.escrow(j["id"]),
-                                          user_account(owner), j["reward"], reason=f"accepted result {result_id}")
-            await self.redis.hset(self._k("result", j["id"], result_id), "payment",
-                                  f"crowd:{j['id']}:pay:{result_id}" if paid.outcome in (Outcome.APPLIED, Outcome.REPLAYED) else "")
-        return changed
+        """Accept = pay: one transfer from the job's escrow that claims the result's `accepted_at` (and is
+        refused once it was rejected). Reject = a script refused once that claim exists. Returns 1 when
+        the state changed, 0 when it already was so, -1 when the job cannot pay, -2 rejecting a paid one."""
+        key = self._k("result", j["id"], result_id)
+        if state == "accepted":
+            if j["status"] != "open" and not await self.redis.hexists(key, "accepted_at"):
+                return -1
+            owner = await self.redis.hget(key, "owner")
+            paid = await self.ledger.post(
+                self._pay_id(j["id"], result_id), self.escrow(j["id"]), user_account(owner), j["reward"],
+                guard=Guard(key, forbid="rejected_at", claim="accepted_at", value=str(int(time.time() * 1000))),
+                reason=f"accepted result {result_id}")
+            if paid.outcome in (Outcome.INSUFFICIENT, Outcome.NOTHING):
+                return -1
+            if paid.outcome is Outcome.GUARDED:
+                return 0  # rejected before: stays rejected
+            if paid.outcome not in (Outcome.APPLIED, Outcome.REPLAYED, Outcome.CLAIMED):
+                raise Conflict(paid.outcome.value, "the reward could not be paid")
+            await self.redis.hset(key, "payment", self._pay_id(j["id"], result_id))
+        return int(await self._mark(keys=[key, self._k("job", j["id"])], args=[state, int(time.time() * 1000)]))
 
     async def close(self, job_id: str, buyer: str | None = None, reason: str = "closed") -> dict[str, Any]:
-        """Close the job and return what was never earned to the buyer (idempotent)."""
+        """Close the job and return what was never earned to the buyer (idempotent): the whole available
+        escrow in one transfer, so an acceptance racing the close is either paid before it or refused."""
         j = await self._job(job_id)
         if j is None or (buyer is not None and j["buyer"] != buyer):
             raise NotFound("unknown_job", "no job with this id for this account")
         await self.redis.hset(self._k("job", job_id), "status", reason)
         await self.redis.zrem(self._k("open"), job_id)
-        for attempt in range(3):  # a payout decided just before the close may still land: re-read and retry
-            balance = await self.ledger.balance(self.escrow(job_id))
-            if not balance or balance.posted <= 0:
-                break
-            res = await self.ledger.post(f"crowd:{job_id}:refund:{attempt}", self.escrow(job_id),
-                                         user_account(j["buyer"]), balance.posted,
-                                         reason=f"crowd job {job_id} {reason}: unearned rewards")
-            if res.outcome is Outcome.APPLIED:
-                metrics.SATS.labels("refunded").inc(balance.posted)
-                await self.redis.hset(self._k("job", job_id), "refund", f"crowd:{job_id}:refund:{attempt}")
-                break
+        for rid in await self.redis.lrange(self._k("results", job_id), 0, -1):  # counters of paid results
+            await self._mark(keys=[self._k("result", job_id, rid), self._k("job", job_id)],
+                             args=["accepted", int(time.time() * 1000)])
+        refund_id = f"crowd:{job_id}:refund:{int(time.time() * 1000)}"
+        res = await self.ledger.post(refund_id, self.escrow(job_id), user_account(j["buyer"]), ALL,
+                                     reason=f"crowd job {job_id} {reason}: unearned rewards")
+        if res.outcome is Outcome.APPLIED:
+            metrics.SATS.labels("refunded").inc(int(res.transfer.get("amount", 0)))
+            await self.redis.hset(self._k("job", job_id), "refund", refund_id)
         return await self.job(job_id, j["buyer"])
 
     async def expire_jobs(self) -> int:

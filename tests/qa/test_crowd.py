@@ -154,3 +154,53 @@ async def test_expired_job_refunds_the_buyer(http, base_url, funded, ledger, set
     code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
     assert state["status"] == "expired" and state["escrow"] == 0
     assert (await ledger.reconcile()).ok
+
+
+async def test_accept_and_pay_are_one_step_a_redis_error_between_leaves_nothing_accepted_unpaid(
+        http, base_url, funded, ledger, settings):
+    """Issue 11.11: accepting a result and paying its reward are one atomic step. A Redis error in the
+    payment (injected: the payment's transfer key is made the wrong type, so its script fails) must not
+    leave the result accepted; `close` then refunds only what was never accepted, and a retry pays once."""
+    buyer = await funded(1000)
+    job = await post_job(http, base_url, buyer, results_wanted=1)
+    worker = await funded(1000)
+    result = await claim_and_submit(http, base_url, worker, await runner(http, base_url, worker, arch="arm64"))
+    before = (await ledger.balance(user_account(worker.username))).posted
+    poison = f"{ledger.tag}:xfer:crowd:{job['id']}:pay:{result['id']}"
+    await ledger.redis.set(poison, "not a transfer")
+    url = f"{base_url}/v1/qa/jobs/{job['id']}/results/{result['id']}/accept"
+    code, _ = await call(http, buyer, "POST", url)
+    assert code >= 500
+    code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
+    assert [r["state"] for r in state["results"]] == ["submitted"] and state["accepted"] == 0
+    await ledger.redis.delete(poison)
+    code, accepted = await call(http, buyer, "POST", url)  # the retry pays, once
+    assert (code, accepted["state"]) == (200, "accepted")
+    code, _ = await call(http, buyer, "POST", url)
+    assert code == 200
+    code, closed = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close")
+    assert closed["escrow"] == 0 and closed["accepted"] == 1
+    assert (await ledger.balance(user_account(worker.username))).posted - before == 100
+    assert (await ledger.balance(user_account(buyer.username))).posted == 900
+    assert (await ledger.reconcile()).ok
+
+
+async def test_close_racing_accept_never_refunds_an_accepted_reward(http, base_url, funded, ledger):
+    """Issue 11.11: an accept and a close at the same time: the reward is either paid (and the result
+    accepted) or the result is not accepted and the buyer has it back; never both, never neither."""
+    for _ in range(5):
+        buyer = await funded(1000)
+        job = await post_job(http, base_url, buyer, results_wanted=1)
+        worker = await funded(1000)
+        result = await claim_and_submit(http, base_url, worker, await runner(http, base_url, worker, arch="arm64"))
+        before = (await ledger.balance(user_account(worker.username))).posted
+        await asyncio.gather(
+            call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/results/{result['id']}/accept"),
+            call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close"))
+        code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
+        paid = (await ledger.balance(user_account(worker.username))).posted - before
+        accepted = state["results"][0]["state"] == "accepted"
+        assert paid == (100 if accepted else 0), state
+        assert (await ledger.balance(user_account(buyer.username))).posted == 1000 - paid
+        assert state["escrow"] == 0
+    assert (await ledger.reconcile()).ok
