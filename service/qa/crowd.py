@@ -393,10 +393,18 @@ class Crowd:
         return await self.job(job_id, j["buyer"])
 
     async def expire_jobs(self) -> int:
-        """Close every open job past its expiry, and release auto-accepted rewards whose dispute window
-        ended (run by the sweeper in every server process)."""
+        """Close every open job past its expiry (after the dispute windows of its provisional results),
+        and release auto-accepted rewards whose window ended (run by the sweeper in every server process)."""
         await self.release_due()
-        expired = await self.redis.zrangebyscore(self._k("open"), 0, int(time.time() * 1000))
-        for job_id in expired:
+        now = int(time.time() * 1000)
+        closed = 0
+        for job_id in await self.redis.zrangebyscore(self._k("open"), 0, now):
+            windows = [int(at or 0) for state, at in [
+                await self.redis.hmget(self._k("result", job_id, rid), "state", "release_at")
+                for rid in await self.redis.lrange(self._k("results", job_id), 0, -1)] if state == "provisional"]
+            if max(windows, default=0) > now:  # the buyer keeps the whole dispute window: close after it
+                await self.redis.zadd(self._k("open"), {job_id: max(windows)})
+                continue
             await self.close(job_id, reason="expired")
-        return len(expired)
+            closed += 1
+        return closed

@@ -299,3 +299,25 @@ async def test_auto_accepted_rewards_are_released_after_the_dispute_window(
     code, state = await call(http, buyer, "GET", f"{base}/v1/qa/jobs/{job['id']}")
     assert state["accepted"] == 2 and state["escrow"] == 0
     assert (await ledger.reconcile()).ok
+
+
+async def test_expiry_waits_for_the_dispute_window_of_provisional_results(http, base_url, funded, ledger, settings):
+    """Issue 12.9: a job that expires while auto-accepted results are still disputable stays open for
+    the buyer to reject them until their window ends."""
+    buyer = await funded(1000)
+    job = await post_job(http, base_url, buyer, results_wanted=2, auto_accept=True, manifests=MANIFESTS)
+    a, b = await funded(100), await funded(100)
+    results = []
+    for w in (a, b):
+        rid = await runner(http, base_url, w, arch="arm64")
+        code, _ = await call(http, w, "POST", f"{base_url}/v1/qa/jobs/claim", {"runner": rid})
+        assert code == 200
+        results.append((await submit(http, base_url, w, job["id"], rid, NAMING))[1])
+    crowd = Crowd(ledger.redis, settings.redis_prefix, ledger)
+    await ledger.redis.zadd(crowd._k("open"), {job["id"]: 1})  # as if its expiry had passed
+    assert await crowd.expire_jobs() == 0
+    code, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/results/{results[0]['id']}/reject")
+    assert (code, body["state"]) == (200, "rejected")
+    code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
+    assert state["status"] == "open" and state["escrow"] == 200
+    assert [(await ledger.balance(user_account(w.username))).posted for w in (a, b)] == [80, 80]
