@@ -40,7 +40,7 @@ class _Inflated(io.RawIOBase):
 
     def __init__(self, raw: bytes, limits: ArchiveLimits) -> None:
         self._gz = gzip.GzipFile(fileobj=io.BytesIO(raw), mode="rb")
-        self._cap = max(limits.ratio_floor, min(limits.max_unpacked, limits.max_ratio * len(raw)))
+        self._cap = min(limits.max_unpacked, max(limits.ratio_floor, limits.max_ratio * len(raw)))
         self._limits, self._total = limits, 0
 
     def readable(self) -> bool:
@@ -49,11 +49,10 @@ class _Inflated(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         data = self._gz.read(min(len(buffer), _CHUNK))
         self._total += len(data)
-        if self._total > min(self._cap, self._limits.max_unpacked):
+        if self._total > self._cap:
             raise PayloadTooLarge("archive_too_large",
-                                  f"the archive unpacks to more than {min(self._cap, self._limits.max_unpacked)} "
-                                  f"bytes (at most {self._limits.max_unpacked}, and {self._limits.max_ratio}x "
-                                  "its own size)")
+                                  f"the archive unpacks to more than {self._cap} bytes (at most "
+                                  f"{self._limits.max_unpacked}, and {self._limits.max_ratio}x its own size)")
         buffer[:len(data)] = data
         return len(data)
 
