@@ -83,7 +83,8 @@ return 'ok'
 """
 
 _MARK = """
--- KEYS: result, job. ARGV: accepted|rejected|provisional, now_ms. Brings the result's state and the job's counters in
+-- KEYS: result, job (, release zset for 'provisional'). ARGV: accepted|rejected|provisional, now_ms (the
+-- window's end for 'provisional'), release member. Brings the result's state and the job's counters in
 -- line with what the ledger decided: 'accepted' once the payment claimed `accepted_at` (idempotent);
 -- 'rejected' only while no payment claimed it (the payment's guard forbids `rejected_at` from then on).
 local r = redis.call('HMGET', KEYS[1], 'state', 'accepted_at', 'rejected_at')
@@ -91,6 +92,7 @@ local undecided = r[1] == 'submitted' or r[1] == 'provisional'
 if ARGV[1] == 'provisional' then  -- auto-accepted: paid when the dispute window (ARGV[2] = its end) ends
   if r[1] ~= 'submitted' or r[2] then return 0 end
   redis.call('HSET', KEYS[1], 'state', 'provisional', 'release_at', ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])  -- the sweeper's queue of rewards to release
   return 1
 end
 if ARGV[1] == 'accepted' then
@@ -305,9 +307,8 @@ class Crowd:
             independent = other.get("owner") != owner and other.get("status") == status
             if rid != result_id and independent and other.get("state") in ("submitted", "provisional", "accepted"):
                 for r in (rid, result_id):
-                    if await self._mark(keys=[self._k("result", j["id"], r), self._k("job", j["id"])],
-                                        args=["provisional", release_at]) == 1:
-                        await self.redis.zadd(self._k("release"), {f"{j['id']}|{r}": release_at})
+                    await self._mark(keys=[self._k("result", j["id"], r), self._k("job", j["id"]), self._k("release")],
+                                     args=["provisional", release_at, f"{j['id']}|{r}"])
                 if self.dispute_seconds <= 0:
                     await self.release_due()
                 return
