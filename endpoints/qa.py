@@ -11,7 +11,7 @@ from service.errors import BadRequest, NotFound, TooManyRequests
 from service.paywall import PAYMENT, commit
 from service.pricing import priced
 from service.qa import manifests, suites
-from service.qa.bundle import from_archive
+from service.qa.bundle import from_archive_async
 from service.schemas import RunSchema, load_json
 from service.state import LEDGER, PRICES, RUNS, SETTINGS
 
@@ -76,7 +76,7 @@ async def _run_request(request: web.Request) -> dict[str, Any]:
         if suites.get(data["suite"]) is None:
             raise BadRequest("unknown_suite", f"suite {data['suite']!r} is not offered; see GET /v1/qa/suites")
         data["kubernetes_version"] = manifests.resolve_version(data["kubernetes_version"])
-        text = data["manifests"] if data["archive"] is None else from_archive(
+        text = data["manifests"] if data["archive"] is None else await from_archive_async(
             data["archive"], max_bytes=request.app[SETTINGS].max_body)
         data["text"], data["docs"] = text, await _parse(request, text)
         request[_RUN] = data

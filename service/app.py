@@ -86,7 +86,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address,
                              deployment=deployment_id(s))
     app[RUNS] = RunStore(redis, s.redis_prefix)
-    app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease)
+    app[CROWD] = Crowd(redis, s.redis_prefix, ledger, lease_seconds=s.crowd_lease, dispute_seconds=s.crowd_dispute,
+                       stake_percent=s.crowd_stake_percent)
     app[PAYOUTS] = Payouts(redis, s.redis_prefix, ledger, network=s.network, hold_days=s.withdrawal_hold_days,
                            minimum_withdrawal=s.minimum_withdrawal)
     app[EXPERTS] = Experts(redis, s.redis_prefix, ledger, app[PAYOUTS])

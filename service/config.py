@@ -82,6 +82,8 @@ class Settings:
     qa_max_attempts: int = 3
     qa_max_active: int = 20
     crowd_lease: int = 600
+    crowd_dispute: int = 86_400        # seconds an auto-accepted crowd result waits before it is paid
+    crowd_stake_percent: int = 20      # of the reward, staked by each claim; a rejected result forfeits it
     payee_xpub: str | None = None
     payee_branch: int = 0              # derivation chain of PAYEE_XPUB: xpub/<branch>/<index>, one per deployment
     invoice_address_pool: int = 20     # invoice addresses leased at once (keep <= the wallet's gap limit)
@@ -149,6 +151,8 @@ class Settings:
             qa_max_attempts=_int(env, "QA_MAX_ATTEMPTS", 3),
             qa_max_active=_int(env, "QA_MAX_ACTIVE", 20),
             crowd_lease=_int(env, "CROWD_LEASE", 600),
+            crowd_dispute=_int(env, "CROWD_DISPUTE_SECONDS", 86_400),
+            crowd_stake_percent=_int(env, "CROWD_STAKE_PERCENT", 20),
             payee_xpub=env.get("PAYEE_XPUB") or None,
             payee_branch=_int(env, "PAYEE_BRANCH", 0),
             invoice_address_pool=_int(env, "INVOICE_ADDRESS_POOL", 20),

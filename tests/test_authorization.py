@@ -18,6 +18,7 @@ ROLES = ("anonymous", "other", "owner", "admin")
 P = 402      # priced: no role gets past the paywall without paying (the operator's token is not money)
 NF = 404
 ANY_OK = (200, 201, 204)
+EVIDENCE = '<testsuites><testsuite><testcase name="e2e"/></testsuite></testsuites>'  # a crowd result's JUnit
 
 # (method, path, body, {role: expected status or statuses}, private): `private` routes must not show MARK
 # to anyone but the owner. Placeholders are filled from the world the fixture builds.
@@ -65,7 +66,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, Any], bool]] = [
     ("GET", "/v1/qa/jobs/{job}", None, {"anonymous": 401, "other": NF, "owner": 200, "admin": 401}, True),
     ("POST", "/v1/qa/jobs/claim", {"runner": "{runner}", "wait": 0},
      {"anonymous": 401, "other": (200, 204), "owner": NF, "admin": 401}, True),
-    ("POST", "/v1/qa/jobs/{job}/result", {"runner": "{runner}", "status": "passed", "junit": "<testsuites/>"},
+    ("POST", "/v1/qa/jobs/{job}/result", {"runner": "{runner}", "status": "passed", "junit": EVIDENCE},
      {"anonymous": 401, "other": (201, 409), "owner": NF, "admin": 401}, True),
     ("POST", "/v1/qa/jobs/{job}/results/{result}/reject", {"reason": "no"},
      {"anonymous": 401, "other": NF, "owner": 200, "admin": 401}, True),
@@ -132,7 +133,7 @@ async def world(http, base_url, funded) -> dict[str, Any]:
         status, lease = await s.signed("POST", f"{base_url}/v1/qa/jobs/claim", {"runner": runner["id"], "wait": 0})
         assert status == 200, lease
         status, result = await s.signed("POST", f"{base_url}/v1/qa/jobs/{w['job']}/result",
-                                        {"runner": runner["id"], "status": "passed", "junit": "<testsuites/>"})
+                                        {"runner": runner["id"], "status": "passed", "junit": EVIDENCE})
         assert status == 201, result
         w["result"] = result["id"]
     return w

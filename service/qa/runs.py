@@ -1,10 +1,12 @@
 """Paid QA runs: stored and queued in Redis (a Stream with a consumer group), executed by workers.
 
 A worker that dies mid-run leaves its entry pending in the group; another worker claims it after
-QA_LEASE seconds (XAUTOCLAIM), so no paid run is lost. Finishing a run is one Lua script that only the
-first finisher wins. A run that fails for infrastructure reasons (the suite raised, or the entry was
-delivered QA_MAX_ATTEMPTS times) refunds the payer with a compensating transfer whose id is derived
-from the payment, so the refund happens exactly once.
+QA_LEASE seconds (XAUTOCLAIM), so no paid run is lost. A live worker renews its lease (a heartbeat) for as
+long as it runs. Each attempt carries a fencing token (the run's attempt counter): `start`, `renew` and
+`finish` are compare-and-set scripts on it, so a worker that lost its lease can neither restart a run,
+record its outcome nor refund it. Every outcome claims the run's `settled` field once; a refund (the suite
+raised, or QA_MAX_ATTEMPTS were used up) claims it in the same ledger script that moves the money (a
+Guard), so only the one winning finish ever posts a refund, and only an attempt that was not fenced.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from redis.exceptions import ResponseError
 
 from .. import metrics, tasks, webhooks
 from ..errors import NotFound
-from ..ledger import REVENUE, Ledger, user_account
+from ..ledger import REVENUE, Guard, Ledger, Outcome, user_account
 from . import manifests, suites
 from .junit import to_junit
 
@@ -33,15 +35,63 @@ log = structlog.get_logger("qa")
 GROUP = "qa-workers"
 DONE = ("passed", "failed", "error")
 
-_FINISH = """
--- KEYS: run hash, owner's active counter. ARGV: status, finished_ms, summary json, error, refund id
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'passed' or status == 'failed' or status == 'error' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'summary', ARGV[3], 'error', ARGV[4],
-  'refund', ARGV[5])
-if tonumber(redis.call('DECR', KEYS[2])) < 0 then redis.call('SET', KEYS[2], 0) end
+_START = """
+-- KEYS: run hash. ARGV: worker, lease_ms. A new attempt (fencing token = attempts) unless the run is
+-- finished or settled, or another attempt's lease is still live; starting attempt n fences attempt n-1.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'status', 'settled', 'lease_until', 'worker', 'attempts')
+if not r[1] then return {'missing'} end
+if r[1] == 'passed' or r[1] == 'failed' or r[1] == 'error' then return {'done'} end
+if r[2] then return {'settled', r[2]} end
+if r[1] == 'running' and tonumber(r[3] or 0) > now_ms then return {'leased', r[4] or ''} end
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if n > 1 then redis.call('HSET', KEYS[1], 'fenced:' .. (n - 1), now_ms) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started', now_ms, 'worker', ARGV[1],
+  'lease_until', now_ms + tonumber(ARGV[2]))
+return {'ok', tostring(n)}
+"""
+
+_RENEW = """
+-- KEYS: run hash, queue. ARGV: token, lease_ms, group, consumer, entry id ('' = none).
+-- Extend the lease of the current attempt only, and reset the stream entry's idle time with it.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'settled')
+if r[1] ~= 'running' or r[2] ~= ARGV[1] or r[3] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', now_ms + tonumber(ARGV[2]))
+if ARGV[5] ~= '' then redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[5], 'JUSTID') end
 return 1
 """
+
+_FINISH = """
+-- KEYS: run hash, owner's active counter, result. ARGV: token, status, summary json, error, refund id,
+-- cases json ('' = none), result ttl s. Records the outcome once, for the current attempt only; a refund
+-- already claimed `settled` = '<token>:error' in its ledger script, and is recorded here by that token.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'settled')
+if r[1] == 'passed' or r[1] == 'failed' or r[1] == 'error' then return 'done' end
+local claim = ARGV[1] .. ':' .. ARGV[2]
+if r[3] and r[3] ~= claim then return 'settled' end
+if r[2] ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'fenced:' .. ARGV[1]) == 1 then return 'stale' end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', tonumber(ARGV[7])) end
+redis.call('HSET', KEYS[1], 'settled', claim, 'status', ARGV[2], 'finished', now_ms, 'summary', ARGV[3],
+  'error', ARGV[4], 'refund', ARGV[5])
+redis.call('HDEL', KEYS[1], 'lease_until')
+if tonumber(redis.call('DECR', KEYS[2])) < 0 then redis.call('SET', KEYS[2], 0) end
+return 'ok'
+"""
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `start` answered: `ok` with this attempt's fencing token, or why no attempt began
+    (`done`, `settled` with the winning claim, `leased` by a live worker, `missing`)."""
+
+    state: str
+    token: int = 0
+    settled: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +109,12 @@ class RunStore:
         self.redis = redis
         self.tag = "{" + prefix + "}"
         self._finish = redis.register_script(_FINISH)
+        self._start = redis.register_script(_START)
+        self._renew = redis.register_script(_RENEW)
+
+    def run_key(self, run_id: str) -> str:
+        """The run's hash (refunds guard on it: same hash tag as the ledger)."""
+        return self._run(run_id)
 
     def _run(self, run_id: str) -> str:
         return f"{self.tag}:qa:run:{run_id}"
@@ -148,21 +204,35 @@ class RunStore:
         seconds = (r["timings"]["run_ms"] or 0) / 1000
         return to_junit(r["suite"], await self.cases(run_id), run_id=run_id, seconds=seconds)
 
-    async def finish(self, run: dict[str, Any], status: str, *, summary: dict | None = None,
+    async def finish(self, run: dict[str, Any], token: int, status: str, *, summary: dict | None = None,
                      cases: list[dict] | None = None, error: str = "", refund: str = "") -> bool:
-        """Record the outcome once; False if another worker finished this run first."""
-        if cases is not None:
-            await self.redis.set(self._result(run["id"]), json.dumps(cases), ex=30 * 86400)
-        won = await self._finish(keys=[self._run(run["id"]), self._active(run["owner"])],
-                                 args=[status, int(time.time() * 1000), json.dumps(summary or {}), error, refund])
-        if won:
+        """Record the outcome of attempt `token` once; False if the run was finished already or the
+        attempt was fenced by a newer one (a stale worker's result is dropped, never stored)."""
+        got = await self._finish(
+            keys=[self._run(run["id"]), self._active(run["owner"]), self._result(run["id"])],
+            args=[token, status, json.dumps(summary or {}), error, refund,
+                  json.dumps(cases) if cases is not None else "", 30 * 86400])
+        if got == "ok":
             await self.redis.delete(self._body(run["id"]))
-        return bool(won)
+            return True
+        if got == "stale":
+            log.warning("stale_finish_refused", run=run["id"], token=token, status=status)
+        return False
 
-    async def start(self, run_id: str, worker: str) -> None:
-        await self.redis.hset(self._run(run_id), mapping={"status": "running", "started": int(time.time() * 1000),
-                                                           "worker": worker})
-        await self.redis.hincrby(self._run(run_id), "attempts", 1)
+    async def start(self, run_id: str, worker: str, *, lease_ms: int) -> Started:
+        """Begin a new attempt (compare-and-set): refused for a finished or settled run, or while another
+        attempt's lease is live; the attempt before it is fenced."""
+        got = [str(x) for x in await self._start(keys=[self._run(run_id)], args=[worker, lease_ms])]
+        if got[0] == "ok":
+            return Started("ok", int(got[1]))
+        if got[0] != "done":
+            log.info("start_refused", run=run_id, worker=worker, state=got[0], detail=got[1] if len(got) > 1 else "")
+        return Started(got[0], settled=got[1] if got[0] == "settled" else "")
+
+    async def renew(self, run_id: str, token: int, worker: str, *, lease_ms: int, entry_id: str = "") -> bool:
+        """Extend attempt `token`'s lease (and its stream entry's); False once it was fenced or finished."""
+        return bool(await self._renew(keys=[self._run(run_id), self.queue],
+                                      args=[token, lease_ms, GROUP, worker, entry_id]))
 
     async def body(self, run_id: str) -> str | None:
         return await self.redis.get(self._body(run_id))
@@ -207,22 +277,45 @@ class Worker:
                                                     block=block_ms or None)
             entries = [e for _, batch in got for e in batch] if got else []
         for entry_id, fields in entries:
+            done = True
             if fields:  # a deleted entry comes back empty from XAUTOCLAIM
-                await self.process(entry_id, fields["run"])
-            await self.store.redis.xack(self.store.queue, GROUP, entry_id)
+                done = await self.process(entry_id, fields["run"])
+            if done:  # an entry another live attempt holds stays pending for it
+                await self.store.redis.xack(self.store.queue, GROUP, entry_id)
         return len(entries)
 
-    async def process(self, entry_id: str, run_id: str) -> None:
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.limits.lease_seconds * 1000)
+
+    async def process(self, entry_id: str, run_id: str) -> bool:
+        """One attempt at a run under a renewed lease. False when the entry belongs to another attempt."""
         run = await self.store.get(run_id)
         if run is None or run["status"] in DONE:
-            return
+            return True
+        started = await self.store.start(run_id, self.name, lease_ms=self._lease_ms)
+        if started.state == "settled":  # a refund landed but its record did not (crash): record it now
+            token = int(started.settled.split(":")[0])
+            if await self.store.finish(run, token, "error", error="the run failed; refunded",
+                                       refund=f"refund:{run['receipt']}"):
+                _notify(run, "error", error="the run failed; refunded", refund=f"refund:{run['receipt']}")
+            return True
+        if started.state != "ok":
+            return started.state in ("done", "missing")
+        heartbeat = asyncio.create_task(self._heartbeat(run_id, started.token, entry_id))
+        try:
+            return await self._attempt(run, started.token)
+        finally:
+            await _stop(heartbeat)
+
+    async def _attempt(self, run: dict[str, Any], token: int) -> bool:
+        run_id = run["id"]
         if not await self._payment_settled(run):
-            await self.store.finish(run, "error", error="the payment for this run was not settled")
-            return
-        if run["attempts"] >= self.limits.max_attempts:
-            await self._fail(run, f"gave up after {run['attempts']} attempts (workers died or timed out)")
-            return
-        await self.store.start(run_id, self.name)
+            return await self.store.finish(run, token, "error", error="the payment for this run was not settled") \
+                or not await self._fenced(run_id, token)
+        if token > self.limits.max_attempts:
+            await self._fail(run, token, f"gave up after {token - 1} attempts (workers died or timed out)")
+            return True
         started = time.perf_counter()
         try:
             body = await self.store.body(run_id)
@@ -232,14 +325,33 @@ class Worker:
                 asyncio.get_running_loop().run_in_executor(None, _execute, run, body), self.limits.run_timeout)
         except Exception as exc:
             log.error("run_failed", run=run_id, error=f"{type(exc).__name__}: {exc}")
-            await self._fail(run, f"infrastructure error: {type(exc).__name__}")
-            return
+            await self._fail(run, token, f"infrastructure error: {type(exc).__name__}")
+            return not await self._fenced(run_id, token)
         cases = [c.__dict__ for c in outcome.cases]
         status = "failed" if outcome.failed else "passed"
         summary = {**outcome.summary(documents), "seconds": round(time.perf_counter() - started, 3)}
-        if await self.store.finish(run, status, summary=summary, cases=cases):
+        if await self.store.finish(run, token, status, summary=summary, cases=cases):
             log.info("run_finished", run=run_id, status=status, testcases=summary["testcases"])
             _notify(run, status, summary=summary)
+            return True
+        return not await self._fenced(run_id, token)
+
+    async def _fenced(self, run_id: str, token: int) -> bool:
+        """Did a newer attempt take this run over (its worker owns the stream entry now)?"""
+        run = await self.store.get(run_id)
+        return bool(run and run["status"] not in DONE and run.get("attempts", 0) != token)
+
+    async def _heartbeat(self, run_id: str, token: int, entry_id: str) -> None:
+        """Renew the lease every third of it while the attempt runs; stops when fenced or cancelled."""
+        interval = max(0.05, self.limits.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.store.renew(run_id, token, self.name, lease_ms=self._lease_ms, entry_id=entry_id):
+                    log.warning("lease_lost", run=run_id, token=token, worker=self.name)
+                    return
+            except Exception as exc:  # Redis hiccup: try again next beat (the lease may lapse)
+                log.warning("lease_renew_failed", run=run_id, error=str(exc))
 
     async def _payment_settled(self, run: dict[str, Any], wait: float = 5.0) -> bool:
         """The paywall captures right after the 202; wait briefly for that, never run an unpaid run."""
@@ -253,18 +365,36 @@ class Worker:
                 return False
             await asyncio.sleep(0.05)
 
-    async def _fail(self, run: dict[str, Any], error: str) -> None:
-        """Infrastructure failure: give the payer the price back, exactly once (idempotent transfer id)."""
+    async def _fail(self, run: dict[str, Any], token: int, error: str) -> None:
+        """Infrastructure failure: give the payer the price back, at most once and only from the current
+        attempt: the refund claims the run's `settled` field in its own ledger script (a Guard that is
+        refused once this attempt is fenced or another outcome was recorded)."""
         refund_id = f"refund:{run['receipt']}"
-        result = await self.ledger.post(refund_id, REVENUE, user_account(run["owner"]), run["price"],
+        guard = Guard(self.store.run_key(run["id"]), forbid=f"fenced:{token}", claim="settled",
+                      value=f"{token}:error")
+        result = await self.ledger.post(refund_id, REVENUE, user_account(run["owner"]), run["price"], guard=guard,
                                         reason=f"QA run {run['id']} failed: {error}")
+        if result.outcome in (Outcome.GUARDED, Outcome.CLAIMED):
+            log.warning("stale_refund_refused", run=run["id"], token=token, outcome=result.outcome.value)
+            return
         if result.ok:
             metrics.SATS.labels("refunded").inc(int(run["price"]))
-        if result.outcome.value not in ("ok", "replayed"):
+        elif result.outcome is not Outcome.REPLAYED:
             log.error("refund_failed", run=run["id"], outcome=result.outcome.value)
             refund_id = ""
-        if await self.store.finish(run, "error", error=error, refund=refund_id):
+        if await self.store.finish(run, token, "error", error=error, refund=refund_id):
             _notify(run, "error", error=error, refund=refund_id or None)
+
+
+async def _stop(task: "asyncio.Task[Any]") -> None:
+    """Cancel a helper task and wait for it, without swallowing a cancellation aimed at the caller."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def _execute(run: dict[str, Any], body: str) -> tuple[suites.Outcome, int]:
