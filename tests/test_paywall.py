@@ -482,9 +482,12 @@ async def test_token_idempotency_key_replays_refuses_other_requests_and_needs_th
 
 async def test_a_retry_while_the_first_is_running_is_409_request_in_progress(aiohttp_server, make_app, http,
                                                                              funded, ledger, settings):
+    running, release = asyncio.Event(), asyncio.Event()
+
     @priced("qa.validate")
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.5)
+        running.set()  # the hold is taken: the retry below meets a call in progress, however loaded the machine
+        await asyncio.wait_for(release.wait(), 10)
         return web.json_response({"done": True})
 
     app = make_app()
@@ -499,8 +502,9 @@ async def test_a_retry_while_the_first_is_running_is_409_request_in_progress(aio
             return r.status, await r.json(), r.headers
 
     first = asyncio.ensure_future(send())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(running.wait(), 10)
     status, body, got = await send()
+    release.set()
     assert (status, body["error"], got["Retry-After"]) == (409, "request_in_progress", "1")
     assert (await first)[:2] == (200, {"done": True})
     status, body, got = await send()
