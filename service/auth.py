@@ -3,8 +3,9 @@
 The signed message is protocol.request_message(method, path_qs, ts, body, nonce, origin=...): this
 deployment's origin (deployment.signing_origins: PUBLIC_URL, never the Host header), method, path with query,
 timestamp, body hash and the optional MT-Nonce header, so a signature cannot be moved to another request or
-another deployment, and it ages out after AUTH_WINDOW seconds. A request that changes state is also single-use: the signed
-message's hash is remembered (SET NX) for twice the window, and a replay is 409 `request_replayed`.
+another deployment, and it ages out after AUTH_WINDOW seconds. A request that changes state is also
+single-use: the signed message's hash is remembered (SET NX) for twice the window, and a replay is 409
+`request_replayed`.
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def origin_of(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, {"http": 80, "https": 443}[parts.scheme]) else "")
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 def request_message(method: str, path_qs: str, ts: str, body: bytes, nonce: str = "", *, origin: str) -> bytes:
