@@ -18,7 +18,7 @@ async def register(request: web.Request) -> web.Response:
     signature = require_signature(request.headers.get(P.AUTHORIZATION))
     data = await load_json(request, _register)
     pubkey = crypto.parse_pubkey(data["pubkey"])
-    verify_body_signature(pubkey, signature, await request.read())
+    verify_body_signature(pubkey, signature, await request.read(), request)
     body = await accounts.register(request.app[LEDGER], data["username"], pubkey)
     return web.json_response(body, status=201, headers={"Location": f"/v1/accounts/{data['username']}"})
 

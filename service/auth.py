@@ -1,9 +1,11 @@
 """Signed requests ("Authorization: MT-Sig <username>:<unix ts>:<base64 sig>") with the account's key.
 
-The signed message is protocol.request_message(method, path_qs, ts, body, nonce): method, path with query,
-timestamp, body hash and the optional MT-Nonce header, so a signature cannot be moved to another request,
-and it ages out after AUTH_WINDOW seconds. A request that changes state is also single-use: the signed
-message's hash is remembered (SET NX) for twice the window, and a replay is 409 `request_replayed`.
+The signed message is protocol.request_message(method, path_qs, ts, body, nonce, origin=...): this
+deployment's origin (deployment.signing_origins: PUBLIC_URL, never the Host header), method, path with query,
+timestamp, body hash and the optional MT-Nonce header, so a signature cannot be moved to another request or
+another deployment, and it ages out after AUTH_WINDOW seconds. A request that changes state is also
+single-use: the signed message's hash is remembered (SET NX) for twice the window, and a replay is 409
+`request_replayed`.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import hashlib
 import hmac
 import re
 import time
+from typing import Callable
 
 from aiohttp import web
 
 from . import crypto
 from . import protocol as P
+from .deployment import signing_origins
 from .errors import Conflict, Forbidden, Unauthorized
 from .inputs import ascii_int, undecodable
 from .ledger import Ledger, user_account
@@ -51,13 +55,15 @@ async def authenticate(request: web.Request, ledger: Ledger, window: int, *, all
     if nonce and not _NONCE.fullmatch(nonce):
         raise Unauthorized("malformed_auth", f"{P.NONCE}: 8-64 characters A-Z a-z 0-9 _ -")
     body = await request.read() if request.body_exists else b""
-    message = P.request_message(request.method, request.path_qs, ts, body, nonce)
+    origins = _origins(request)
     try:
-        ok = crypto.verify(bytes.fromhex(pubkey_hex), signature, message)
+        message = _verified(bytes.fromhex(pubkey_hex), signature, origins, lambda origin: P.request_message(
+            request.method, request.path_qs, ts, body, nonce, origin=origin))
     except crypto.KeyError_:
-        ok = False
-    if not ok:
-        raise Unauthorized("bad_signature", "the request signature does not verify")
+        message = None
+    if message is None:
+        raise Unauthorized("bad_signature", f"the request signature does not verify (it signs this deployment's "
+                                            f"origin {origins[0]}, method, path, timestamp and body)")
     if request.method in _STATE_CHANGING:
         await _first_use(ledger, username, message, window)
     return username
@@ -78,15 +84,34 @@ def require_signature(signature: str | None) -> str:
     return signature
 
 
-def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes) -> None:
-    """Proof of key possession at registration: the Authorization header signs the exact body bytes."""
+def verify_body_signature(pubkey: bytes, signature: str | None, body: bytes, request: web.Request) -> None:
+    """Proof of key possession at registration: the Authorization header signs this deployment's origin and
+    the exact body bytes (protocol.registration_message), so it registers the key on this deployment only."""
     signature = require_signature(signature)
+    origins = _origins(request)
     try:
-        ok = crypto.verify(pubkey, signature, body)
+        message = _verified(pubkey, signature, origins, lambda origin: P.registration_message(origin, body))
     except crypto.KeyError_ as exc:
         raise Unauthorized("malformed_signature", f"Authorization: {exc}") from None
-    if not ok:
-        raise Unauthorized("bad_signature", "the signature does not verify for this pubkey over the body")
+    if message is None:
+        raise Unauthorized("bad_signature", "the signature does not verify for this pubkey over this deployment's "
+                                            f"origin ({origins[0]}), a newline and the body")
+
+
+def _origins(request: web.Request) -> list[str]:
+    from .state import SETTINGS  # noqa: PLC0415  (state imports the payment methods, which import this module)
+
+    return signing_origins(request.config_dict[SETTINGS], request)
+
+
+def _verified(pubkey: bytes, signature: str, origins: list[str], message_for: Callable[[str], bytes]) -> bytes | None:
+    """The message, for one of this deployment's origins, that `signature` signs; None if it signs none
+    (crypto.KeyError_ if the signature cannot be decoded)."""
+    for origin in origins:
+        message = message_for(origin)
+        if crypto.verify(pubkey, signature, message):
+            return message
+    return None
 
 
 async def _token_owner(ledger: Ledger, value: str, request: web.Request) -> str:

@@ -97,12 +97,13 @@ def transfer_headers(wallet: Wallet, *, amount: int, payee_username: str, payee_
 
 
 def signed_headers(wallet: Wallet, method: str, url: str, body: bytes = b"") -> dict[str, str]:
-    """Authorization for account routes: MT-Sig <username>:<ts>:<signature of the request>."""
+    """Authorization for account routes: MT-Sig <username>:<ts>:<signature of the request>, bound to the
+    origin of `url` (the deployment it is sent to)."""
     parts = urlsplit(url)
     path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
     ts = str(int(time.time()))
     nonce = secrets.token_urlsafe(12)  # the server refuses a state-changing request it has seen
-    sig = wallet.sign(P.request_message(method, path_qs, ts, body, nonce))
+    sig = wallet.sign(P.request_message(method, path_qs, ts, body, nonce, origin=P.origin_of(url)))
     return {P.AUTHORIZATION: f"{P.SIG_SCHEME} {wallet.username}:{ts}:{sig}", P.NONCE: nonce}
 
 
@@ -236,12 +237,13 @@ class PaidSession:
         return status, payload, rheaders
 
     async def register(self, server: str) -> tuple[int, Any]:
-        """Register the wallet's username and key, proving possession by signing the body."""
+        """Register the wallet's username and key, proving possession by signing the server's origin and the body."""
         if self.wallet is None:
             raise PaymentError("registering needs a wallet")
         body = json.dumps({"username": self.wallet.username, "pubkey": self.wallet.pubkey.hex()}).encode()
         status, payload, _ = await self._send("POST", f"{server.rstrip('/')}/v1/accounts", body,
-                                              {P.AUTHORIZATION: self.wallet.sign(body),
+                                              {P.AUTHORIZATION: self.wallet.sign(P.registration_message(
+                                                  P.origin_of(server), body)),
                                                "Content-Type": "application/json"})
         return status, payload
 

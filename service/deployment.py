@@ -11,9 +11,10 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from . import protocol as P
 from .config import ConfigError, Settings, public_origin
 
-__all__ = ["origin", "absolute_url", "names_this_deployment", "deployment_id"]
+__all__ = ["origin", "absolute_url", "names_this_deployment", "deployment_id", "signing_origins"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _WILDCARD = {"", "0.0.0.0", "::"}
@@ -57,3 +58,14 @@ def names_this_deployment(settings: Settings, request: web.Request, url: str) ->
 def deployment_id(settings: Settings) -> str:
     """What invoices are bound to (with the invoice secret): an invoice of one deployment pays no other."""
     return f"{settings.public_url or f'local:{settings.host}:{settings.port}'}|{settings.redis_prefix}"
+
+
+def signing_origins(settings: Settings, request: web.Request) -> list[str]:
+    """The origins a signature for this deployment may name (MT-Sig, registration): PUBLIC_URL only; on a
+    local run, each loopback name (and HOST) with the port the request arrived on, as for BitTransfers."""
+    if settings.public_url:
+        return [settings.public_url]
+    port = _local_port(request, settings)
+    first = "127.0.0.1" if settings.host in _WILDCARD else settings.host
+    hosts = [first] + sorted((_LOOPBACK | ({settings.host} - _WILDCARD)) - {first})
+    return [P.origin_of(f"http://{f'[{h}]' if ':' in h else h}:{port}") for h in hosts]

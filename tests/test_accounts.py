@@ -13,7 +13,7 @@ from service.ledger import GRANTS, user_account
 
 async def register(http, base_url, wallet, *, sign_with=None, body=None):
     raw = body if body is not None else json.dumps({"username": wallet.username, "pubkey": wallet.pubkey.hex()}).encode()
-    headers = {"Authorization": (sign_with or wallet).sign(raw)}
+    headers = {"Authorization": (sign_with or wallet).sign(P.registration_message(P.origin_of(base_url), raw))}
     async with http.post(f"{base_url}/v1/accounts", data=raw, headers=headers) as r:
         return r.status, await r.json()
 
@@ -50,7 +50,8 @@ async def test_register_rejections_create_nothing(http, base_url, ledger, case, 
     if case == "bad pubkey":
         body["pubkey"] = "02" + "00" * 32
     raw = b"{nope" if case == "not json" else json.dumps(body).encode()
-    headers = {} if case == "no signature" else {"Authorization": (Wallet.generate("x") if case == "signed by another key" else w).sign(raw)}
+    headers = {} if case == "no signature" else {"Authorization": (Wallet.generate("x") if case == "signed by another key" else w).sign(
+        P.registration_message(P.origin_of(base_url), raw))}
     async with http.post(f"{base_url}/v1/accounts", data=raw, headers=headers) as r:
         got = await r.json()
         assert (r.status, got["error"]) == (status, code), got
@@ -119,7 +120,7 @@ async def test_signed_request_must_be_fresh_and_for_this_request(http, base_url,
     alice = await funded(10)
     url = f"{base_url}/v1/accounts/{alice.username}"
     ts = str(int(time.time()) - 3600)
-    stale = f"{P.SIG_SCHEME} {alice.username}:{ts}:{alice.sign(P.request_message('GET', f'/v1/accounts/{alice.username}', ts, b''))}"
+    stale = f"{P.SIG_SCHEME} {alice.username}:{ts}:{alice.sign(P.request_message('GET', f'/v1/accounts/{alice.username}', ts, b'', origin=P.origin_of(base_url)))}"
     async with http.get(url, headers={"Authorization": stale}) as r:
         assert r.status == 401 and (await r.json())["error"] == "stale_auth"
     moved = signed_headers(alice, "GET", f"{base_url}/v1/receipts/x")

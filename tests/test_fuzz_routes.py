@@ -197,7 +197,7 @@ async def test_no_route_answers_5xx_or_moves_money_on_hostile_input(method, path
         headers = dict(req["headers"])
         if req["auth"] == "signed":  # the funded account signs the exact bytes sent
             ts, nonce = str(int(time.time())), secrets.token_urlsafe(12)
-            message = P.request_message(method, req["target"], ts, req["body"], nonce)
+            message = P.request_message(method, req["target"], ts, req["body"], nonce, origin=P.origin_of(base_url))
             headers[P.AUTHORIZATION] = f"{P.SIG_SCHEME} {wallet.username}:{ts}:{wallet.sign(message)}".encode()
             headers[P.NONCE] = nonce.encode()
         elif req["auth"] == "admin":

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from service import protocol as P
 from service.client import PaidSession, Wallet, transfer_headers
 from service.ledger import REVENUE, user_account
 from service.tokens import MAX_TOKENS_PER_ACCOUNT
@@ -25,11 +26,18 @@ async def served(aiohttp_server, app) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-async def register(http, base: str, amount: int, wallet: Wallet | None = None) -> Wallet:
-    """A registered (and credited) account on the deployment at `base`."""
+async def register(http, base: str, amount: int, wallet: Wallet | None = None, origin: str | None = None) -> Wallet:
+    """A registered (and credited) account on the deployment at `base` (whose PUBLIC_URL is `origin`, if not `base`)."""
     wallet = wallet or Wallet.generate(f"u{uuid.uuid4().hex[:10]}")
     async with PaidSession(wallet, session=http) as s:
-        status, body = await s.register(base)
+        if origin is None:
+            status, body = await s.register(base)
+        else:  # the registration signs the deployment's public origin, not the socket the test reaches it on
+            raw = json.dumps({"username": wallet.username, "pubkey": wallet.pubkey.hex()}).encode()
+            async with http.post(f"{base}/v1/accounts", data=raw, headers={
+                    P.AUTHORIZATION: wallet.sign(P.registration_message(origin, raw)),
+                    "Content-Type": "application/json"}) as r:
+                status, body = r.status, await r.json()
     assert status == 201, body
     if amount:
         async with http.post(f"{base}/v1/admin/credits", json={"username": wallet.username, "amount": amount,
@@ -158,7 +166,7 @@ async def test_the_402_and_discovery_urls_come_from_public_url_not_the_host_head
         items = (await r.json())["items"]
     assert items and all(i["resource"].startswith("https://api.example.org/v1/") for i in items)
     # a client of the public URL pays; a transfer naming the socket's own address is for another origin
-    wallet = await register(http, base, 1000)
+    wallet = await register(http, base, 1000, origin="https://api.example.org")
     public = transfer_headers(wallet, amount=PRICE, payee_username=settings.payee_username,
                               payee_address=settings.payee_address, url="https://api.example.org/v1/qa/validate")
     local = transfer_headers(wallet, amount=PRICE, payee_username=settings.payee_username,

@@ -10,6 +10,15 @@ from ..errors import Unprocessable
 
 __all__ = ["to_junit", "check_evidence"]
 
+# Characters XML 1.0 cannot hold (NUL, most C0 controls, lone surrogates): ElementTree would write them as is.
+_NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _x(text: str) -> str:
+    """Text a document supplied (kind, name, a message quoting it), made writable in XML: the report stays
+    parseable whatever the manifest held."""
+    return _NOT_XML.sub("\ufffd", text)
+
 
 def to_junit(suite: str, cases: Iterable[dict[str, Any]], *, run_id: str = "", seconds: float = 0.0) -> str:
     cases = list(cases)
@@ -20,14 +29,14 @@ def to_junit(suite: str, cases: Iterable[dict[str, Any]], *, run_id: str = "", s
                        time=f"{seconds:.3f}", id=run_id)
     for c in cases:
         where = f"document {c['document']}" if c["document"] >= 0 else "bundle"
-        tc = ET.SubElement(ts, "testcase", classname=f"{where}.{c['kind']}/{c['name'] or '-'}",
-                           name=f"{c['rule']}" + (f" {c['path']}" if c.get("path") else ""), time="0")
+        tc = ET.SubElement(ts, "testcase", classname=_x(f"{where}.{c['kind']}/{c['name'] or '-'}"),
+                           name=_x(f"{c['rule']}" + (f" {c['path']}" if c.get("path") else "")), time="0")
         if c["status"] == "failed":
-            msg = f"{c['path'] + ': ' if c.get('path') else ''}{c['message']}"
+            msg = _x(f"{c['path'] + ': ' if c.get('path') else ''}{c['message']}")
             failure = ET.SubElement(tc, "failure", message=msg[:500], type=c.get("severity", "error"))
-            failure.text = msg + (f"\nfix: {c['fix']}" if c.get("fix") else "")
+            failure.text = msg + _x(f"\nfix: {c['fix']}" if c.get("fix") else "")
         elif c["status"] == "skipped":
-            ET.SubElement(tc, "skipped", message=c.get("message", "")[:500])
+            ET.SubElement(tc, "skipped", message=_x(c.get("message", "")[:500]))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True)
 

@@ -24,6 +24,10 @@ __all__ = ["parse_manifests", "supported_versions", "resolve_version", "validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_EXPANDED_NODES = 1_000_000  # a 1 MiB manifest has far fewer; an alias bomb ("billion laughs") far more
+# What Kubernetes accepts (a CRD's kind is a CamelCase identifier; apiVersion is [DNS subdomain "/"] DNS label);
+# the schema file name is built from both, so anything else never reaches the filesystem.
+_KIND = re.compile(r"[A-Za-z][A-Za-z0-9]{0,62}")
+_API_VERSION = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?/)?[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _expanded_size(doc: Any) -> int:
@@ -139,6 +143,8 @@ _compile_lock = threading.Lock()
 @lru_cache(maxsize=2048)
 def _validator(version: str, kind: str, api_version: str, strict: bool) -> jsonschema.Validator | None:
     """Compiled validator for one kind, or None when kubernetes-validate has no schema for it (a CRD)."""
+    if _identity_errors(kind, api_version):  # a file name is built from them: well-formed ones only
+        return None
     group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)  # apps/v1 → apps-v1
     name = f"{kind.lower()}-{group_version}.json"
     if "/" in name or name.startswith("."):
@@ -150,6 +156,19 @@ def _validator(version: str, kind: str, api_version: str, strict: bool) -> jsons
     with _compile_lock:
         registry = _registry(version, strict)
     return jsonschema.Draft202012Validator(schema, registry=registry)  # refs resolve by the schemas' $id
+
+
+def _identity_errors(kind: Any, api_version: Any) -> list[dict[str, str]]:
+    """A document's kind and apiVersion that Kubernetes would refuse, as that document's validation errors."""
+    errors = []
+    if not isinstance(api_version, str) or not _API_VERSION.fullmatch(api_version):
+        errors.append({"path": "apiVersion", "message": "apiVersion must be [group/]version: lower-case letters, "
+                                                        "digits, '-' and '.', a group of at most 253 characters "
+                                                        "and a version of at most 63"})
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+        errors.append({"path": "kind", "message": "kind must be a letter followed by letters and digits, "
+                                                  "at most 63 characters"})
+    return errors
 
 
 def _path(parts: Any) -> str:
@@ -169,8 +188,11 @@ def validate_documents(docs: list[dict[str, Any]], version: str, *, strict: bool
             "name": meta.get("name"), "namespace": meta.get("namespace"),
             "valid": None, "errors": [], "warnings": [],
         }
-        validator = _validator(version, doc["kind"], doc["apiVersion"], strict)
-        if validator is None:
+        identity = _identity_errors(doc["kind"], doc["apiVersion"])
+        validator = None if identity else _validator(version, doc["kind"], doc["apiVersion"], strict)
+        if identity:
+            result["errors"], result["valid"] = identity, False
+        elif validator is None:
             result["warnings"].append(
                 f"no schema for kind {doc['kind']} apiVersion {doc['apiVersion']} in Kubernetes {version}; not checked")
         else:
