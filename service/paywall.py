@@ -96,7 +96,8 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
                      detail: Any = None) -> web.Response:
     book = request.app.get(ADDRESSES)
     settings = request.app[SETTINGS]
-    onchain = book is not None and quote.amount <= settings.onchain_max_zeroconf  # else no address is leased
+    onchain = (book is not None and quote.amount <= settings.onchain_max_zeroconf  # else no address is leased
+               and quote.credit in ("", REVENUE))  # an escrow takes no unconfirmed coins (payments/onchain.py)
     address = await book.for_invoice(settings.invoice_ttl) if onchain else None
     invoice = request.app[INVOICES].issue(quote, address)
     if book and address:  # the lease names its invoice: a two1 client pays the address without naming it

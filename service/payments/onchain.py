@@ -20,6 +20,10 @@ Order of checks, cheapest first, nothing written until the payment is known good
    owned by the payer if the request was signed (credited by chainwatch once confirmed), otherwise
    listed by `python -m service unclaimed` for the operator.
 Zero-confirmation risk is bounded by ONCHAIN_MAX_ZEROCONF: above it the 402 offers no on-chain payment.
+It is the operator's own risk only: a route whose price funds an escrow or credits someone else
+(quote.credit, e.g. expert questions) takes no on-chain payment at all (402 `zeroconf_not_accepted`,
+nothing broadcast or booked), since coins refunded or paid on from it could be withdrawn before a
+double-spend of the unconfirmed tx, out of other users' coins. Deposit first and pay from the balance.
 """
 from __future__ import annotations
 
@@ -39,12 +43,12 @@ from ..chain.backends import ChainBackend, ChainError
 from ..config import Settings
 from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
 from ..invoices import Invoice, Invoices
-from ..ledger import ALL, BITCOIN, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
+from ..ledger import ALL, BITCOIN, REVENUE, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
 from ..pricing import Quote, route_rule
 from . import PaidBefore, Payment
 from . import btc_rules as R
 
-__all__ = ["OnChain", "OnChainRecords", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
+__all__ = ["OnChain", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
            "unclaimed", "settle_unclaimed"]
 log = structlog.get_logger("onchain")
 _HEX = re.compile(r"\A[0-9a-fA-F]+\Z")
@@ -80,6 +84,12 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
+
+
+def zeroconf_allowed(quote: Quote) -> bool:
+    """Only the operator's revenue may take an unconfirmed payment: the double-spend risk is then the
+    operator's alone, never other users' (an escrow refunded or paid on before the tx confirms)."""
+    return quote.credit in ("", REVENUE)
 
 
 class OnChainRecords:
@@ -143,7 +153,8 @@ class OnChain:
     def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
         """None above the zero-conf limit, and when no invoice address of our own was free (the invoice
         then names the static payee address, which never pays a call)."""
-        if quote.amount > self.settings.onchain_max_zeroconf or invoice.address == self.settings.payee_address:
+        if (quote.amount > self.settings.onchain_max_zeroconf or invoice.address == self.settings.payee_address
+                or not zeroconf_allowed(quote)):
             return None
         entry = self.offer_template(quote.amount)
         entry["payTo"] = invoice.address
@@ -162,6 +173,10 @@ class OnChain:
         raw = request.headers[P.BITCOIN_TRANSACTION].strip().lower()
         if len(raw) > 200_000 or len(raw) % 2 or not _HEX.match(raw):
             raise BadRequest("malformed_transaction", "Bitcoin-Transaction must be a raw transaction in hex")
+        if not zeroconf_allowed(quote):
+            raise PaymentRequired("zeroconf_not_accepted", "this route pays its price on to someone else (an escrow), "
+                                                           "so an unconfirmed transaction cannot pay it; deposit first "
+                                                           "and pay from your balance")
         if quote.amount > self.settings.onchain_max_zeroconf:
             raise PaymentRequired("zeroconf_limit", f"prices above {self.settings.onchain_max_zeroconf} sat are not "
                                                     "taken at zero confirmations; deposit first and pay from your balance")

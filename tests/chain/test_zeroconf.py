@@ -1,0 +1,66 @@
+"""Zero-confirmation on-chain payments never become money a user can move: routes that fund an escrow
+(paid on to a third party, refunded to the asker) refuse them; a call payment whose transaction then
+vanishes is reversed in the open by chainwatch; the withdrawal batch is not built over unbacked coins."""
+from __future__ import annotations
+
+import json
+
+from service.client import signed_headers
+from service.ledger import BITCOIN, REVENUE, onchain_account, user_account
+from service.metrics import REGISTRY
+
+from .test_onchain import MANIFEST, pay
+
+PRICE = 50_000
+DEST = "tb1qs9s2swst702zygp94y2q3gaeykd80qm58tfrty"
+
+
+async def _expert(rig) -> object:
+    expert = await rig.user(0)
+    status, body = await rig.signed(expert, "PUT", "/v1/experts/me",
+                                    {"display_name": "Any expert", "tags": ["networking"], "price": PRICE,
+                                     "reply_hours": 24})
+    assert status == 200, body
+    return expert
+
+
+def drop(esplora, txid: str) -> None:
+    """The transaction is double-spent: the node forgets it, its outputs never show."""
+    esplora.index.pop(txid, None)
+    for txs in esplora.txs.values():
+        txs[:] = [t for t in txs if t["txid"] != txid]
+    for utxos in esplora.utxos.values():
+        utxos[:] = [u for u in utxos if u["txid"] != txid]
+    esplora.spends = {k: v for k, v in esplora.spends.items() if v != txid}
+
+
+async def test_an_unconfirmed_tx_never_funds_an_escrow_the_asker_can_withdraw(chain_rig):
+    """Attack (a07c): ask a 50,000 sat expert with a 0-conf tx, withdraw the question at once (the escrow
+    is refunded to the asker's balance), double-spend the tx, withdraw the balance: paid from others' coins."""
+    rig = await chain_rig(minimum_withdrawal=1000)
+    asker, expert = await rig.user(0), await _expert(rig)
+    path = f"/v1/experts/{expert.username}/questions"
+    url, body = f"{rig.url}{path}", json.dumps({"text": "how do I pay with an unconfirmed tx?"}).encode()
+    async with rig.http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 402
+        challenge = await r.json()
+    assert "onchain" not in [a["extra"]["method"] for a in challenge["accepts"]]  # no on-chain offer here
+    leased = (await rig.book.infos([r.headers["Bitcoin-Address"], challenge["invoice"]["address"]])).values()
+    assert "invoice" not in [i.get("purpose") for i in leased]  # no invoice address leased for it either
+    # a tx sent anyway (to an address an invoice would lease) is refused before anything is broadcast
+    address = await rig.book.for_invoice(600)
+    raw, txid = pay(rig.esplora, address, PRICE, fund=100_000, change=40_000)
+    headers = {**signed_headers(asker, "POST", url, body), "Content-Type": "application/json",
+               "Bitcoin-Transaction": raw, "Payment-Invoice": challenge["invoice"]["id"]}
+    async with rig.http.post(url, data=body, headers=headers) as r:
+        refused = await r.json()
+        assert r.status == 402, refused
+    assert refused["error"] == "zeroconf_not_accepted" and "deposit first" in refused["detail"]
+    assert rig.esplora.broadcasts == []                                   # nothing broadcast
+    assert await rig.ledger.transfer(f"coin:{txid}:0") is None            # nothing booked
+    assert await rig.ledger.balance(onchain_account(txid)) is None
+    status, me = await rig.signed(asker, "GET", "/v1/accounts/me")
+    assert status == 200 and me["balance"] == 0
+    status, body = await rig.signed(asker, "POST", "/v1/accounts/me/withdrawals", {"amount": PRICE, "address": DEST})
+    assert status in (402, 409), body                                       # nothing to withdraw
+    assert (await rig.ledger.reconcile()).ok
