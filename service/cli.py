@@ -218,7 +218,8 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
                 if args.action == "list":
                     print(json.dumps(await payouts.queued(), indent=2))
                 elif args.action == "batch":
-                    batch = await build_batch(payouts, book, backend, fee_rate=args.fee_rate)
+                    batch = await build_batch(payouts, book, backend, fee_rate=args.fee_rate,
+                                              confirmations=settings.deposit_confirmations, force=args.force)
                     with open(args.out, "w") as f:
                         f.write(batch.psbt + "\n")
                     print(json.dumps({"psbt": args.out, "txid": batch.txid, "withdrawals": batch.withdrawals,
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     wb = wsub.add_parser("batch", help="write an unsigned PSBT paying every queued withdrawal")
     wb.add_argument("--out", required=True)
     wb.add_argument("--fee-rate", type=int, default=5, help="sat/vB")
+    wb.add_argument("--force", action="store_true",
+                    help="build even while coins are booked that the chain never paid us (reconcile --chain, IN "
+                         "side): RISK: the batch may pay that unbacked money out of other users' coins")
     wbc = wsub.add_parser("broadcast", help="broadcast a signed batch (PSBT base64 or raw hex) and settle it")
     wbc.add_argument("file")
     wc = wsub.add_parser("cancel", help="cancel one queued withdrawal: its hold is voided, the money is back "

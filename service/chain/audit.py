@@ -135,10 +135,12 @@ async def audit_in(ledger: Ledger, book: AddressBook, backend: ChainBackend, con
             mismatches.append(f"coin {txid}:{vout}: {amount} sat booked, but no address of ours received it")
         elif seen[0] != amount:
             mismatches.append(f"coin {txid}:{vout}: {amount} sat booked, the chain says {seen[0]} sat")
+    unbacked = list(mismatches)  # money in the books the chain never paid us (the batch refuses over it)
     counted = {k: v for k, v in received.items() if k in booked or v[2] >= confirmations}
     for (txid, vout), (value, address, confs) in sorted(counted.items()):
         if (txid, vout) not in booked:
             mismatches.append(f"coin {txid}:{vout}: {value} sat received on {address} ({confs} confirmations), "
                               "booked nowhere")
     return {"ok": not mismatches, "booked": len(booked), "booked_sat": sum(booked.values()),
-            "received": len(counted), "received_sat": sum(v for v, _, _ in counted.values()), "mismatches": mismatches}
+            "received": len(counted), "received_sat": sum(v for v, _, _ in counted.values()), "mismatches": mismatches,
+            "unbacked": unbacked}

@@ -18,7 +18,7 @@ from ..payouts import Payouts
 from .addresses import AddressBook
 from .backends import ChainBackend, ChainError
 
-__all__ = ["build_batch", "broadcast_batch", "BatchError"]
+__all__ = ["build_batch", "broadcast_batch", "refuse_unbacked", "BatchError"]
 
 _VBYTES_OVERHEAD, _VBYTES_IN, _VBYTES_OUT = 11, 68, 31  # p2wpkh
 
@@ -40,10 +40,15 @@ def _vbytes(inputs: int, outputs: int) -> int:
     return _VBYTES_OVERHEAD + _VBYTES_IN * inputs + _VBYTES_OUT * outputs
 
 
-async def build_batch(payouts: Payouts, book: AddressBook, backend: ChainBackend, fee_rate: int = 5) -> Batch:
+async def build_batch(payouts: Payouts, book: AddressBook, backend: ChainBackend, fee_rate: int = 5, *,
+                      confirmations: int = 3, force: bool = False) -> Batch:
     """One PSBT paying every withdrawal whose hold is pending; each withdrawal bears an equal share of the
     fee (it receives amount − share), so a round trip costs its maker, not the operator. The holds are
-    locked for this batch: they can no longer expire or be cancelled until it is dropped or broadcast."""
+    locked for this batch: they can no longer expire or be cancelled until it is dropped or broadcast.
+    Refused while the chain audit's IN side finds coins booked that our addresses never received (a
+    double-spent payment not yet reversed): they would be paid out of other users' coins (`force`: anyway)."""
+    if not force and await payouts.batchable():  # (nothing queued: said below)
+        await refuse_unbacked(payouts, book, backend, confirmations)
     utxos = [u for a in await book.all_addresses() for u in await backend.utxos(a) if u.confirmations >= 1]
     utxos.sort(key=lambda u: -u.value)
     change_address = ""
@@ -85,6 +90,20 @@ async def build_batch(payouts: Payouts, book: AddressBook, backend: ChainBackend
         await payouts.mark_batched({i: share for i in ids}, txid, fee)
         return Batch(psbt.to_string(), txid, ids, fee, change)
     raise BatchError("withdrawals kept changing while the batch was built; run it again")
+
+
+async def refuse_unbacked(payouts: Payouts, book: AddressBook, backend: ChainBackend, confirmations: int) -> None:
+    """BatchError when the ledger holds money the chain never paid us (audit_in): an operator safety net."""
+    from .audit import audit_in  # noqa: PLC0415
+
+    try:
+        unbacked = (await audit_in(payouts.ledger, book, backend, confirmations))["unbacked"]
+    except ChainError as exc:
+        raise BatchError(f"cannot check the coins booked in against the chain ({exc.reason}); no batch built") from None
+    if unbacked:
+        raise BatchError(f"no batch built: {len(unbacked)} coin(s) are booked that the chain never paid us, and a "
+                         "batch would pay them out of other users' coins (run chainwatch to reverse a vanished "
+                         "payment; see `reconcile --chain`; --force builds anyway): " + "; ".join(unbacked[:5]))
 
 
 def _final_hex(signed: str) -> str:

@@ -64,3 +64,35 @@ async def test_an_unconfirmed_tx_never_funds_an_escrow_the_asker_can_withdraw(ch
     status, body = await rig.signed(asker, "POST", "/v1/accounts/me/withdrawals", {"amount": PRICE, "address": DEST})
     assert status in (402, 409), body                                       # nothing to withdraw
     assert (await rig.ledger.reconcile()).ok
+
+
+async def pay_call_zeroconf(rig, amount: int = 600) -> str:
+    """A revenue call (qa/validate, 120 sat) paid with an unconfirmed tx of `amount` sat: its txid."""
+    url = f"{rig.url}/v1/qa/validate"
+    async with rig.http.post(url, data=MANIFEST) as r:
+        assert r.status == 402
+        address = (await r.json())["invoice"]["address"]
+    raw, txid = pay(rig.esplora, address, amount)
+    async with rig.http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw}) as r:
+        assert r.status == 200, await r.text()
+    return txid
+
+
+async def test_no_batch_pays_out_coins_the_chain_never_paid_us(chain_rig, tmp_path):
+    """Attack (a07b): coins booked for a tx that was then double-spent; the next batch would pay them out
+    of an honest user's deposit. The builder refuses while the IN side of the chain audit is short."""
+    rig = await chain_rig(minimum_withdrawal=1000)
+    await rig.float_coins(500_000)
+    alice = await rig.user(100_000)
+    status, body = await rig.signed(alice, "POST", "/v1/accounts/me/withdrawals", {"amount": 40_000, "address": DEST})
+    assert status == 201, body
+    txid = await pay_call_zeroconf(rig)
+    drop(rig.esplora, txid)
+    rc, _, _ = await rig.cli("reconcile")
+    assert rc == 0                                                          # the ledger alone cannot see it
+    rc, out, err = await rig.cli("withdrawals", "batch", "--out", str(tmp_path / "b.psbt"))
+    assert rc == 1 and "never paid us" in err and txid in err, (out, err)
+    assert await rig.payouts.built_batches() == [] and not (tmp_path / "b.psbt").exists()
+    rc, out, err = await rig.cli("withdrawals", "batch", "--out", str(tmp_path / "b.psbt"), "--force")
+    assert rc == 0, err                                                     # the operator's explicit choice
+    assert json.loads(out)["txid"] in await rig.payouts.built_batches()
