@@ -15,7 +15,7 @@ import hmac
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["REQUESTS", "CHALLENGES", "PAYMENTS", "SATS", "EXPIRED", "REORGS", "REDIS_LATENCY", "metrics_middleware",
+__all__ = ["REQUESTS", "CHALLENGES", "PAYMENTS", "SATS", "EXPIRED", "REORGS", "ONCHAIN_VANISHED", "REDIS_LATENCY", "metrics_middleware",
            "exposition"]
 
 REGISTRY = CollectorRegistry()
@@ -33,6 +33,9 @@ EXPIRED = Counter("microtasks_holds_expired_total", "Holds voided by the sweeper
                   registry=REGISTRY)
 REORGS = Counter("microtasks_deposits_reorged_total", "Credited deposits a chain reorganisation took away "
                  "(counted by chainwatch)", registry=REGISTRY)
+ONCHAIN_VANISHED = Counter("microtasks_onchain_payments_vanished_total", "Booked on-chain call payments whose "
+                           "transaction disappeared (double-spent, dropped, reorged out), reversed by chainwatch",
+                           registry=REGISTRY)
 REDIS_LATENCY = Histogram("microtasks_redis_ping_seconds", "Round trip of the health monitor's PING",
                           buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, 1), registry=REGISTRY)
 _GAUGE = {"multiprocess_mode": "mostrecent"}

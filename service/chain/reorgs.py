@@ -8,7 +8,14 @@ is logged and `microtasks_deposits_reorged_total` counts it. If the transaction 
 was taken is given back (`reorg-restore:<txid>:<vout>`) and the debt is forgiven.
 
 Credited deposits are found in the ledger's journal (every `coin:*` post from `sys:bitcoin` to a
-user), read from a cursor, so no credit escapes the re-check, whichever process booked it."""
+user), read from a cursor, so no credit escapes the re-check, whichever process booked it.
+
+On-chain call payments (coins booked into `onchain:<txid>` at zero confirmations, or strays) are
+re-checked the same way until REORG_SAFE_DEPTH deep: one whose transaction the node no longer knows
+(double-spent, dropped, reorged out) is reversed in the open: `reorg:<txid>:<vout>` takes back what the
+payment account still holds, `reorg:<txid>:<vout>:+<n>` the rest from revenue (the price already
+earned: the operator's loss, shown), an error line `onchain_payment_vanished` is logged and
+`microtasks_onchain_payments_vanished_total` counts it. If it confirms again, both are given back."""
 from __future__ import annotations
 
 import json
@@ -18,8 +25,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from ..ledger import BITCOIN, Ledger, Outcome
-from ..metrics import REORGS
+from ..ledger import BITCOIN, REVENUE, Ledger, Outcome
+from ..metrics import ONCHAIN_VANISHED, REORGS
 from ..payouts import Payouts
 from .backends import ChainBackend, ChainError
 
@@ -107,6 +114,12 @@ async def _discover(ledger: Ledger, prefix: str) -> int:
                 rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "credited", "gen": 0,
                        "taken": 0, "debt": 0}
                 found += await redis.hsetnx(_k(prefix, "watch"), f"{txid}:{vout}", json.dumps(rec))
+            elif (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
+                    and e.get("credit", "").startswith("onchain:")):
+                _, txid, vout = e["id"].split(":")
+                rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "booked", "from_account": 0,
+                       "from_revenue": 0}
+                found += await redis.hsetnx(_k(prefix, "payments"), f"{txid}:{vout}", json.dumps(rec))
             cursor = entry_id
         await redis.set(_k(prefix, "cursor"), cursor)
 
@@ -155,7 +168,85 @@ async def _pass(ledger: Ledger, backend: ChainBackend, payouts: Payouts, prefix:
             stats["collected"] += await _collect(ledger, txid, vout, rec)
         await redis.hset(_k(prefix, "watch"), outpoint, json.dumps(rec))
         stats["watching"] += 1
+    stats.update(await _recheck_payments(ledger, backend, prefix, confirmations, safe_depth, seen))
     return stats
+
+
+async def _recheck_payments(ledger: Ledger, backend: ChainBackend, prefix: str, confirmations: int, safe_depth: int,
+                            seen: dict[str, int | None]) -> dict[str, int]:
+    """Booked call payments: reverse the vanished (account first, then revenue), restore the reconfirmed,
+    forget what is safe_depth deep."""
+    redis, key = ledger.redis, _k(prefix, "payments")
+    stats = {"payments_watching": 0, "payments_vanished": 0, "payments_restored": 0}
+    for outpoint, raw in (await redis.hgetall(key)).items():
+        rec = json.loads(raw)
+        txid, vout = outpoint.split(":")
+        if txid not in seen:
+            try:
+                seen[txid] = await tx_confirmations(backend, txid)
+            except ChainError as exc:
+                log.warning("reorg_check_failed", txid=txid, error=exc.reason)
+                continue
+        conf = seen[txid]
+        if rec["state"] == "booked" and conf is not None and conf >= safe_depth:
+            await redis.hdel(key, outpoint)
+            continue
+        if rec["state"] == "booked" and conf is None:
+            balance = await ledger.balance(rec["account"])
+            if balance is not None and balance.pending_debits:
+                continue  # its call is still running: decide on the next pass
+            rec["gen"] = rec.get("gen", 0) + 1
+            if not await _reverse_payment(ledger, txid, vout, rec):
+                continue
+            rec["state"] = "reversed"
+            ONCHAIN_VANISHED.inc()
+            log.error("onchain_payment_vanished", txid=txid, vout=int(vout), account=rec["account"],
+                      amount=rec["amount"], from_account=rec["from_account"], from_revenue=rec["from_revenue"],
+                      lost=rec["amount"] - rec["from_account"] - rec["from_revenue"])
+            stats["payments_vanished"] += 1
+        elif rec["state"] == "reversed" and conf is not None and conf >= confirmations:
+            if not await _restore_payment(ledger, txid, vout, rec):
+                continue
+            log.warning("onchain_payment_restored", txid=txid, vout=int(vout), amount=rec["amount"])
+            rec.update(state="booked", from_account=0, from_revenue=0)
+            stats["payments_restored"] += 1
+        await redis.hset(key, outpoint, json.dumps(rec))
+        stats["payments_watching"] += 1
+    return stats
+
+
+async def _reverse_payment(ledger: Ledger, txid: str, vout: str, rec: dict[str, Any]) -> bool:
+    """Take the coin back to the chain account: what the payment account holds, then the rest from revenue
+    (as far as it reaches: a user account that was paid the rest is not touched; the gap is logged)."""
+    for source, field, part in ((rec["account"], "from_account", 0), (REVENUE, "from_revenue", 1)):
+        transfer_id = _id("reorg", txid, vout, rec["gen"], part and rec["from_account"] + 1)
+        done = await ledger.transfer(transfer_id)  # a pass that stopped half-way: what it took stands
+        if done:
+            rec[field] = int(done["amount"])
+            continue
+        balance = await ledger.balance(source)
+        take = min(rec["amount"] - rec["from_account"] - rec["from_revenue"], balance.available if balance else 0)
+        if take <= 0:
+            continue
+        result = await ledger.post(transfer_id, source, BITCOIN,
+                                   take, reason=f"on-chain payment {txid}:{vout} vanished from the chain")
+        if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
+            log.error("onchain_reversal_failed", txid=txid, vout=int(vout), outcome=result.outcome.value)
+            return False
+        rec[field] = int(result.transfer["amount"])
+    return True
+
+
+async def _restore_payment(ledger: Ledger, txid: str, vout: str, rec: dict[str, Any]) -> bool:
+    """The vanished payment confirmed after all: give back what was taken, to where it was taken from."""
+    for target, field, part in ((rec["account"], "from_account", 0), (REVENUE, "from_revenue", 1)):
+        if rec[field]:
+            result = await ledger.post(_id("reorg-restore", txid, vout, rec["gen"], part and rec["from_account"] + 1), BITCOIN,
+                                       target, rec[field], reason=f"on-chain payment {txid}:{vout} confirmed again")
+            if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
+                log.error("onchain_restore_failed", txid=txid, vout=int(vout), outcome=result.outcome.value)
+                return False
+    return True
 
 
 def _id(kind: str, txid: str, vout: str, gen: int, part: int = 0) -> str:

@@ -96,3 +96,52 @@ async def test_no_batch_pays_out_coins_the_chain_never_paid_us(chain_rig, tmp_pa
     rc, out, err = await rig.cli("withdrawals", "batch", "--out", str(tmp_path / "b.psbt"), "--force")
     assert rc == 0, err                                                     # the operator's explicit choice
     assert json.loads(out)["txid"] in await rig.payouts.built_batches()
+
+
+async def test_a_vanished_call_payment_is_reversed_in_the_open(chain_rig, tmp_path):
+    """A revenue call paid at zero confirmations (the operator's own risk), then double-spent: chainwatch
+    sees it, takes the coins back to the chain account (rest from the payment account, the price from
+    revenue), logs an error and counts it; the chain audit balances again and batches are built again."""
+    rig = await chain_rig(minimum_withdrawal=1000)
+    await rig.float_coins(500_000)
+    alice = await rig.user(100_000)
+    assert (await rig.signed(alice, "POST", "/v1/accounts/me/withdrawals", {"amount": 40_000, "address": DEST}))[0] == 201
+    txid = await pay_call_zeroconf(rig, 600)                                # 120 sat price, 480 sat rest
+    revenue = (await rig.ledger.balance(REVENUE)).posted
+    rc, out, err = await rig.cli("chainwatch", "--once")
+    assert rc == 0 and json.loads(out)["reorg"]["payments_vanished"] == 0, err  # in the mempool: fine
+    drop(rig.esplora, txid)
+    rc, out, err = await rig.cli("chainwatch", "--once")
+    assert rc == 0, err
+    assert json.loads(out)["reorg"]["payments_vanished"] == 1
+    assert "onchain_payment_vanished" in err and txid in err
+    rest, price = await rig.ledger.transfer(f"reorg:{txid}:0"), await rig.ledger.transfer(f"reorg:{txid}:0:+481")
+    assert (rest["debit"], rest["credit"], int(rest["amount"])) == (onchain_account(txid), BITCOIN, 480)
+    assert (price["debit"], price["credit"], int(price["amount"])) == (REVENUE, BITCOIN, 120)
+    assert (await rig.ledger.balance(REVENUE)).posted == revenue - 120        # the loss, shown to the operator
+    assert (await rig.ledger.balance(onchain_account(txid))).posted == 0
+    rc, out, err = await rig.cli("chainwatch", "--once")                     # nothing twice
+    assert rc == 0 and json.loads(out)["reorg"]["payments_vanished"] == 0
+    assert (await rig.ledger.balance(REVENUE)).posted == revenue - 120
+    rc, out, _ = await rig.cli("reconcile", "--chain")
+    assert json.loads(out)["chain"]["in"]["ok"], out
+    rc, out, err = await rig.cli("withdrawals", "batch", "--out", str(tmp_path / "b.psbt"))
+    assert rc == 0, err                                                     # backed again: the queue is paid
+    assert (await rig.ledger.balance(user_account(alice.username))).posted == 100_000
+
+
+async def test_the_vanished_payments_metric_counts(chain_rig):
+    from service.chain.backends import Esplora
+    from service.chain.reorgs import recheck_deposits
+
+    rig = await chain_rig()
+    txid = await pay_call_zeroconf(rig, 600)
+    drop(rig.esplora, txid)
+    before = REGISTRY.get_sample_value("microtasks_onchain_payments_vanished_total") or 0
+    backend = Esplora(rig.esplora.url, timeout=5, retries=0)
+    try:
+        stats = await recheck_deposits(rig.ledger, backend, rig.payouts, confirmations=3, safe_depth=6)
+    finally:
+        await backend.close()
+    assert stats["payments_vanished"] == 1
+    assert REGISTRY.get_sample_value("microtasks_onchain_payments_vanished_total") == before + 1
