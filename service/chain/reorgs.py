@@ -241,8 +241,9 @@ async def _restore_payment(ledger: Ledger, txid: str, vout: str, rec: dict[str, 
     """The vanished payment confirmed after all: give back what was taken, to where it was taken from."""
     for target, field, part in ((rec["account"], "from_account", 0), (REVENUE, "from_revenue", 1)):
         if rec[field]:
-            result = await ledger.post(_id("reorg-restore", txid, vout, rec["gen"], part and rec["from_account"] + 1), BITCOIN,
-                                       target, rec[field], reason=f"on-chain payment {txid}:{vout} confirmed again")
+            restore_id = _id("reorg-restore", txid, vout, rec["gen"], part and rec["from_account"] + 1)
+            result = await ledger.post(restore_id, BITCOIN, target, rec[field],
+                                       reason=f"on-chain payment {txid}:{vout} confirmed again")
             if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
                 log.error("onchain_restore_failed", txid=txid, vout=int(vout), outcome=result.outcome.value)
                 return False

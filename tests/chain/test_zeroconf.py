@@ -105,7 +105,8 @@ async def test_a_vanished_call_payment_is_reversed_in_the_open(chain_rig, tmp_pa
     rig = await chain_rig(minimum_withdrawal=1000)
     await rig.float_coins(500_000)
     alice = await rig.user(100_000)
-    assert (await rig.signed(alice, "POST", "/v1/accounts/me/withdrawals", {"amount": 40_000, "address": DEST}))[0] == 201
+    status, _ = await rig.signed(alice, "POST", "/v1/accounts/me/withdrawals", {"amount": 40_000, "address": DEST})
+    assert status == 201
     txid = await pay_call_zeroconf(rig, 600)                                # 120 sat price, 480 sat rest
     revenue = (await rig.ledger.balance(REVENUE)).posted
     rc, out, err = await rig.cli("chainwatch", "--once")
@@ -134,14 +135,26 @@ async def test_the_vanished_payments_metric_counts(chain_rig):
     from service.chain.backends import Esplora
     from service.chain.reorgs import recheck_deposits
 
+    """...and a vanished payment that confirms after all is given back where it was taken from."""
     rig = await chain_rig()
     txid = await pay_call_zeroconf(rig, 600)
+    revenue = (await rig.ledger.balance(REVENUE)).posted
+    tx = rig.esplora.index[txid]
     drop(rig.esplora, txid)
     before = REGISTRY.get_sample_value("microtasks_onchain_payments_vanished_total") or 0
     backend = Esplora(rig.esplora.url, timeout=5, retries=0)
     try:
         stats = await recheck_deposits(rig.ledger, backend, rig.payouts, confirmations=3, safe_depth=6)
+        assert stats["payments_vanished"] == 1
+        assert REGISTRY.get_sample_value("microtasks_onchain_payments_vanished_total") == before + 1
+        assert (await rig.ledger.balance(REVENUE)).posted == revenue - 120
+        tx["status"] = {"confirmed": True, "block_height": rig.esplora.tip - 2}  # mined after all: 3 confirmations
+        rig.esplora.index[txid] = tx
+        rig.esplora.txs.setdefault(tx["vout"][0]["scriptpubkey_address"], []).append(tx)
+        stats = await recheck_deposits(rig.ledger, backend, rig.payouts, confirmations=3, safe_depth=6)
     finally:
         await backend.close()
-    assert stats["payments_vanished"] == 1
-    assert REGISTRY.get_sample_value("microtasks_onchain_payments_vanished_total") == before + 1
+    assert stats["payments_restored"] == 1 and stats["payments_vanished"] == 0
+    assert (await rig.ledger.balance(REVENUE)).posted == revenue
+    assert (await rig.ledger.balance(onchain_account(txid))).posted == 480
+    assert (await rig.ledger.reconcile()).ok
