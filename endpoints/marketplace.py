@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from service import protocol as P
 from service.deployment import origin
 from service.pricing import PriceRule, describe, route_rule
 from service.state import METHODS, PRICES, SETTINGS
@@ -67,9 +68,12 @@ async def x402_discovery(request: web.Request) -> web.Response:
     s = request.app[SETTINGS]
     base = origin(s, request)  # PUBLIC_URL, never the Host header
     items = []
+    escrowed = {(r.method, r.resource.canonical) for r in request.app.router.routes()
+                if (marker := route_rule(r.handler)) is not None and marker.credit is not None}
     for op in priced_operations(request.app):
         amount = op["price"].get("amount", min((v["amount"] for v in op["price"].get("variants", {}).values()), default=0))
-        accepts = [m.offer_template(amount) for m in request.app[METHODS].methods]
+        accepts = [m.offer_template(amount) for m in request.app[METHODS].methods  # an escrow takes no 0-conf coins
+                   if not (m.name == P.METHOD_ONCHAIN and (op["method"], op["path"]) in escrowed)]
         items.append({
             "resource": base + op["path"], "type": "http", "x402Version": 2, "accepts": accepts,
             "lastUpdated": int(time.time()),
