@@ -6,6 +6,7 @@ that wallets restored from the xpub scan."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from functools import lru_cache
 from typing import Any
@@ -99,6 +100,16 @@ return address
 _LEASE_ATTEMPTS = 64  # each retry follows an index another caller took: bounded by the pool, not by load
 
 
+def _client_share(client: str) -> str:
+    """Whose share of the pool a lease counts against: the IPv4 address, or the IPv6 /64 (one host
+    usually holds a whole /64, so per-address caps would not hold it)."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+
 class AddressBook:
     """Owns the `{prefix}:addr:*` keys."""
 
@@ -152,6 +163,7 @@ class AddressBook:
         invoice by LEASE_GRACE, so a payment sent at the last second is not mistaken for the next invoice's."""
         now = int(time.time() * 1000)
         lease_ms = (lease_seconds + LEASE_GRACE) * 1000
+        client = _client_share(client)
         keys = [self._k("lease"), self._k("next"), self._k("derived"), self._k("all"), self._k("client", client)]
         args = [now, lease_ms, self.pool, self.per_client if client else 0, self._k("info", ""), self.branch, client]
         for _ in range(_LEASE_ATTEMPTS):

@@ -67,3 +67,11 @@ async def test_a_paid_invoice_frees_its_clients_share(aiohttp_server, chain_app,
     async with http.post(url, data=MANIFEST, headers={"Bitcoin-Transaction": raw, "X-Forwarded-For": "192.0.2.1"}) as r:
         assert r.status == 200, await r.text()
     assert await _offer(http, url, "192.0.2.1") not in (None, address)
+
+
+async def test_an_ipv6_client_is_capped_by_its_64(aiohttp_server, chain_app, http):
+    """One host holds a whole IPv6 /64: its addresses share one cap."""
+    url = await _serve(aiohttp_server, chain_app, invoice_addresses_per_client=2)
+    offers = [await _offer(http, url, f"2001:db8:1:2::{i:x}") for i in range(1, 6)]
+    assert len([a for a in offers if a]) == 2
+    assert await _offer(http, url, "2001:db8:1:3::1")  # the next /64 is another client
