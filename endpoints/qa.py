@@ -34,7 +34,8 @@ def _count(request: web.Request, text: str) -> int:
     if count == 0:
         raise BadRequest("no_documents", "the body holds no YAML document")
     if count > limit:
-        raise BadRequest("too_many_documents", f"more than {limit} documents; at most {limit} per request")
+        raise BadRequest("too_many_documents", f"more than {limit} documents (or {2 * limit + 2} document markers); "
+                                               f"at most {limit} per request")
     return count
 
 

@@ -128,6 +128,7 @@ async def test_malformed_run_is_refused_after_payment_and_not_charged(http, base
     (b"---\n# nothing\n...\n", 400, "no_documents"),
     (b"\xff\xfe", 400, "invalid_encoding"),
     ("---\n".join(["a: 1\n"] * 501).encode(), 400, "too_many_documents"),
+    (b"---\n" * 200_000 + b"a: 1\n", 400, "too_many_documents"),  # markers bound the count's work
 ])
 async def test_cheaply_bad_input_is_refused_before_any_invoice(http, base_url, yaml_calls, body, status, code):
     async with http.post(f"{base_url}/v1/qa/validate", data=body) as r:
