@@ -26,26 +26,40 @@ async def _parse(request: web.Request, body: bytes | str) -> list[dict]:
         None, lambda: manifests.parse_manifests(body, max_documents=limit))
 
 
-async def _parsed(request: web.Request) -> tuple[list[dict], str, bool]:
-    """Parse once per request (the price depends on it): documents, Kubernetes version, strict."""
+def _count(request: web.Request, text: str) -> int:
+    """The billed document count (manifests.DOCUMENT_RULE), cheap enough for every unpaid quote: no YAML
+    parser runs before a payment is held, so unpaid requests cannot take the parser's CPU from paid ones."""
+    limit = request.app[SETTINGS].max_documents
+    count = manifests.count_documents(text, stop_after=limit)
+    if count == 0:
+        raise BadRequest("no_documents", "the body holds no YAML document")
+    if count > limit:
+        raise BadRequest("too_many_documents", f"more than {limit} documents (or {2 * limit + 2} document markers); "
+                                               f"at most {limit} per request")
+    return count
+
+
+async def _parsed(request: web.Request) -> tuple[str, int, str, bool]:
+    """Checked once per request (the price depends on it): text, billed document count, Kubernetes
+    version, strict. The YAML itself is parsed by the paid handler."""
     if _DOCS not in request:
         version = manifests.resolve_version(request.query.get("kubernetes_version"))
         strict = request.query.get("strict", "false").lower()
         if strict not in ("true", "false", "1", "0"):
             raise BadRequest("invalid_parameter", "strict must be true or false")
-        docs = await _parse(request, await request.read())
-        request[_DOCS] = (docs, version, strict in ("true", "1"))
+        text = manifests.decode(await request.read())
+        request[_DOCS] = (text, _count(request, text), version, strict in ("true", "1"))
     return request[_DOCS]
 
 
 async def _document_count(request: web.Request) -> int:
-    docs, _, _ = await _parsed(request)
-    return len(docs)
+    return (await _parsed(request))[1]
 
 
 @priced("qa.validate", units=_document_count)
 async def validate(request: web.Request) -> web.Response:
-    docs, version, strict = await _parsed(request)
+    text, _, version, strict = await _parsed(request)
+    docs = await _parse(request, text)  # paid (held): a 400 here voids the hold
     results = await asyncio.get_running_loop().run_in_executor(
         None, lambda: manifests.validate_documents(docs, version, strict=strict))
     invalid = sum(1 for r in results if r["valid"] is False)
@@ -78,7 +92,7 @@ async def _run_request(request: web.Request) -> dict[str, Any]:
         data["kubernetes_version"] = manifests.resolve_version(data["kubernetes_version"])
         text = data["manifests"] if data["archive"] is None else await from_archive_async(
             data["archive"], max_bytes=request.app[SETTINGS].max_body)
-        data["text"], data["docs"] = text, await _parse(request, text)
+        data["text"], data["count"] = text, _count(request, text)
         request[_RUN] = data
     return request[_RUN]
 
@@ -88,13 +102,14 @@ async def _run_suite(request: web.Request) -> str:
 
 
 async def _run_documents(request: web.Request) -> int:
-    return len((await _run_request(request))["docs"])
+    return (await _run_request(request))["count"]
 
 
 @priced("qa.run", units=_run_documents, variant=_run_suite, requires_account=True)
 async def create_run(request: web.Request) -> web.Response:
     """Buy a QA run: 202 with the run id; the payment is captured when the run is accepted here."""
     data = await _run_request(request)
+    docs = await _parse(request, data["text"])  # paid (held): a 400 here voids the hold
     payment = request[PAYMENT]
     store = request.app[RUNS]
     limit = request.app[SETTINGS].qa_max_active
@@ -103,7 +118,7 @@ async def create_run(request: web.Request) -> web.Response:
                               headers={"Retry-After": "10"})
     await commit(request)  # paid before the run is queued: an uncharged request queues nothing
     run = await store.submit(owner=payment.payer, suite=data["suite"], k8s=data["kubernetes_version"],
-                             strict=data["strict"], body=data["text"], documents=len(data["docs"]),
+                             strict=data["strict"], body=data["text"], documents=len(docs),
                              price=payment.amount, receipt=payment.transfer_id, webhook=data["webhook"])
     location = f"/v1/qa/runs/{run['id']}"
     body = {"id": run["id"], "status": run["status"], "location": location, "price": run["price"],

@@ -96,7 +96,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     owns = None
     if s.payee_xpub:
         app[ADDRESSES] = AddressBook(redis, s.redis_prefix, s.payee_xpub, s.network, s.payee_branch,
-                                     pool=s.invoice_address_pool)
+                                     pool=s.invoice_address_pool, per_client=s.invoice_addresses_per_client)
         owns = app[ADDRESSES].owns
         app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
     if s.chain:

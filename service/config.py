@@ -87,6 +87,7 @@ class Settings:
     payee_xpub: str | None = None
     payee_branch: int = 0              # derivation chain of PAYEE_XPUB: xpub/<branch>/<index>, one per deployment
     invoice_address_pool: int = 20     # invoice addresses leased at once (keep <= the wallet's gap limit)
+    invoice_addresses_per_client: int = 3  # ... of which one client IP may hold at once (0: no cap)
     chain: str | None = None           # esplora | bitcoind
     chain_url: str | None = None
     chain_cookie: str | None = None
@@ -156,6 +157,7 @@ class Settings:
             payee_xpub=env.get("PAYEE_XPUB") or None,
             payee_branch=_int(env, "PAYEE_BRANCH", 0),
             invoice_address_pool=_int(env, "INVOICE_ADDRESS_POOL", 20),
+            invoice_addresses_per_client=_int(env, "INVOICE_ADDRESSES_PER_CLIENT", 3),
             chain=env.get("CHAIN") or None,
             chain_url=env.get("CHAIN_URL") or None,
             chain_cookie=env.get("CHAIN_COOKIE") or None,
@@ -191,6 +193,8 @@ class Settings:
                 raise ConfigError(f"TRUSTED_PROXIES: {entry!r} is not a network") from None
         if not 0 <= settings.payee_branch < 2 ** 31:
             raise ConfigError("PAYEE_BRANCH must be between 0 and 2^31-1 (a non-hardened BIP32 index)")
+        if settings.invoice_addresses_per_client < 0:
+            raise ConfigError("INVOICE_ADDRESSES_PER_CLIENT must be 0 (no cap) or more")
         if settings.trusted_proxy_hops < 1:
             raise ConfigError("TRUSTED_PROXY_HOPS must be at least 1")
         return settings

@@ -39,6 +39,7 @@ from . import metrics
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, TokenSpend, user_account
 from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod
 from .pricing import Quote, quote_request, route_rule
+from .ratelimit import client_ip
 from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
 
 __all__ = ["paywall_middleware", "commit", "PAYMENT", "HOLD", "REPLAYED_HEADER"]
@@ -98,7 +99,7 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     settings = request.app[SETTINGS]
     onchain = (book is not None and quote.amount <= settings.onchain_max_zeroconf  # else no address is leased
                and quote.credit in ("", REVENUE))  # an escrow takes no unconfirmed coins (payments/onchain.py)
-    address = await book.for_invoice(settings.invoice_ttl) if onchain else None
+    address = await book.for_invoice(settings.invoice_ttl, client_ip(request, settings)) if onchain else None
     invoice = request.app[INVOICES].issue(quote, address)
     if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
         await book.bind(address, invoice.id)

@@ -24,6 +24,7 @@ class PriceRule:
     unit: str | None = None
     description: str = ""
     set_by: str = ""   # the price is set per request by someone else (e.g. "the expert's profile price")
+    counts: str = ""   # how a unit is counted (published, so a buyer can compute the price before asking)
 
     def amount(self, units: int = 0) -> int:
         return self.base + self.per_unit * units
@@ -37,6 +38,8 @@ class PriceRule:
             out["per_unit"] = self.per_unit
             out["unit"] = self.unit
             out["formula"] = f"{self.base} + {self.per_unit} * {self.unit}s"
+            if self.counts:
+                out["counts"] = self.counts
         else:
             out["formula"] = "fixed"
         return out
@@ -57,12 +60,13 @@ class Quote:
 
 def price_book(settings: Settings) -> dict[str, PriceRule]:
     """Every price rule of the service, from configuration."""
+    from .qa.manifests import DOCUMENT_RULE  # noqa: PLC0415
     from .qa.suites import SUITES  # noqa: PLC0415  (suites register themselves; operators may add more)
 
     book = {
         "qa.validate": PriceRule(
             "qa.validate", settings.validate_base_price, settings.validate_per_document, "document",
-            "Validate Kubernetes manifests against the API schemas of a Kubernetes version",
+            "Validate Kubernetes manifests against the API schemas of a Kubernetes version", counts=DOCUMENT_RULE,
         ),
     }
     book["experts.question"] = PriceRule("experts.question", 0, description="Ask an expert; paid on reply",
@@ -74,7 +78,7 @@ def price_book(settings: Settings) -> dict[str, PriceRule]:
     for suite in SUITES.values():
         name = f"qa.run.{suite.id}"
         book[name] = PriceRule(name, suite.base_price, suite.per_document, "document",
-                               f"QA run, suite '{suite.id}': {suite.description}")
+                               f"QA run, suite '{suite.id}': {suite.description}", counts=DOCUMENT_RULE)
     return book
 
 

@@ -6,6 +6,7 @@ that wallets restored from the xpub scan."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from functools import lru_cache
 from typing import Any
@@ -64,21 +65,58 @@ return ARGV[1]
 
 
 _LEASE = """
--- KEYS: lease zset (address -> lease expiry ms, for invoice addresses never paid), used set
--- ARGV: now_ms, lease_ms. Reuse an address whose invoice expired unpaid; '' if none is free.
-local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, 1)
-if #free == 0 then return '' end
-redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), free[1])
-return free[1]
+-- The pool bound in one step: reserve an address (a free pooled one, else the next index) and lease it.
+-- KEYS: lease zset (invoice address -> lease expiry ms, never paid), next index, derived hash (index ->
+-- address, filled by the caller: Lua cannot derive), all addresses, this client's leases (address -> expiry)
+-- ARGV: now_ms, lease_ms, pool, per-client cap (0: none), info key prefix, branch, client
+-- Returns the address; '' when none may be leased; 'derive:<i>' when the caller must derive index i first.
+local now, lease, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)
+  if redis.call('ZCARD', KEYS[5]) >= cap then return '' end
+end
+local address
+local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 1)
+if #free > 0 then
+  address = free[1]
+else
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return '' end
+  local index = tonumber(redis.call('GET', KEYS[2]) or '0')
+  address = redis.call('HGET', KEYS[3], index)
+  if not address then return 'derive:' .. index end
+  redis.call('SET', KEYS[2], index + 1)
+  redis.call('HDEL', KEYS[3], index)
+  redis.call('HSET', ARGV[5] .. address, 'index', index, 'branch', ARGV[6], 'purpose', 'invoice')
+  redis.call('SADD', KEYS[4], address)
+end
+redis.call('ZADD', KEYS[1], now + lease, address)
+redis.call('HSET', ARGV[5] .. address, 'client', ARGV[7])
+if cap > 0 then
+  redis.call('ZADD', KEYS[5], now + lease, address)
+  redis.call('PEXPIRE', KEYS[5], lease)
+end
+return address
 """
+_LEASE_ATTEMPTS = 64  # each retry follows an index another caller took: bounded by the pool, not by load
+
+
+def _client_share(client: str) -> str:
+    """Whose share of the pool a lease counts against: the IPv4 address, or the IPv6 /64 (one host
+    usually holds a whole /64, so per-address caps would not hold it)."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 
 class AddressBook:
     """Owns the `{prefix}:addr:*` keys."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, xpub: str, network: str, branch: int = 0, *,
-                 pool: int = GAP_LIMIT) -> None:
+                 pool: int = GAP_LIMIT, per_client: int = 0) -> None:
         self.redis, self.xpub, self.network, self.branch, self.pool = redis, xpub, network, branch, pool
+        self.per_client = per_client  # invoice addresses one client IP may hold leased at once (0: no cap)
         self.prefix = prefix
         self.tag = "{" + prefix + "}"
         self._lease = redis.register_script(_LEASE)
@@ -116,28 +154,36 @@ class AddressBook:
         await self.redis.sadd(self._k("all"), address)
         return address
 
-    async def for_invoice(self, lease_seconds: int) -> str | None:
+    async def for_invoice(self, lease_seconds: int, client: str = "") -> str | None:
         """An address for one invoice alone: a free one from the pool, else the next index while the pool
-        is below INVOICE_ADDRESS_POOL (the gap limit); None when every pooled address is leased (the 402 then offers no on-chain
-        payment: two invoices never share an address). The lease outlasts the invoice by LEASE_GRACE, so
-        a payment sent at the last second is not mistaken for the next invoice's."""
+        is below INVOICE_ADDRESS_POOL (the gap limit), decided and leased in one script (so no concurrency
+        derives past the pool); None when every pooled address is leased, or `client` (an IP) already
+        holds INVOICE_ADDRESSES_PER_CLIENT of them (the 402 then offers no on-chain payment: two invoices
+        never share an address, and one client cannot lease the whole pool). The lease outlasts the
+        invoice by LEASE_GRACE, so a payment sent at the last second is not mistaken for the next invoice's."""
         now = int(time.time() * 1000)
         lease_ms = (lease_seconds + LEASE_GRACE) * 1000
-        address = await self._lease(keys=[self._k("lease"), self._k("used")], args=[now, lease_ms])
-        if address:
-            return address
-        if await self.redis.zcard(self._k("lease")) >= self.pool:
-            return None
-        address = await self._new("invoice")
-        await self.redis.zadd(self._k("lease"), {address: now + lease_ms})
-        return address
+        client = _client_share(client)
+        keys = [self._k("lease"), self._k("next"), self._k("derived"), self._k("all"), self._k("client", client)]
+        args = [now, lease_ms, self.pool, self.per_client if client else 0, self._k("info", ""), self.branch, client]
+        for _ in range(_LEASE_ATTEMPTS):
+            answer = await self._lease(keys=keys, args=args)
+            answer = answer.decode() if isinstance(answer, bytes) else answer
+            if not answer.startswith("derive:"):
+                return answer or None
+            index = int(answer.removeprefix("derive:"))
+            await self.redis.hset(self._k("derived"), str(index), derive(self.xpub, self.network, index, self.branch))
+        return None
 
     async def bind(self, address: str, invoice_id: str) -> None:
         """Record which invoice holds the lease (a payment naming no invoice is matched by address)."""
         await self.redis.hset(self._k("info", address), "invoice", invoice_id)
 
     async def mark_paid(self, address: str) -> None:
-        """A paid invoice address leaves the pool for good (it now has history)."""
+        """A paid invoice address leaves the pool for good (it now has history), and its client's share."""
+        client = await self.redis.hget(self._k("info", address), "client")
+        if client:
+            await self.redis.zrem(self._k("client", client), address)
         await self.redis.zrem(self._k("lease"), address)
         await self.redis.sadd(self._k("used"), address)
 

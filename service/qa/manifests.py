@@ -7,6 +7,7 @@ on every call, and compares versions as strings ("1.4" > "1.37").
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -20,7 +21,7 @@ from referencing import Registry, Resource
 
 from ..errors import BadRequest
 
-__all__ = ["parse_manifests", "supported_versions", "resolve_version", "validate_documents"]
+__all__ = ["count_documents", "DOCUMENT_RULE", "parse_manifests", "supported_versions", "resolve_version", "validate_documents"]
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_EXPANDED_NODES = 1_000_000  # a 1 MiB manifest has far fewer; an alias bomb ("billion laughs") far more
@@ -56,6 +57,44 @@ def _expanded_size(doc: Any) -> int:
         return total
 
     return size(doc)
+
+
+DOCUMENT_RULE = ("documents = the non-empty parts of the body split at document markers: a line that is '---' "
+                 "(alone or followed by a space) or '...'; a part is empty when it has only blank lines, "
+                 "comments and directives ('%...')")
+_MARKER = re.compile(r"\n(?:---|\.\.\.)(?=[ \t]|\r?\n|\r?\Z)")  # on "\n" + text: a literal prefix, fast to scan
+_CONTENT = re.compile(r"^(?![ \t]*#)(?!%)[ \t]*\S", re.MULTILINE)
+
+
+def count_documents(text: str, *, stop_after: int | None = None) -> int:
+    """The billed document count (DOCUMENT_RULE): a linear regex scan, no YAML parser, so a price can
+    be quoted to an unpaid request for a few milliseconds of work; the paid request does the full parse.
+    With `stop_after`, counting stops once past it (the caller refuses the body anyway), and a body with
+    more than 2 × stop_after + 2 markers counts as past it, so the loop below runs a bounded number of times."""
+    if stop_after is not None:
+        bound = 2 * stop_after + 2
+        if text.count("\n---") + text.count("\n...") + 1 > bound and \
+                sum(1 for _ in itertools.islice(_MARKER.finditer("\n" + text), bound + 1)) > bound:
+            return stop_after + 1
+    count, start = 0, 0
+    text = "\n" + text
+    for marker in itertools.chain(_MARKER.finditer(text), (None,)):
+        end = marker.start() if marker else len(text)
+        part = text[start:end]
+        if part and not part.isspace() and _CONTENT.search(part):
+            count += 1
+            if stop_after is not None and count > stop_after:
+                break
+        start = marker.end() if marker else end
+    return count
+
+
+def decode(body: bytes | str) -> str:
+    """The body as text; BadRequest when it is not UTF-8."""
+    try:
+        return body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError:
+        raise BadRequest("invalid_encoding", "the manifests must be UTF-8 text") from None
 
 
 def parse_manifests(body: bytes | str, *, max_documents: int = 500) -> list[dict[str, Any]]:

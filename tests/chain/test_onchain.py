@@ -138,9 +138,11 @@ async def test_price_above_the_zeroconf_limit_offers_no_onchain_payment(http, ai
         assert r.status == 402 and (await r.json())["error"] == "zeroconf_limit"
 
 
-async def test_invoices_never_share_an_address_when_the_pool_is_leased(http, url):
+async def test_invoices_never_share_an_address_when_the_pool_is_leased(http, aiohttp_server, chain_app):
     """Attack: 30 anonymous 402s in a row; the 21st+ used to get an address already leased to another
-    invoice. Now each address is one invoice's; past the gap limit the 402 offers no on-chain payment."""
+    invoice. Now each address is one invoice's; past the gap limit the 402 offers no on-chain payment.
+    (One client here, so without the per-client cap: tests/chain/test_invoice_pool.py.)"""
+    url = (await aiohttp_server(chain_app(invoice_addresses_per_client=0))).make_url("/v1/qa/validate")
     addresses = [await invoice_address(http, url) for _ in range(20)]
     assert len(set(addresses)) == 20  # one per outstanding invoice, up to the gap limit
     for _ in range(10):

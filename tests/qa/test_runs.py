@@ -131,7 +131,7 @@ async def test_archive_input(http, base_url, funded):
     ({"suite": "nope", "manifests": GOOD}, 400, "unknown_suite"),
     ({"suite": "schema"}, 422, "validation_error"),
     ({"suite": "schema", "manifests": GOOD, "archive": "eA=="}, 422, "validation_error"),
-    ({"suite": "schema", "manifests": "kind: [unclosed"}, 400, "invalid_yaml"),
+    ({"suite": "schema", "manifests": "# nothing\n"}, 400, "no_documents"),
     ({"suite": "schema", "manifests": GOOD, "kubernetes_version": "1.4"}, 400, "unsupported_kubernetes_version"),
     ({"suite": "schema", "manifests": GOOD, "webhook": "ftp://x"}, 422, "validation_error"),
 ])
