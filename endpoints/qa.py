@@ -20,10 +20,16 @@ _RUN = web.RequestKey("qa_run_request", dict)
 _run_schema = RunSchema()
 
 
-async def _parse(request: web.Request, body: bytes | str) -> list[dict]:
+async def _parse(request: web.Request, body: bytes | str, billed: int) -> list[dict]:
+    """The paid full parse; never serves more documents than the count that set the price."""
     limit = request.app[SETTINGS].max_documents
-    return await asyncio.get_running_loop().run_in_executor(
+    docs = await asyncio.get_running_loop().run_in_executor(
         None, lambda: manifests.parse_manifests(body, max_documents=limit))
+    if len(docs) > billed:
+        raise BadRequest("document_count_mismatch", f"the body parses into {len(docs)} documents but counts "
+                                                    f"{billed} by the published rule ({manifests.DOCUMENT_RULE}); "
+                                                    "you were not charged")
+    return docs
 
 
 def _count(request: web.Request, text: str) -> int:
@@ -58,8 +64,8 @@ async def _document_count(request: web.Request) -> int:
 
 @priced("qa.validate", units=_document_count)
 async def validate(request: web.Request) -> web.Response:
-    text, _, version, strict = await _parsed(request)
-    docs = await _parse(request, text)  # paid (held): a 400 here voids the hold
+    text, billed, version, strict = await _parsed(request)
+    docs = await _parse(request, text, billed)  # paid (held): a 400 here voids the hold
     results = await asyncio.get_running_loop().run_in_executor(
         None, lambda: manifests.validate_documents(docs, version, strict=strict))
     invalid = sum(1 for r in results if r["valid"] is False)
@@ -109,7 +115,7 @@ async def _run_documents(request: web.Request) -> int:
 async def create_run(request: web.Request) -> web.Response:
     """Buy a QA run: 202 with the run id; the payment is captured when the run is accepted here."""
     data = await _run_request(request)
-    docs = await _parse(request, data["text"])  # paid (held): a 400 here voids the hold
+    docs = await _parse(request, data["text"], data["count"])  # paid (held): a 400 here voids the hold
     payment = request[PAYMENT]
     store = request.app[RUNS]
     limit = request.app[SETTINGS].qa_max_active

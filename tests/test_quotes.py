@@ -152,3 +152,38 @@ def test_document_count_rule(text, count):
 def test_document_end_marker_starts_a_new_billed_document():
     """YAML 1.2 lets a bare document follow '...': it is billed (the parser then decides if it is valid)."""
     assert manifests.count_documents("a: 1\n...\nb: 2\n") == 2
+
+
+@pytest.mark.parametrize("brk", ["\r", "\r\n", "\x85", "\u2028", "\u2029"], ids=["cr", "crlf", "nel", "ls", "ps"])
+def test_every_yaml_line_break_separates_billed_documents(brk):
+    """YAML breaks lines at CR, NEL, LS and PS too: the count must see the same documents as the parser."""
+    text = brk.join(["a: 1", "---", "b: 2", "---", "c: 3", ""])
+    assert manifests.count_documents(text) == 3 == len(list(yaml.safe_load_all(text)))
+
+
+@pytest.mark.parametrize("brk", ["\r", "\x85", "\u2028", "\u2029"], ids=["cr", "nel", "ls", "ps"])
+async def test_documents_split_by_other_line_breaks_are_billed_in_full(http, base_url, funded, ledger, brk):
+    """The second review's attack: 300 documents separated by '\\r---\\r' were quoted and charged as one."""
+    body = f"{brk}---{brk}".join([DOC.replace("\n", brk)] * 300).encode()
+    async with http.post(f"{base_url}/v1/qa/validate", data=body) as r:
+        assert r.status == 402 and int(r.headers["Price"]) == 100 + 20 * 300
+    wallet = await funded(10_000)
+    async with PaidSession(wallet, max_price=10_000, session=http) as s:
+        status, got, _ = await s.request("POST", f"{base_url}/v1/qa/validate", data=body)
+    assert status == 200 and got["summary"]["documents"] == 300
+    assert (await ledger.balance(user_account(wallet.username))).posted == 10_000 - (100 + 20 * 300)
+
+
+async def test_more_documents_parsed_than_billed_are_refused_and_not_charged(http, base_url, funded, ledger,
+                                                                             monkeypatch):
+    """Defence in depth: should the count and the parser ever disagree upward, the paid request is
+    refused (400) and its hold voided, never served for less than its documents cost."""
+    monkeypatch.setattr(manifests, "count_documents", lambda text, stop_after=None: 1)
+    body = "---\n".join([DOC] * 3).encode()
+    wallet = await funded(1000)
+    async with PaidSession(wallet, max_price=500, session=http) as s:
+        with pytest.raises(PaymentRejected) as refused:
+            await s.request("POST", f"{base_url}/v1/qa/validate", data=body)
+    assert (refused.value.status, refused.value.reason) == (400, "document_count_mismatch")
+    bal = await ledger.balance(user_account(wallet.username))
+    assert (bal.posted, bal.available) == (1000, 1000)

@@ -64,6 +64,7 @@ DOCUMENT_RULE = ("documents = the non-empty parts of the body split at document 
                  "comments and directives ('%...')")
 _MARKER = re.compile(r"\n(?:---|\.\.\.)(?=[ \t]|\r?\n|\r?\Z)")  # on "\n" + text: a literal prefix, fast to scan
 _CONTENT = re.compile(r"^(?![ \t]*#)(?!%)[ \t]*\S", re.MULTILINE)
+_BREAKS = re.compile("\r\n?|[\x85\u2028\u2029]")  # YAML's other line breaks: the parser splits on them too
 
 
 def count_documents(text: str, *, stop_after: int | None = None) -> int:
@@ -71,6 +72,7 @@ def count_documents(text: str, *, stop_after: int | None = None) -> int:
     be quoted to an unpaid request for a few milliseconds of work; the paid request does the full parse.
     With `stop_after`, counting stops once past it (the caller refuses the body anyway), and a body with
     more than 2 × stop_after + 2 markers counts as past it, so the loop below runs a bounded number of times."""
+    text = _BREAKS.sub("\n", text)  # one linear pass; CR, NEL, LS and PS end lines for the parser as "\n" does
     if stop_after is not None:
         bound = 2 * stop_after + 2
         if text.count("\n---") + text.count("\n...") + 1 > bound and \
