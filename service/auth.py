@@ -22,7 +22,7 @@ from . import protocol as P
 from .deployment import signing_origins
 from .errors import Conflict, Forbidden, Unauthorized
 from .inputs import ascii_int, undecodable
-from .ledger import Ledger, user_account
+from .ledger import Ledger, route_allows, user_account
 
 __all__ = ["authenticate", "require_signature", "verify_body_signature", "READ_TOKEN"]
 
@@ -125,7 +125,7 @@ async def _token_owner(ledger: Ledger, value: str, request: web.Request) -> str:
         raise Unauthorized("token_invalid", "unknown token, or wrong secret")
     if record["revoked"] or (record["expires_at"] and record["expires_at"] <= time.time()):
         raise Unauthorized("token_expired", "this token is revoked or expired")
-    if record["routes"] and not any(request.path.startswith(prefix) for prefix in record["routes"]):
+    if record["routes"] and not any(route_allows(prefix, request.path) for prefix in record["routes"]):
         raise Forbidden("token_route", "this token may not be used on this route")
     request[READ_TOKEN] = record["id"]
     return record["owner"].removeprefix("u:")

@@ -25,7 +25,7 @@ from .redis_client import ScriptBatcher
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
-    "user_account", "coin_id", "onchain_account", "MAX_COUNTER", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
+    "user_account", "route_allows", "coin_id", "onchain_account", "MAX_COUNTER", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
 
 REVENUE = "sys:revenue"
@@ -36,6 +36,12 @@ UNCLAIMED = "sys:unclaimed"  # on-chain payments for calls that then failed, kep
 
 def user_account(username: str) -> str:
     return f"u:{username}"
+
+
+def route_allows(prefix: str, path: str) -> bool:
+    """A token's route caveat covers whole path segments: '/v1/experts/bob' covers '/v1/experts/bob/questions',
+    never '/v1/experts/bobx/...' (the transfer script applies the same rule in Lua)."""
+    return path.startswith(prefix) and (len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] == "/")
 
 
 def coin_id(txid: str, vout: int) -> str:
@@ -218,8 +224,10 @@ if ARGV[9] ~= '' then
   if tonumber(t[5]) > 0 and tonumber(t[5]) * 1000 <= now_ms then return {'token_expired'} end
   if tonumber(t[6]) > 0 and amount > tonumber(t[6]) then return {'token_max_per_call'} end
   local routes, allowed = cjson.decode(t[9]), false
-  for _, prefix in ipairs(routes) do
-    if string.sub(ARGV[10], 1, #prefix) == prefix then allowed = true end
+  for _, prefix in ipairs(routes) do  -- whole path segments, as ledger.route_allows says
+    local path = ARGV[10]
+    if string.sub(path, 1, #prefix) == prefix and (#path == #prefix or string.sub(prefix, -1) == '/'
+        or string.sub(path, #prefix + 1, #prefix + 1) == '/') then allowed = true end
   end
   if #routes > 0 and not allowed then return {'token_route'} end
   if over(tonumber(t[8]), amount, 0) then return {'counter_limit'} end

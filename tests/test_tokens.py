@@ -139,3 +139,39 @@ async def test_client_session_pays_with_a_token_pay_first(http, base_url, funded
         with pytest.raises(PriceTooHigh):
             await s.request("POST", f"{base_url}/v1/qa/validate", data=manifest, price=PRICE - 1)
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE
+
+
+@pytest.mark.parametrize("route,allowed", [
+    ("/v1/qa/", True), ("/v1/qa", True), ("/v1/qa/validate", True),
+    ("/v1/qa/valid", False), ("/v1/q", False), ("/v1/qa/validate/x", False),
+])
+async def test_token_routes_match_whole_path_segments(http, base_url, funded, manifest, ledger, route, allowed):
+    """Second review: a token scoped to /v1/experts/bob paid /v1/experts/bobx/... (a raw string prefix).
+    A route caveat names whole path segments: '/v1/qa' covers /v1/qa/validate, '/v1/qa/valid' does not."""
+    wallet = await funded(1000)
+    token = await issue(http, base_url, wallet, routes=[route])
+    status, body, _ = await pay_with(http, f"{base_url}/v1/qa/validate", token["token"], manifest)
+    if allowed:
+        assert status == 200, body
+    else:
+        assert (status, body["error"]) == (403, "token_route")
+        assert (await ledger.balance(user_account(wallet.username))).posted == 1000
+
+
+async def test_a_token_for_one_expert_does_not_pay_an_expert_whose_name_extends_it(http, base_url, funded, ledger):
+    asker, bob = await funded(100_000), await funded(0)
+    bobx = await funded(0, bob.username + "x")
+    for expert in (bob, bobx):
+        async with PaidSession(expert, session=http) as s:
+            status, body = await s.signed("PUT", f"{base_url}/v1/experts/me",
+                                          {"display_name": "E", "tags": ["k8s"], "price": 500, "reply_hours": 24})
+        assert status == 200, body
+    token = await issue(http, base_url, asker, routes=[f"/v1/experts/{bob.username}"])
+    headers = {"Authorization": f"Token {token['token']}", "Payment-Amount": "500"}
+    async with http.post(f"{base_url}/v1/experts/{bob.username}x/questions", json={"text": "CNI?"},
+                         headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (403, "token_route")
+    async with http.post(f"{base_url}/v1/experts/{bob.username}/questions", json={"text": "CNI?"},
+                         headers=headers) as r:
+        assert r.status == 201, await r.text()
+    assert (await ledger.balance(user_account(asker.username))).posted == 100_000 - 500
