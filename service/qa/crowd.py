@@ -13,11 +13,12 @@ Independence costs something (so "two different accounts agree" is not free to f
 - one slot per account per job, whatever number of runners the account registers;
 - a claim stakes CROWD_STAKE_PERCENT of the reward (at least 1 sat) from the runner's account into the
   job's stake escrow (`escrow:stake:<id>`). The stake comes back with an accepted result, or at close for
-  a lease that lapsed or a result never decided; a *rejected* result forfeits it to the buyer;
+  a lease that lapsed or a result never decided; a *rejected* result forfeits it to the operator's revenue
+  (never to the buyer, who would otherwise profit from rejecting honest work);
 - a result carries JUnit evidence that parses and names every manifest of the job (`Kind/name`);
 - two agreeing results of different accounts are accepted *provisionally* (auto_accept): their rewards
-  are released only after CROWD_DISPUTE_SECONDS, during which the buyer can still reject them (and take
-  their stakes). Closing a job releases its provisional results at once: a buyer disputes by rejecting.
+  are released only after CROWD_DISPUTE_SECONDS, during which the buyer can still reject them (their
+  stakes then go to the operator). Closing a job releases its provisional results at once: a buyer disputes by rejecting.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import redis.asyncio as aioredis
 
 from .. import metrics
 from ..errors import Conflict, NotFound, PaymentRequired
-from ..ledger import ALL, AccountKind, Guard, Ledger, Outcome, user_account
+from ..ledger import ALL, REVENUE, AccountKind, Guard, Ledger, Outcome, user_account
 from . import manifests as k8s_manifests
 from .junit import check_evidence
 
@@ -181,6 +182,9 @@ class Crowd:
                        auto_accept: bool) -> dict[str, Any]:
         """Fund the job's escrow from the buyer (402 insufficient_funds if short), then publish it. Its
         manifests must parse: results name them (`Kind/name`) as evidence."""
+        balance = await self.ledger.balance(user_account(buyer))  # a cheap read first: an unfunded buyer
+        if balance is None or balance.available < reward * wanted:  # costs no YAML parse (the post still checks)
+            raise PaymentRequired("insufficient_funds", f"the job needs {reward * wanted} sat in escrow")
         names = await _manifest_names(manifests) if manifests else []
         job_id = f"job_{secrets.token_hex(8)}"
         await self.ledger.open_account(self.escrow(job_id), AccountKind.ESCROW)
@@ -267,12 +271,12 @@ class Crowd:
                                                     "(returned with an accepted result, forfeited if rejected)")
 
     async def _settle_stake(self, j: dict[str, Any], owner: str, *, forfeit: bool) -> None:
-        """Give a stake back to its runner, or to the buyer for a rejected result: once (id and Guard)."""
+        """Give a stake back to its runner, or to the operator's revenue for a rejected result: once (id and Guard)."""
         if not await self.redis.hexists(self._k("stakes", j["id"]), owner):
             return
-        to = j["buyer"] if forfeit else owner
+        to = REVENUE if forfeit else user_account(owner)
         await self.ledger.post(
-            f"crowd:{j['id']}:stake:{owner}:settle", self.stake_escrow(j["id"]), user_account(to), j["stake"],
+            f"crowd:{j['id']}:stake:{owner}:settle", self.stake_escrow(j["id"]), to, j["stake"],
             guard=Guard(self._k("stakes", j["id"]), claim=f"settled:{owner}", value=to),
             reason=f"stake on crowd job {j['id']} {'forfeited' if forfeit else 'returned'}")
 

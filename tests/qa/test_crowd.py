@@ -78,7 +78,7 @@ async def test_rejected_result_frees_its_slot_and_unearned_reward_returns(http, 
     assert second is not None
     await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close")
     assert (await ledger.balance(user_account(a.username))).posted == 100 - 20  # its stake, forfeited
-    assert (await ledger.balance(user_account(buyer.username))).posted == 1000 + 20
+    assert (await ledger.balance(user_account(buyer.username))).posted == 1000  # never gains a's stake
     assert (await ledger.reconcile()).ok
 
 
@@ -265,7 +265,7 @@ async def test_one_actor_with_two_accounts_cannot_drain_an_auto_accept_job(http,
     code, closed = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close")
     assert closed["escrow"] == 0
     assert [(await ledger.balance(user_account(w.username))).posted for w in (a, b)] == [1000, 1000]
-    assert (await ledger.balance(user_account(buyer.username))).posted == 32_000  # the two stakes
+    assert (await ledger.balance(user_account(buyer.username))).posted == 30_000  # stakes go to the operator
     assert (await ledger.reconcile()).ok
 
 
@@ -321,3 +321,39 @@ async def test_expiry_waits_for_the_dispute_window_of_provisional_results(http, 
     code, state = await call(http, buyer, "GET", f"{base_url}/v1/qa/jobs/{job['id']}")
     assert state["status"] == "open" and state["escrow"] == 200
     assert [(await ledger.balance(user_account(w.username))).posted for w in (a, b)] == [80, 80]
+
+
+async def test_a_buyer_never_profits_from_rejecting_honest_work(http, base_url, funded, ledger):
+    """Second review: forfeited stakes went to the buyer, so rejecting every honest result and closing
+    turned 50,000 into 60,000. A forfeited stake goes to the operator's revenue: rejecting gains nothing."""
+    from service.ledger import REVENUE
+
+    buyer = await funded(500)
+    job = await post_job(http, base_url, buyer, reward=100, results_wanted=5)
+    revenue = (await ledger.balance(REVENUE)).posted
+    runners = [await funded(100) for _ in range(5)]
+    ids = [await runner(http, base_url, w, arch="arm64") for w in runners]
+    results = [await claim_and_submit(http, base_url, w, rid) for w, rid in zip(runners, ids)]
+    for r in results:
+        code, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/results/{r['id']}/reject")
+        assert code == 200, body
+    await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs/{job['id']}/close")
+    assert (await ledger.balance(user_account(buyer.username))).posted == 500  # got its escrow back, nothing more
+    assert (await ledger.balance(REVENUE)).posted == revenue + 5 * 20
+    assert (await ledger.reconcile()).ok
+
+
+async def test_an_unfunded_buyer_gets_402_before_its_manifests_are_parsed(http, base_url, funded, ledger,
+                                                                          monkeypatch):
+    """Second review: an account with no balance made the server parse ~1 MiB of YAML per job post."""
+    import yaml
+
+    calls: list[int] = []
+    real = yaml.load_all
+    monkeypatch.setattr(yaml, "load_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    buyer = await funded(0)
+    manifests = "---\n".join(["apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c%d}\n" % i for i in range(400)])
+    status, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs",
+                              {"title": "x", "reward": 100, "results_wanted": 2, "manifests": manifests})
+    assert (status, body["error"]) == (402, "insufficient_funds")
+    assert calls == []
