@@ -132,6 +132,9 @@ def _labels_match(wanted: dict[str, str], offered: dict[str, str]) -> bool:
     return all(offered.get(k) == v for k, v in wanted.items())
 
 
+_STAKES_CLOSED = "closed:stakes"  # set in a job's stakes hash by close; a stake's Guard forbids it (never a username)
+
+
 class Crowd:
     """Owns every `{prefix}:crowd:*` key; money moves only through the ledger."""
 
@@ -261,12 +264,14 @@ class Crowd:
             return
         staked = await self.ledger.post(
             f"crowd:{j['id']}:stake:{owner}", user_account(owner), self.stake_escrow(j["id"]), j["stake"],
-            guard=Guard(self._k("stakes", j["id"]), claim=owner, value=runner_id),
+            guard=Guard(self._k("stakes", j["id"]), forbid=_STAKES_CLOSED, claim=owner, value=runner_id),
             reason=f"stake for a claim on crowd job {j['id']}")
         if staked.outcome in (Outcome.APPLIED, Outcome.REPLAYED, Outcome.CLAIMED):
             return
         await self._unclaim(keys=[self._k("leases", j["id"]), self._k("claimed", j["id"]),
                                   self._k("accounts", j["id"])], args=[runner_id, owner])
+        if staked.outcome is Outcome.GUARDED:  # close settled the stakes first: this one would be stranded
+            raise Conflict("job_closed", "the job closed while you claimed it; nothing was staked")
         raise PaymentRequired("insufficient_funds", f"claiming this job stakes {j['stake']} sat from your balance "
                                                     "(returned with an accepted result, forfeited if rejected)")
 
@@ -386,8 +391,9 @@ class Crowd:
             await self._mark(keys=[self._k("result", job_id, rid), self._k("job", job_id)],  # counters of paid ones
                              args=["accepted", int(time.time() * 1000)])
             owners[result["owner"]] = bool(result.get("rejected_at"))
+        await self.redis.hset(self._k("stakes", job_id), _STAKES_CLOSED, 1)  # no stake lands after this
         for owner in await self.redis.hkeys(self._k("stakes", job_id)):
-            if not owner.startswith("settled:"):
+            if not owner.startswith(("settled:", _STAKES_CLOSED)):
                 await self._settle_stake(j, owner, forfeit=owners.get(owner, False))
         refund_id = f"crowd:{job_id}:refund:{int(time.time() * 1000)}"
         res = await self.ledger.post(refund_id, self.escrow(job_id), user_account(j["buyer"]), ALL,

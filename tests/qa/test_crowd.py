@@ -357,3 +357,26 @@ async def test_an_unfunded_buyer_gets_402_before_its_manifests_are_parsed(http, 
                               {"title": "x", "reward": 100, "results_wanted": 2, "manifests": manifests})
     assert (status, body["error"]) == (402, "insufficient_funds")
     assert calls == []
+
+
+async def test_a_stake_taken_after_the_job_closed_is_refused_not_stranded(http, base_url, funded, ledger, settings):
+    """Second review (code path): a claim whose stake is posted after `close` settled the stakes would
+    leave that stake in the job's stake escrow for good. The interleaving is forced here: the claim
+    script has run, `close` runs, then the stake is taken — it must be refused and nothing moved."""
+    import pytest
+
+    from service.errors import ApiError
+
+    buyer, worker = await funded(1000), await funded(100)
+    job = await post_job(http, base_url, buyer, results_wanted=1)
+    rid = await runner(http, base_url, worker, arch="arm64")
+    crowd = Crowd(ledger.redis, settings.redis_prefix, ledger)
+    j = await crowd._job(job["id"])
+    await crowd.close(job["id"], buyer.username)
+    with pytest.raises(ApiError) as refused:
+        await crowd._take_stake(j, worker.username, rid)
+    assert refused.value.code == "job_closed"
+    assert (await ledger.balance(user_account(worker.username))).posted == 100
+    stakes = await ledger.balance(crowd.stake_escrow(job["id"]))
+    assert stakes is None or stakes.posted == 0
+    assert (await ledger.reconcile()).ok
