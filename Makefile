@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench load clean
+.PHONY: install run test bench load sim clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ bench: install
 
 load: install
 	$(PY) bench/mixed_load.py $(ARGS)
+
+# The fault simulator: OPS ops (default 10000) of a random SEED, stopped after SECONDS (default 3600).
+OPS     ?= 10000
+SECONDS ?= 3600
+sim: install
+	$(PY) -m sim --ops $(OPS) --max-seconds $(SECONDS) $(if $(SEED),--seed $(SEED)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info

@@ -1,0 +1,70 @@
+"""Faults, each an op of the log: Redis restarted (SIGTERM or SIGKILL, AOF on) or paused past the
+client timeout while paid calls are in flight, a server process SIGKILLed mid-request and started again."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from .ops import Op
+
+if TYPE_CHECKING:
+    from .runner import Sim
+
+
+def _payers(sim: "Sim", op: Op, n: int) -> list[str]:
+    users = sim.model.users
+    return [users[(op.b + k) % len(users)].username for k in range(min(n, len(users)))] if users else []
+
+
+async def redis_restart(sim: "Sim", op: Op) -> None:
+    """Redis stops (SIGTERM: flushes its AOF; SIGKILL: a crash), paid calls meet it down, it comes back."""
+    sig = signal.SIGKILL if op.a % 2 else signal.SIGTERM
+    sim.fault_counts["redis_restart_" + ("sigkill" if sig == signal.SIGKILL else "sigterm")] += 1
+    sim.cluster.redis.stop(sig)
+    for k, payer in enumerate(_payers(sim, op, 1 + op.c % 2)):
+        await sim.paid_call(op, payer, op.c + k)
+    sim.cluster.redis.start()
+    await sim.cluster.reconnect()
+    await sim.cluster.wait_ready()
+
+
+async def redis_pause(sim: "Sim", op: Op) -> None:
+    """CLIENT PAUSE ALL for 3 × REDIS_TIMEOUT_MS, with paid calls started just before and during it."""
+    ms = 3 * sim.cfg.redis_timeout_ms
+    payers = _payers(sim, op, 1 + op.c % 3)
+    delays = [((op.a >> (8 * k)) % 40) / 1000 for k in range(len(payers))]
+    pause_at = (op.b % 20) / 1000
+
+    async def call(k: int, payer: str) -> None:
+        await asyncio.sleep(delays[k])
+        await sim.paid_call(op, payer, op.c + k)
+
+    async def pause() -> float:
+        await asyncio.sleep(pause_at)
+        await sim.cluster.redis_pause(ms)
+        return time.monotonic()
+
+    paused, *_ = await asyncio.gather(pause(), *(call(k, p) for k, p in enumerate(payers)))
+    await asyncio.sleep(max(0.0, paused + ms / 1000 - time.monotonic()))
+    await sim.cluster.wait_ready()
+
+
+async def server_kill(sim: "Sim", op: Op) -> None:
+    """SIGKILL the server process a paid call is talking to, a few ms into the call; start it again."""
+    index = op.a % len(sim.cluster.servers)
+    server = sim.cluster.servers[index]
+    payers = _payers(sim, op, 1)
+    call = asyncio.ensure_future(sim.paid_call(op, payers[0], index)) if payers else None
+    await asyncio.sleep((op.c % 30) / 1000)
+    server.stop(signal.SIGKILL)
+    if call is not None:
+        await call
+    server.start()
+    await sim.cluster.wait_ready()
+
+
+FAULT_OPS: dict[str, Callable[["Sim", Op], Awaitable[None]]] = {
+    "redis_restart": redis_restart, "redis_pause": redis_pause, "server_kill": server_kill,
+}

@@ -1,0 +1,99 @@
+"""Checkpoints: settle what can be settled, then check the invariants against the real ledger.
+
+- balances: every account the model knows (users, escrows, charities, system) equals the model to the
+  satoshi: posted, pending debits, pending credits (accounts awaiting a resolution are skipped until then);
+- no_stray_accounts: the ledger has no account the model does not (a refused payment changes nothing);
+- sum_zero: posted and pending balances over all accounts sum to zero;
+- stale_hold: no hold is pending past its timeout (+ the sweeper's period and some slack);
+- reconcile: `python -m service reconcile` exits 0 with ok and a zero sum (every `reconcile_every` s and at the end).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from .model import ANY_ESCROW, user
+
+if TYPE_CHECKING:
+    from .runner import Sim
+
+STALE_SLACK_MS = 5000
+
+
+async def settle_closing(sim: "Sim", wait: bool) -> None:
+    """Questions moved past their deadline: once the sweeper closed one, its remainder went to the asker."""
+    assert sim.cluster.admin is not None
+    deadline = time.monotonic() + (15 if wait else 0)
+    for q in [q for q in sim.model.questions.values() if q.closing and not q.closed]:
+        while True:
+            if await sim.cluster.admin.hget(f"{{sim}}:xp:q:{q.id}", "closed"):
+                escrow = f"escrow:q:{q.id}"
+                sim.model.open(escrow)
+                if sim.model.posted[escrow]:
+                    sim.model.move(escrow, user(q.asker), sim.model.posted[escrow])
+                q.closed = True
+                break
+            if time.monotonic() >= deadline:
+                if wait:
+                    sim.violate("expired_question_refunded", f"{q.id} past its deadline was never closed")
+                break
+            await asyncio.sleep(0.2)
+
+
+async def checkpoint(sim: "Sim", final: bool) -> None:
+    m = sim.model
+    if final and m.ambiguous:
+        await asyncio.sleep(max(0.0, max(a.after for a in m.ambiguous) - time.monotonic()))
+    for amb in m.ambiguous_due():
+        await sim.resolve(amb)
+    await settle_closing(sim, wait=final)
+    sim.checkpoints += 1
+    await compare(sim, final)
+    if final or time.monotonic() - sim.last_reconcile > sim.cfg.reconcile_every:
+        rc, report, out = await asyncio.to_thread(sim.cluster.reconcile)
+        sim.last_reconcile = time.monotonic()
+        sim.reconciles += 1
+        if rc != 0 or not report or not report.get("ok") or report.get("sum_of_balances") != 0:
+            sim.violate("reconcile", out[-3000:])
+
+
+async def compare(sim: "Sim", final: bool) -> None:
+    m = sim.model
+    admin = sim.cluster.admin
+    assert admin is not None
+    names = sorted(await admin.smembers("{sim}:accounts"))
+    async with admin.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hmget(f"{{sim}}:acct:{name}", "dp", "cp", "dpend", "cpend")
+        rows = await pipe.execute()
+    actual = {name: tuple(int(v or 0) for v in row) for name, row in zip(names, rows)}
+    sum_posted = sum(cp - dp for dp, cp, _, _ in actual.values())
+    sum_pending = sum(cpend - dpend for _, _, dpend, cpend in actual.values())
+    if sum_posted or sum_pending:
+        sim.violate("sum_zero", f"posted sum {sum_posted}, pending sum {sum_pending}")
+    dirty = m.dirty()
+    any_escrow = ANY_ESCROW in dirty
+    stray = [n for n in actual if n not in m.posted and not (any_escrow and n.startswith("escrow:"))]
+    if stray:
+        sim.violate("no_stray_accounts", f"{len(stray)} accounts the model never opened, e.g. {stray[:3]}")
+    wrong = []
+    created = lost = 0
+    for name in m.posted:
+        if name in dirty or (any_escrow and name.startswith("escrow:")):
+            continue
+        dp, cp, dpend, cpend = actual.get(name, (0, 0, 0, 0))
+        got = (cp - dp, dpend, cpend)
+        want = (m.posted[name], m.pdebit[name], m.pcredit[name])
+        if got != want:
+            wrong.append(f"{name}: ledger posted/pending-debits/pending-credits {got}, model {want}")
+        if name.startswith("u:"):
+            created += max(0, got[0] - want[0])
+            lost += max(0, want[0] - got[0])
+    sim.created, sim.lost = created, lost
+    if wrong:
+        sim.violate("balances", wrong[:10])
+    now_ms = int(time.time() * 1000)
+    stale = await admin.zrangebyscore("{sim}:pending", 0, now_ms - STALE_SLACK_MS)
+    if stale:
+        sim.violate("stale_hold", f"{len(stale)} holds pending past timeout + {STALE_SLACK_MS} ms: {stale[:3]}")

@@ -1,0 +1,635 @@
+"""One simulation run: a fresh cluster, a genesis, then ops in order with checkpoints; stops at the
+first violated invariant. Every money op goes through the real HTTP API, signed as a client signs it."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiohttp
+
+from service import protocol as P
+from service.client import Wallet, signed_headers, transfer_headers
+from service.config import DEFAULT_TESTNET_ADDRESS
+
+from . import faults, invariants
+from .cluster import ADMIN, Cluster
+from .model import ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, ListRec, Model, Question, Token, User, Withdrawal, user
+from .ops import Op, OpSource
+
+MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: sim}\n"
+PAYEE = ("microtasks", DEFAULT_TESTNET_ADDRESS)
+
+
+class Violation(Exception):
+    """An invariant failed: which one, at which op, and what was seen."""
+
+    def __init__(self, invariant: str, op: int, detail: Any) -> None:
+        super().__init__(f"{invariant} at op {op}: {detail}")
+        self.invariant, self.op, self.detail = invariant, op, detail
+
+
+@dataclass
+class Resp:
+    status: int                    # -1: no response (timeout, connection reset/refused)
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def code(self) -> str:
+        return self.body.get("error", "") if isinstance(self.body, dict) else ""
+
+    @property
+    def ambiguous(self) -> bool:
+        return self.status == -1 or self.status >= 500
+
+
+@dataclass
+class Config:
+    seed: int
+    kinds: set[str]
+    modifiers: set[str]
+    skip: set[str] = field(default_factory=set)      # invariants not checked (pending a fix)
+    servers: int = 2
+    hold_timeout: int = 4
+    redis_timeout_ms: int = 500
+    check_every: int = 250
+    reconcile_every: float = 30.0                    # seconds between `python -m service reconcile` runs
+    client_timeout: float = 3.0
+
+
+class Sim:
+    def __init__(self, cfg: Config, tmp: Path) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.cluster = Cluster(tmp, servers=cfg.servers, hold_timeout=cfg.hold_timeout,
+                               redis_timeout_ms=cfg.redis_timeout_ms)
+        self.model = Model()
+        self.source = OpSource(cfg.seed, cfg.kinds, cfg.modifiers)
+        self.http: aiohttp.ClientSession | None = None
+        self.op_counts: Counter[str] = Counter()
+        self.fault_counts: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()
+        self.price = 0
+        self.base_accounts: set[str] = set()
+        self.current = -1
+        self.last_reconcile = time.monotonic()
+        self.reconciles = 0
+        self.ops_done = 0
+        self.checkpoints = 0
+        self.created = self.lost = 0
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def violate(self, invariant: str, detail: Any) -> None:
+        if invariant in self.cfg.skip:
+            return
+        raise Violation(invariant, self.current, detail)
+
+    def server(self, n: int) -> str:
+        return self.cluster.servers[n % len(self.cluster.servers)].url
+
+    def wallet(self, username: str) -> Wallet:
+        key = hashlib.sha256(f"sim:{self.cfg.seed}:{username}".encode()).digest()
+        return Wallet(username, key)
+
+    async def send(self, method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
+                   timeout: float | None = None) -> Resp:
+        assert self.http is not None
+        try:
+            async with self.http.request(method, url, data=data, headers=headers or {},
+                                         timeout=aiohttp.ClientTimeout(total=timeout or self.cfg.client_timeout)) as r:
+                raw = await r.read()
+                try:
+                    body: Any = json.loads(raw) if r.content_type == "application/json" else raw.decode(errors="replace")
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                resp = Resp(r.status, body, dict(r.headers))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            return Resp(-1, error=type(exc).__name__)
+        self.statuses[resp.status] += 1
+        if resp.status >= 500 and not (resp.status == 503 and resp.code):
+            self.violate("no_5xx", {"url": url, "status": resp.status, "body": resp.body})
+        return resp
+
+    async def signed(self, username: str, method: str, path: str, body: Any = None, server: int = 0,
+                     headers: dict[str, str] | None = None) -> tuple[Resp, dict[str, str], bytes]:
+        url = self.server(server) + path
+        raw = json.dumps(body).encode() if body is not None else b""
+        h = signed_headers(self.model.by_name[username].wallet if username in self.model.by_name
+                           else self.wallet(username), method, url, raw)
+        if body is not None:
+            h["Content-Type"] = "application/json"
+        h.update(headers or {})
+        return await self.send(method, url, data=raw or None, headers=h), h, raw
+
+    async def until_definite(self, attempt, tries: int = 40) -> Resp:
+        """Repeat an idempotent request until it gets a definite answer (Redis back, server restarted)."""
+        resp = Resp(-1)
+        for n in range(tries):
+            resp = await attempt(n)
+            if not resp.ambiguous:
+                return resp
+            await asyncio.sleep(0.25)
+        self.violate("liveness", f"no definite answer after {tries} tries: {resp}")
+        return resp
+
+    def pick(self, items: list, n: int) -> Any:
+        return items[n % len(items)] if items else None
+
+    # --- run --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.cluster.start()
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        assert self.cluster.admin is not None
+        self.base_accounts = set(await self.cluster.admin.smembers("{sim}:accounts"))
+        for name in self.base_accounts:
+            self.model.open(name)
+        resp = await self.send("POST", self.server(0) + "/v1/qa/validate", data=MANIFEST)
+        assert resp.status == 402, resp
+        self.price = int(resp.headers[P.PRICE])
+        await self.genesis()
+
+    async def genesis(self) -> None:
+        """Not in the op log: four funded users, one an expert, a list of two, a token each for two."""
+        for n in range(4):
+            await self.register(f"g{n}")
+            await self.credit_user(f"g{n}", 200_000, f"genesis-{n}")
+        await self.set_profile("g0", 500, "keep")
+        await self.create_list("g1", "genesis", 300)
+        for member in ("g2", "g3"):
+            await self.join_list("genesis", member)
+        for owner in ("g0", "g1"):
+            await self.create_token(owner, 50_000)
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        await self.cluster.stop()
+
+    async def run(self, indices: Iterable[int], *, deadline: float | None = None) -> None:
+        for i in indices:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            op = self.source.op(i)
+            self.current = i
+            await self.execute(op)
+            self.ops_done += 1
+            if self.ops_done % self.cfg.check_every == 0:
+                await invariants.checkpoint(self, final=False)
+        await invariants.checkpoint(self, final=True)
+
+    async def execute(self, op: Op) -> None:
+        self.op_counts[op.kind] += 1
+        for flag, name in (("retry", "retry"), ("dup", "dup_delivery"), ("replay", "replay_signed")):
+            if getattr(op, flag):
+                self.fault_counts[name] += 1
+        if op.kind in faults.FAULT_OPS:
+            self.fault_counts[op.kind] += 1
+            await faults.FAULT_OPS[op.kind](self, op)
+            return
+        await getattr(self, f"op_{op.kind}")(op)
+
+    # --- accounts and credits ---------------------------------------------------------------------
+    async def register(self, username: str, server: int = 0) -> None:
+        wallet = self.wallet(username)
+        body = json.dumps({"username": username, "pubkey": wallet.pubkey.hex()}).encode()
+        headers = {P.AUTHORIZATION: wallet.sign(body), "Content-Type": "application/json"}
+        resp = await self.until_definite(lambda n: self.send("POST", self.server(server + n) + "/v1/accounts",
+                                                             data=body, headers=headers))
+        if resp.status in (201, 409) and username not in self.model.by_name:
+            self.model.add_user(User(username, wallet))
+        elif resp.status not in (201, 409):
+            self.violate("expected_status", f"register {username}: {resp.status} {resp.body}")
+
+    async def op_register(self, op: Op) -> None:
+        await self.register(f"u{op.i}", op.c)
+
+    async def credit_user(self, username: str, amount: int, credit_id: str, server: int = 0,
+                          retry: bool = False) -> None:
+        payload = json.dumps({"username": username, "amount": amount, "reason": "sim", "id": credit_id}).encode()
+        headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+
+        def attempt(n: int):
+            return self.send("POST", self.server(server + n) + "/v1/admin/credits", data=payload, headers=headers)
+
+        resp = await self.until_definite(attempt)
+        if resp.status in (200, 201):   # 200: replayed, an earlier attempt applied it (and we had not booked it)
+            self.model.move(GRANTS, user(username), amount)
+        else:
+            self.violate("expected_status", f"credit {username}: {resp.status} {resp.body}")
+            return
+        if retry:
+            again = await self.until_definite(attempt)
+            if again.status != 200 or not again.body.get("replayed"):
+                self.violate("idempotent_retry", f"credit {credit_id} retried: {again.status} {again.body}")
+
+    async def op_credit(self, op: Op) -> None:
+        u = self.pick(self.model.users, op.a)
+        if u:
+            await self.credit_user(u.username, 1000 + op.b % 50_000, f"c{op.i}", op.c, op.retry)
+
+    # --- paid calls -------------------------------------------------------------------------------
+    def expect_paid(self, payer: str, amount: int) -> int | None:
+        """200 or 402 when the payer's available balance is known; None when a resolution is pending."""
+        if self.model.uncertain(payer):
+            return None
+        return 200 if self.model.available(payer) >= amount else 402
+
+    async def paid_call(self, op: Op, payer: str, server: int) -> None:
+        url = self.server(server) + "/v1/qa/validate"
+        headers = transfer_headers(self.model.by_name[payer].wallet, amount=self.price, payee_username=PAYEE[0],
+                                   payee_address=PAYEE[1], url=url)
+        tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
+        expected = self.expect_paid(payer, self.price)
+        resp = await self.send("POST", url, data=MANIFEST, headers=headers)
+        self.settle_call(resp, tid, payer, self.price, expected, REVENUE)
+        if op.retry:
+            again = await self.send("POST", self.server(server + 1) + "/v1/qa/validate", data=MANIFEST, headers=headers)
+            self.check_retry(resp, again, tid)
+
+    def settle_call(self, resp: Resp, tid: str, payer: str, amount: int, expected: int | None, credit: str,
+                    token: Token | None = None, kind: str = "call") -> None:
+        """Book a paid request's definite outcome, or park it as ambiguous."""
+        if resp.ambiguous:
+            told = resp.body.get("detail", "") if isinstance(resp.body, dict) else resp.error
+            self.model.ambiguous.append(Ambiguous(self.current, tid, payer, amount, credit, str(told),
+                                                  time.monotonic() + self.cfg.hold_timeout + 3,
+                                                  token.id if token else "", kind))
+            return
+        if 200 <= resp.status < 300:
+            receipt = resp.headers.get(P.PAYMENT_RECEIPT)
+            if receipt != tid:
+                self.violate("receipt", f"2xx with receipt {receipt!r}, expected {tid}")
+            if expected is not None and expected != 200:
+                self.violate("served_without_funds", f"{payer} available {self.model.available(payer)}, "
+                                                      f"price {amount}: {resp.status}")
+            self.model.move(user(payer), credit, amount)
+            self.model.served += 1
+            if token:
+                token.spent += amount
+        elif expected == 200:
+            self.violate("refused_with_funds", f"{payer} available {self.model.available(payer)}, price {amount}: "
+                                               f"{resp.status} {resp.body}")
+        elif expected is not None and resp.status != expected and not (token and resp.status in (401, 403)):
+            self.violate("expected_status", f"expected {expected}, got {resp.status} {resp.body}")
+
+    def check_retry(self, first: Resp, again: Resp, tid: str) -> None:
+        """A retry of a paid request never pays twice; once the first was served, it gets the same result."""
+        if 200 <= again.status < 300 and again.headers.get(P.PAYMENT_RECEIPT) != tid:
+            self.violate("retry_paid_twice", f"retry of {tid} answered with receipt "
+                                             f"{again.headers.get(P.PAYMENT_RECEIPT)}")
+        if 200 <= first.status < 300 and not 200 <= again.status < 300 and not again.ambiguous:
+            self.violate("retry_gets_result", f"retry of a served request {tid}: {again.status} {again.body}")
+
+    async def op_call_bt(self, op: Op) -> None:
+        u = self.pick(self.model.users, op.a)
+        if u:
+            await self.paid_call(op, u.username, op.c)
+
+    async def op_call_token(self, op: Op) -> None:
+        tok = self.pick(self.model.tokens, op.a)
+        if tok is None:
+            return
+        key = f"k{self.cfg.seed}-{op.i}"
+        tid = f"tok_{tok.id}_{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+        headers = {P.AUTHORIZATION: f"{P.TOKEN_SCHEME} {tok.id}.{tok.secret}", P.IDEMPOTENCY_KEY: key,
+                   P.PAYMENT_AMOUNT: str(self.price)}
+        expected = self.expect_paid(tok.owner, self.price)
+        uncertain_token = any(a.token == tok.id for a in self.model.ambiguous)
+        if tok.revoked:
+            expected = 401
+        elif uncertain_token:
+            expected = None
+        elif tok.spent + self.price > tok.max_total:
+            expected = 403
+        resp = await self.send("POST", self.server(op.c) + "/v1/qa/validate", data=MANIFEST, headers=headers)
+        self.settle_call(resp, tid, tok.owner, self.price, expected, REVENUE, tok)
+        if op.retry:
+            again = await self.send("POST", self.server(op.c + 1) + "/v1/qa/validate", data=MANIFEST, headers=headers)
+            self.check_retry(resp, again, tid)
+
+    # --- tokens -----------------------------------------------------------------------------------
+    async def create_token(self, owner: str, max_total: int, server: int = 0, replay: bool = False) -> None:
+        resp, headers, raw = await self.signed(owner, "POST", "/v1/accounts/me/tokens", {"max_total": max_total},
+                                               server)
+        if resp.status == 201:
+            tid, secret = resp.body["token"].split(".", 1)
+            self.model.tokens.append(Token(tid, secret, owner, max_total))
+        elif not resp.ambiguous:
+            self.violate("expected_status", f"token create: {resp.status} {resp.body}")
+        if replay:
+            again = await self.send("POST", self.server(server) + "/v1/accounts/me/tokens", data=raw, headers=headers)
+            if again.status == 201:
+                tid, secret = again.body["token"].split(".", 1)
+                self.model.tokens.append(Token(tid, secret, owner, max_total))
+                self.violate("signed_replay_refused", "the same signed token request created a second token")
+
+    async def op_token_create(self, op: Op) -> None:
+        u = self.pick(self.model.users, op.a)
+        if u:
+            await self.create_token(u.username, 500 + op.b % 20_000, op.c, op.replay)
+
+    async def op_token_revoke(self, op: Op) -> None:
+        tok = self.pick(self.model.tokens, op.a)
+        if tok is None:
+            return
+        for n in range(40):
+            resp, _, _ = await self.signed(tok.owner, "DELETE", f"/v1/accounts/me/tokens/{tok.id}", None, op.c + n)
+            if not resp.ambiguous:
+                break
+            await asyncio.sleep(0.25)
+        if resp is not None and resp.status == 200:
+            tok.revoked = True
+        else:
+            self.violate("expected_status", f"token revoke: {resp}")
+
+    # --- experts, lists, questions ----------------------------------------------------------------
+    async def set_profile(self, username: str, price: int, payout: str, server: int = 0) -> None:
+        body = {"display_name": username, "price": price, "payout": payout, "reply_hours": 1}
+        for n in range(40):
+            resp, _, _ = await self.signed(username, "PUT", "/v1/experts/me", body, server + n)
+            if not resp.ambiguous:
+                break
+            await asyncio.sleep(0.25)
+        if resp.status == 200:
+            u = self.model.by_name[username]
+            u.price, u.payout = price, payout
+        else:
+            self.violate("expected_status", f"profile: {resp.status} {resp.body}")
+
+    async def op_expert_profile(self, op: Op) -> None:
+        u = self.pick(self.model.users, op.a)
+        if u:
+            payout = "charity:coincenter" if op.b % 4 == 0 else "keep"
+            await self.set_profile(u.username, 100 + op.c % 5000, payout, op.c)
+
+    async def create_list(self, owner: str, name: str, price: int, server: int = 0) -> None:
+        resp, _, _ = await self.signed(owner, "POST", "/v1/lists", {"name": name, "price": price}, server)
+        if resp.status == 201:
+            self.model.lists.append(ListRec(name, owner, price))
+        elif not resp.ambiguous:
+            self.violate("expected_status", f"list create: {resp.status} {resp.body}")
+
+    async def op_list_create(self, op: Op) -> None:
+        u = self.pick(self.model.users, op.a)
+        if u:
+            await self.create_list(u.username, f"l{op.i}", 100 + op.b % 2000, op.c)
+
+    async def join_list(self, name: str, member: str, server: int = 0) -> None:
+        resp, _, _ = await self.signed(member, "POST", f"/v1/lists/{name}/members/me", None, server)
+        lst = next(lst for lst in self.model.lists if lst.name == name)
+        if resp.status == 200 and member not in lst.members:
+            lst.members.append(member)
+        elif not resp.ambiguous and resp.status != 200:
+            self.violate("expected_status", f"join: {resp.status} {resp.body}")
+
+    async def op_list_join(self, op: Op) -> None:
+        lst, u = self.pick(self.model.lists, op.a), self.pick(self.model.users, op.b)
+        if lst and u:
+            await self.join_list(lst.name, u.username, op.c)
+
+    async def ask(self, op: Op, asker: str, path: str, body: dict, amount: int, kind: str, recipients: list[str],
+                  price_each: int, shares: int) -> None:
+        url = self.server(op.c) + path
+        headers = transfer_headers(self.model.by_name[asker].wallet, amount=amount, payee_username=PAYEE[0],
+                                   payee_address=PAYEE[1], url=url)
+        headers["Content-Type"] = "application/json"
+        tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
+        expected = self.expect_paid(asker, amount)
+        if expected == 200:
+            expected = 201 if recipients else 403
+        resp = await self.send("POST", url, data=json.dumps(body).encode(), headers=headers)
+        if resp.ambiguous:
+            self.settle_call(resp, tid, asker, amount, None, ANY_ESCROW, kind="ask")
+            return
+        if resp.status == 201:
+            qid = resp.body["id"]
+            if expected in (402, 403):
+                self.violate("served_without_funds" if expected == 402 else "expected_status",
+                             f"ask by {asker} ({self.model.available(asker)} available, price {amount}, "
+                             f"recipients {recipients}) answered 201")
+            self.settle_call(resp, tid, asker, amount, None, f"escrow:q:{qid}")
+            self.model.questions[qid] = Question(qid, asker, kind, recipients, price_each, shares)
+        elif expected == 201:
+            self.violate("refused_with_funds", f"ask by {asker} ({self.model.available(asker)} available, "
+                                               f"price {amount}): {resp.status} {resp.body}")
+        elif expected is not None and resp.status != expected:
+            self.violate("expected_status", f"ask: expected {expected}, got {resp.status} {resp.body}")
+
+    async def op_ask(self, op: Op) -> None:
+        experts = [u for u in self.model.users if u.price]
+        expert, asker = self.pick(experts, op.a), self.pick(self.model.users, op.b)
+        if not expert or not asker or asker is expert:
+            return
+        await self.ask(op, asker.username, f"/v1/experts/{expert.username}/questions", {"text": f"q{op.i}"},
+                       expert.price, "expert", [expert.username], expert.price, 1)
+
+    async def op_ask_list(self, op: Op) -> None:
+        lst, asker = self.pick(self.model.lists, op.a), self.pick(self.model.users, op.b)
+        if not lst or not asker:
+            return
+        shares = 1 + op.c % 3
+        recipients = [m for m in lst.members if m != asker.username]
+        await self.ask(op, asker.username, f"/v1/lists/{lst.name}/questions",
+                       {"text": f"q{op.i}", "max_responses": shares, "hours": 1}, lst.price * shares, "list",
+                       recipients, lst.price, shares)
+
+    def open_questions(self) -> list[Question]:
+        return [q for q in self.model.questions.values() if not q.closed]
+
+    async def op_reply(self, op: Op) -> None:
+        q = self.pick(self.open_questions(), op.a)
+        if q is None or not q.recipients:
+            return
+        replier = self.pick(q.recipients, op.b)
+        if q.closing:
+            expected = 409
+        elif replier in q.replied or (q.kind == "expert" and q.replied) or len(q.replied) >= q.shares:
+            expected = 409
+        else:
+            expected = 201
+        body = {"text": f"r{op.i}"}
+        earnings = self.model.by_name[replier].earnings
+        if op.dup:
+            first, second = await asyncio.gather(
+                self.signed(replier, "POST", f"/v1/questions/{q.id}/reply", body, op.c),
+                self.signed(replier, "POST", f"/v1/questions/{q.id}/reply", body, op.c + 1))
+            resps = [first[0], second[0]]
+        else:
+            resps = [(await self.signed(replier, "POST", f"/v1/questions/{q.id}/reply", body, op.c))[0]]
+        if any(r.ambiguous for r in resps):  # resolve by asking again: the claim per replier answers
+            again, _, _ = await self.signed(replier, "POST", f"/v1/questions/{q.id}/reply", body, op.c)
+            for _ in range(40):
+                if not again.ambiguous:
+                    break
+                await asyncio.sleep(0.25)
+                again, _, _ = await self.signed(replier, "POST", f"/v1/questions/{q.id}/reply", body, op.c)
+            resps = [r for r in resps if not r.ambiguous] + [again]
+        paid = sum(1 for r in resps if r.status == 201) + (
+            1 if expected == 201 and any(r.code == "already_replied" for r in resps) and
+            not any(r.status == 201 for r in resps) else 0)
+        if paid > 1:
+            self.violate("paid_once", f"reply to {q.id} by {replier} paid {paid} times")
+        if paid and expected != 201:
+            self.violate("expected_status", f"reply to {q.id} by {replier} paid, expected refusal ({q})")
+        if not paid and expected == 201:
+            self.violate("expected_status", f"reply to {q.id} by {replier} refused: {[r.body for r in resps]}")
+        if paid:
+            self.model.move(f"escrow:q:{q.id}", earnings, q.price_each)
+            q.replied.add(replier)
+            if q.kind == "expert":
+                q.closed = True
+
+    async def op_q_withdraw(self, op: Op) -> None:
+        q = self.pick(self.open_questions(), op.a)
+        if q is None:
+            return
+        for n in range(40):
+            resp, _, _ = await self.signed(q.asker, "POST", f"/v1/questions/{q.id}/withdraw", None, op.c + n)
+            if not resp.ambiguous:
+                break
+            await asyncio.sleep(0.25)
+        if resp.status == 200:
+            escrow = f"escrow:q:{q.id}"
+            self.model.open(escrow)
+            if self.model.posted[escrow]:
+                self.model.move(escrow, user(q.asker), self.model.posted[escrow])
+            q.closed = True
+        elif resp.status == 409 and q.kind == "expert" and q.replied:
+            pass
+        else:
+            self.violate("expected_status", f"withdraw question {q.id}: {resp.status} {resp.body}")
+
+    async def op_q_expire(self, op: Op) -> None:
+        """Time travel: the question's deadline moves to now, as the clock would move it (reply_hours ≥ 1)."""
+        candidates = [q for q in self.open_questions() if not q.closing]
+        q = self.pick(candidates, op.a)
+        if q is None:
+            return
+        assert self.cluster.admin is not None
+        past = int(time.time() * 1000) - 1000
+        await self.cluster.admin.hset(f"{{sim}}:xp:q:{q.id}", "deadline", past)
+        await self.cluster.admin.zadd("{sim}:xp:open", {q.id: past}, xx=True)
+        q.closing = True
+
+    # --- withdrawals ------------------------------------------------------------------------------
+    async def op_withdraw(self, op: Op) -> None:
+        u = self.pick(self.model.users, op.a)
+        if u is None:
+            return
+        name = u.username
+        avail = self.model.available(name)
+        amount = max(1000, int(avail * (0.05 + 0.5 * op.x)))
+        expected = None if self.model.uncertain(name) else (201 if avail >= amount else 402)
+        body = {"amount": amount, "address": DEFAULT_TESTNET_ADDRESS}
+        resp, headers, raw = await self.signed(name, "POST", "/v1/accounts/me/withdrawals", body, op.c)
+        if resp.ambiguous:
+            await self.adopt_withdrawals(name)
+            return
+        if resp.status == 201:
+            if expected == 402:
+                self.violate("served_without_funds", f"withdrawal of {amount} with {avail} available")
+            self.model.hold(user(name), BITCOIN, amount)
+            self.model.withdrawals[resp.body["id"]] = Withdrawal(resp.body["id"], name, amount)
+        elif expected == 201:
+            self.violate("refused_with_funds", f"withdrawal of {amount} with {avail} available: {resp.body}")
+        if op.replay and resp.status == 201:
+            again = await self.send("POST", self.server(op.c) + "/v1/accounts/me/withdrawals", data=raw, headers=headers)
+            if again.ambiguous:
+                await self.adopt_withdrawals(name)
+            elif again.status == 201:
+                self.model.hold(user(name), BITCOIN, amount)
+                self.model.withdrawals[again.body["id"]] = Withdrawal(again.body["id"], name, amount)
+                self.violate("signed_replay_refused", "the same signed withdrawal request queued a second withdrawal")
+
+    async def adopt_withdrawals(self, name: str) -> None:
+        """After an ambiguous withdrawal: the account's own list says whether it was queued."""
+        for n in range(40):
+            resp, _, _ = await self.signed(name, "GET", "/v1/accounts/me", None, n)
+            if resp.status == 200:
+                break
+            await asyncio.sleep(0.25)
+        for wd in resp.body.get("withdrawals", []) if resp.status == 200 else []:
+            if wd["id"] not in self.model.withdrawals:
+                self.model.hold(user(name), BITCOIN, int(wd["amount"]))
+                self.model.withdrawals[wd["id"]] = Withdrawal(wd["id"], name, int(wd["amount"]))
+
+    async def op_wd_cancel(self, op: Op) -> None:
+        queued = [w for w in self.model.withdrawals.values() if w.state == "queued"]
+        wd = self.pick(queued, op.a)
+        if wd is None:
+            return
+        runs = 2 if op.dup else 1
+        results = await asyncio.gather(*(asyncio.to_thread(self.cluster.cli, "withdrawals", "cancel", wd.id)
+                                         for _ in range(runs)))
+        if any(r.returncode != 0 for r in results):
+            self.violate("expected_status", f"withdrawals cancel {wd.id}: {[r.stderr[-500:] for r in results]}")
+        self.model.release(user(wd.user), BITCOIN, wd.amount, post=False)
+        wd.state = "cancelled"
+
+    # --- resolution of ambiguous outcomes ---------------------------------------------------------
+    async def resolve(self, amb: Ambiguous) -> None:
+        """Read the transfer by its id (the payer's receipt) and book what really happened."""
+        state = ""
+        for n in range(60):
+            resp, _, _ = await self.signed(amb.payer, "GET", f"/v1/receipts/{amb.transfer_id}", None, n)
+            if resp.status == 404:
+                state = "absent"
+                break
+            if resp.status == 200:
+                state = resp.body["state"]
+                break
+            await asyncio.sleep(0.25)
+        if state == "pending":
+            self.violate("stale_hold", f"{amb.transfer_id} still pending {self.cfg.hold_timeout + 3} s after the call")
+            return
+        if not state:
+            self.violate("liveness", f"receipt {amb.transfer_id} unreadable")
+            return
+        self.model.ambiguous.remove(amb)
+        if state == "posted":
+            credit = resp.body["payee"]
+            if "not charged" in amb.told:
+                self.violate("truthful_503", f"op {amb.op}: told {amb.told!r} but {amb.transfer_id} was captured")
+            self.model.move(user(amb.payer), credit, amb.amount)
+            self.model.served += 1
+            if amb.token:
+                tok = next(t for t in self.model.tokens if t.id == amb.token)
+                tok.spent += amb.amount
+            if amb.kind == "ask":
+                await self.adopt_question(amb, credit.removeprefix("escrow:q:"))
+
+    async def adopt_question(self, amb: Ambiguous, qid: str) -> None:
+        """An ask whose answer was lost but whose payment was captured: the question must exist."""
+        resp = await self.until_definite(lambda n: self._get_q(amb.payer, qid, n))
+        if resp.status != 200:
+            self.violate("paid_means_delivered", f"{amb.transfer_id} captured into escrow of {qid}, "
+                                                 f"but the question is {resp.status}")
+            self.model.questions[qid] = Question(qid, amb.payer, "expert", [], amb.amount, 1, closed=True)
+            return
+        q = resp.body
+        recipients = [q["to"]] if q["kind"] != "list" else next(
+            (m for lst in self.model.lists if lst.name == q["to"] for m in [[x for x in lst.members
+                                                                                 if x != amb.payer]]), [])
+        self.model.questions[qid] = Question(qid, amb.payer, "list" if q["kind"] == "list" else "expert", recipients,
+                                             q["money"]["price_each"], q["money"]["shares"])
+
+    async def _get_q(self, username: str, qid: str, n: int) -> Resp:
+        resp, _, _ = await self.signed(username, "GET", f"/v1/questions/{qid}", None, n)
+        return resp
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def rng_for(seed: int, salt: str) -> random.Random:
+    return random.Random(f"{seed}:{salt}")
