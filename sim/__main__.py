@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"op, fault or modifier kinds switched off; ops: {','.join(OPS)}; faults: "
                         f"{','.join(FAULTS)}; modifiers: {','.join(MODIFIERS)}")
     p.add_argument("--only", type=_csv, default=None, help="run only these op/fault kinds")
+    p.add_argument("--weights", default="", help="kind=weight,... over the default weights (e.g. redis_pause=2)")
     p.add_argument("--skip", type=_csv, default=set(), help="invariants not checked")
     p.add_argument("--replay", default=None, help="comma-separated op indices to run instead of 0..ops-1")
     p.add_argument("--check-every", type=int, default=250)
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else new_seed()
     kinds = (args.only if args.only is not None else set(OPS) | set(FAULTS)) - args.off
     cfg = Config(seed=seed, kinds=kinds, modifiers=set(MODIFIERS) - args.off, skip=args.skip,
-                 servers=args.servers, check_every=args.check_every)
+                 servers=args.servers, check_every=args.check_every,
+                 weights={k: float(v) for k, v in (item.split("=") for item in _csv(args.weights))})
     indices = [int(i) for i in args.replay.split(",")] if args.replay else range(args.ops)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     print(f"sim: seed {seed}, {len(indices)} ops, kinds {','.join(sorted(kinds))}, "
@@ -100,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                "ops_by_kind": dict(sorted(sim.op_counts.items())), "statuses": dict(sorted(sim.statuses.items())),
                "checkpoints": sim.checkpoints, "reconciles": sim.reconciles, "served": sim.model.served,
                "sat_moved": sim.model.moved, "accounts": len(sim.model.posted),
-               "created": sim.created, "lost": sim.lost, "violation": None}
+               "created": sim.created, "lost": sim.lost, "resolved": dict(sim.resolved), "violation": None}
     print(f"{sim.ops_done} ops in {elapsed:.1f} s: {summary['ops_per_s']} ops/s "
           f"({sim.model.served} paid requests served, {sim.model.moved} sat moved, {len(sim.model.posted)} accounts)")
     print(f"ops by kind: {summary['ops_by_kind']}")
     print(f"faults injected by kind: {faults}")
     print(f"HTTP statuses: {summary['statuses']}; checkpoints {sim.checkpoints}, reconciles {sim.reconciles}")
+    print(f"ambiguous outcomes resolved by transfer id: {dict(sorted(sim.resolved.items()))}")
     if violation is None:
         print(f"books: {sim.created} sat created, {sim.lost} sat lost" if sim.created or sim.lost
               else "books: 0 sat created or lost")
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["violation"] = {"invariant": violation.invariant, "op": violation.op, "detail": violation.detail}
     print(f"FAILED: invariant {violation.invariant} at op {violation.op} (seed {seed}): {violation.detail}")
     print(f"logs of the failing run: {sim.tmp}")
-    source = OpSource(seed, kinds, cfg.modifiers)
+    source = OpSource(seed, kinds, cfg.modifiers, cfg.weights)
     ran = list(indices)
     failing = ran[:ran.index(violation.op) + 1] if violation.op in ran else ran
     if args.shrink_seconds > 0 and len(failing) > 1:
@@ -126,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shortest op log found ({len(failing)} ops) for invariant {violation.invariant}:")
     for i in failing:
         print("  " + json.dumps(source.op(i).to_json()))
-    print("replay: python -m sim --seed {} --replay {}{}{}".format(
+    print("replay: python -m sim --seed {} --replay {}{}{}{}".format(
         seed, ",".join(map(str, failing)), f" --off {','.join(off)}" if off else "",
-        f" --skip {','.join(sorted(cfg.skip))}" if cfg.skip else ""))
+        f" --skip {','.join(sorted(cfg.skip))}" if cfg.skip else "",
+        f" --weights {args.weights}" if args.weights else ""))
     if args.json:
         print(json.dumps({**summary, "shrunk": failing}))
     return 1

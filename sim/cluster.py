@@ -121,6 +121,18 @@ class Cluster:
         assert self.admin is not None
         await self.admin.execute_command("CLIENT", "PAUSE", str(ms), "ALL")
 
+    async def redis_busy(self, ms: int) -> None:
+        """A Lua script that spins for `ms` (a slow script): commands sent meanwhile run after it, even
+        when their client gave up waiting (unlike CLIENT PAUSE, whose queued commands die with the client)."""
+        spin = ("local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] "
+                "while true do local n = redis.call('TIME') "
+                "if n[1] * 1000000 + n[2] - start > tonumber(ARGV[1]) then return 1 end end")
+        busy = aioredis.Redis.from_url(self.redis.url, decode_responses=True)
+        try:
+            await busy.eval(spin, 0, ms * 1000)
+        finally:
+            await busy.aclose()
+
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """The operator's `python -m service ...`, against this cluster's Redis (chain commands get an
         xpub and an Esplora URL nobody answers: cancel never touches the chain)."""

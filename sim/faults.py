@@ -31,20 +31,32 @@ async def redis_restart(sim: "Sim", op: Op) -> None:
 
 
 async def redis_pause(sim: "Sim", op: Op) -> None:
-    """CLIENT PAUSE ALL for 3 × REDIS_TIMEOUT_MS, with paid calls started just before and during it."""
+    await _stall(sim, op, busy=False)
+
+
+async def redis_busy(sim: "Sim", op: Op) -> None:
+    await _stall(sim, op, busy=True)
+
+
+async def _stall(sim: "Sim", op: Op, busy: bool) -> None:
+    """Redis stalls for 3 × REDIS_TIMEOUT_MS (CLIENT PAUSE ALL, or a slow script when `busy`), with paid
+    calls (some slow: many documents) started just before and during it, so the stall lands on holds,
+    on handlers and on captures."""
     ms = 3 * sim.cfg.redis_timeout_ms
     payers = _payers(sim, op, 1 + op.c % 3)
     delays = [((op.a >> (8 * k)) % 40) / 1000 for k in range(len(payers))]
-    pause_at = (op.b % 20) / 1000
+    docs = [1 if (op.c >> (4 + k)) % 2 else 20 + (op.a >> (3 * k)) % 180 for k in range(len(payers))]
+    pause_at = (delays[0] if delays else 0) + (op.b % 120) / 10000  # 0-12 ms into the first call
 
     async def call(k: int, payer: str) -> None:
         await asyncio.sleep(delays[k])
-        await sim.paid_call(op, payer, op.c + k)
+        await sim.paid_call(op, payer, op.c + k, docs[k])
 
     async def pause() -> float:
         await asyncio.sleep(pause_at)
-        await sim.cluster.redis_pause(ms)
-        return time.monotonic()
+        started = time.monotonic()
+        await (sim.cluster.redis_busy(ms) if busy else sim.cluster.redis_pause(ms))
+        return started
 
     paused, *_ = await asyncio.gather(pause(), *(call(k, p) for k, p in enumerate(payers)))
     await asyncio.sleep(max(0.0, paused + ms / 1000 - time.monotonic()))
@@ -66,5 +78,5 @@ async def server_kill(sim: "Sim", op: Op) -> None:
 
 
 FAULT_OPS: dict[str, Callable[["Sim", Op], Awaitable[None]]] = {
-    "redis_restart": redis_restart, "redis_pause": redis_pause, "server_kill": server_kill,
+    "redis_restart": redis_restart, "redis_pause": redis_pause, "redis_busy": redis_busy, "server_kill": server_kill,
 }

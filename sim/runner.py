@@ -64,6 +64,7 @@ class Config:
     check_every: int = 250
     reconcile_every: float = 30.0                    # seconds between `python -m service reconcile` runs
     client_timeout: float = 3.0
+    weights: dict[str, float] = field(default_factory=dict)  # op/fault kind -> weight, over the defaults
 
 
 class Sim:
@@ -73,12 +74,14 @@ class Sim:
         self.cluster = Cluster(tmp, servers=cfg.servers, hold_timeout=cfg.hold_timeout,
                                redis_timeout_ms=cfg.redis_timeout_ms)
         self.model = Model()
-        self.source = OpSource(cfg.seed, cfg.kinds, cfg.modifiers)
+        self.source = OpSource(cfg.seed, cfg.kinds, cfg.modifiers, cfg.weights)
         self.http: aiohttp.ClientSession | None = None
         self.op_counts: Counter[str] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
+        self.resolved: Counter[str] = Counter()  # ambiguous outcomes: what the client was told -> the transfer's state
         self.price = 0
+        self.per_document = 0
         self.base_accounts: set[str] = set()
         self.current = -1
         self.last_reconcile = time.monotonic()
@@ -155,6 +158,8 @@ class Sim:
         resp = await self.send("POST", self.server(0) + "/v1/qa/validate", data=MANIFEST)
         assert resp.status == 402, resp
         self.price = int(resp.headers[P.PRICE])
+        two = await self.send("POST", self.server(0) + "/v1/qa/validate", data=MANIFEST + b"---\n" + MANIFEST)
+        self.per_document = int(two.headers[P.PRICE]) - self.price
         await self.genesis()
 
     async def genesis(self) -> None:
@@ -243,16 +248,19 @@ class Sim:
             return None
         return 200 if self.model.available(payer) >= amount else 402
 
-    async def paid_call(self, op: Op, payer: str, server: int) -> None:
+    async def paid_call(self, op: Op, payer: str, server: int, docs: int = 1) -> None:
+        """POST /v1/qa/validate paid with a signed BitTransfer (more documents: a slower handler, a higher price)."""
         url = self.server(server) + "/v1/qa/validate"
-        headers = transfer_headers(self.model.by_name[payer].wallet, amount=self.price, payee_username=PAYEE[0],
+        price = self.price + self.per_document * (docs - 1)
+        data = MANIFEST if docs == 1 else b"---\n".join([MANIFEST] * docs)
+        headers = transfer_headers(self.model.by_name[payer].wallet, amount=price, payee_username=PAYEE[0],
                                    payee_address=PAYEE[1], url=url)
         tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
-        expected = self.expect_paid(payer, self.price)
-        resp = await self.send("POST", url, data=MANIFEST, headers=headers)
-        self.settle_call(resp, tid, payer, self.price, expected, REVENUE)
+        expected = self.expect_paid(payer, price)
+        resp = await self.send("POST", url, data=data, headers=headers)
+        self.settle_call(resp, tid, payer, price, expected, REVENUE)
         if op.retry:
-            again = await self.send("POST", self.server(server + 1) + "/v1/qa/validate", data=MANIFEST, headers=headers)
+            again = await self.send("POST", self.server(server + 1) + "/v1/qa/validate", data=data, headers=headers)
             self.check_retry(resp, again, tid)
 
     def settle_call(self, resp: Resp, tid: str, payer: str, amount: int, expected: int | None, credit: str,
@@ -595,9 +603,11 @@ class Sim:
             self.violate("liveness", f"receipt {amb.transfer_id} unreadable")
             return
         self.model.ambiguous.remove(amb)
+        told = "told not charged" if claims_not_charged(amb.told) else "no answer" if not amb.told else "other 503"
+        self.resolved[f"{told} -> {state}"] += 1
         if state == "posted":
             credit = resp.body["payee"]
-            if "not charged" in amb.told:
+            if claims_not_charged(amb.told):
                 self.violate("truthful_503", f"op {amb.op}: told {amb.told!r} but {amb.transfer_id} was captured")
             self.model.move(user(amb.payer), credit, amb.amount)
             self.model.served += 1
@@ -625,6 +635,11 @@ class Sim:
     async def _get_q(self, username: str, qid: str, n: int) -> Resp:
         resp, _, _ = await self.signed(username, "GET", f"/v1/questions/{qid}", None, n)
         return resp
+
+
+def claims_not_charged(detail: str) -> bool:
+    """Does a 503's detail tell the client it was not charged?"""
+    return "not charged" in detail or "nothing was charged" in detail
 
 
 def new_seed() -> int:
