@@ -1,0 +1,49 @@
+"""`make sim` in small: a short seed of the fault simulator must keep the books to the satoshi, and the
+simulator itself must catch a planted bug and shrink it to the op that causes it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What the short seed leaves out on today's main, and why (issue 11). Switch each back on as its fix lands.
+OFF = [
+    "redis_busy",             # finding 6: a capture that times out client-side is answered 503 "not charged"
+                              # while the script still runs and charges (invariant truthful_503)
+]
+SKIP = [
+    "retry_gets_result",      # finding 7: a retry with the same transfer / Idempotency-Key gets 409, not its result
+    "no_stray_accounts",      # finding 8: a refused ask (402, 403 no_recipient) leaves an empty escrow:q:* account
+    "signed_replay_refused",  # finding 9: a replayed MT-Sig request creates a second token / withdrawal
+]
+
+
+def run_sim(*args: str, timeout: float) -> tuple[int, str, dict]:
+    run = subprocess.run([sys.executable, "-m", "sim", "--json", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    return run.returncode, run.stdout + run.stderr, json.loads(lines[-1]) if lines else {}
+
+
+def test_short_seed_keeps_the_books_under_faults():
+    rc, out, summary = run_sim("--seed", "20261130", "--ops", "3000", "--max-seconds", "30",
+                               "--weights", "redis_restart=0.3,redis_pause=0.3,server_kill=0.3",
+                               "--off", ",".join(OFF), "--skip", ",".join(SKIP), "--shrink-seconds", "0", timeout=170)
+    assert rc == 0, out
+    assert "books: 0 sat created or lost" in out
+    assert summary["violation"] is None and summary["created"] == summary["lost"] == 0
+    assert summary["ops"] >= 1000 and summary["served"] > 100 and summary["reconciles"] >= 1, summary
+    assert {"redis_restart", "redis_pause", "server_kill", "retry"} <= set(summary["faults"]), summary["faults"]
+
+
+def test_a_planted_bug_is_caught_and_shrunk_to_its_op():
+    # the model books the paid call of op 12 twice: the balance check must fail and the shrinker find op 12 alone
+    rc, out, summary = run_sim("--seed", "3", "--ops", "20", "--only", "call_bt", "--off", "retry", "--plant", "12",
+                               "--servers", "1", "--shrink-seconds", "90", timeout=170)
+    assert rc == 1, out
+    assert summary["violation"]["invariant"] == "balances", summary
+    assert summary["shrunk"] == [12], out
+    assert "replay: python -m sim --seed 3 --replay 12" in out
