@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", default=None, help="comma-separated op indices to run instead of 0..ops-1")
     p.add_argument("--check-every", type=int, default=250)
     p.add_argument("--servers", type=int, default=2)
+    p.add_argument("--lanes", type=int, default=4, help="concurrent lanes of ops (each with its own users)")
     p.add_argument("--shrink-seconds", type=float, default=600, help="time budget to shrink a failing log (0: off)")
     p.add_argument("--plant", type=int, default=None, help=argparse.SUPPRESS)  # self-test: a bug at this op
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else new_seed()
     kinds = (args.only if args.only is not None else set(OPS) | set(FAULTS)) - args.off
     cfg = Config(seed=seed, kinds=kinds, modifiers=set(MODIFIERS) - args.off, skip=args.skip,
-                 servers=args.servers, check_every=args.check_every, plant=args.plant,
+                 servers=args.servers, lanes=args.lanes, check_every=args.check_every, plant=args.plant,
                  weights={k: float(v) for k, v in (item.split("=") for item in _csv(args.weights))})
     indices = [int(i) for i in args.replay.split(",")] if args.replay else range(args.ops)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def _payers(sim: "Sim", op: Op, n: int) -> list[str]:
-    users = sim.model.users
+    users = sim.lane.users
     return [users[(op.b + k) % len(users)].username for k in range(min(n, len(users)))] if users else []
 
 

@@ -47,6 +47,7 @@ class Token:
 @dataclass
 class Question:
     id: str
+    lane: int
     asker: str
     kind: str                      # expert | list
     recipients: list[str]
@@ -86,6 +87,44 @@ class Ambiguous:
     after: float                   # monotonic time after which the transfer must be settled
     token: str = ""                # spending token id it was paid with
     kind: str = "call"             # call | ask
+    lane: int = 0
+
+
+class OpenSet:
+    """Ids with O(1) add, remove and pick by number (open questions of a long run)."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.pos: dict[str, int] = {}
+
+    def add(self, item: str) -> None:
+        if item not in self.pos:
+            self.pos[item] = len(self.items)
+            self.items.append(item)
+
+    def discard(self, item: str) -> None:
+        at = self.pos.pop(item, None)
+        if at is None:
+            return
+        last = self.items.pop()
+        if at < len(self.items):
+            self.items[at] = last
+            self.pos[last] = at
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class Lane:
+    """What one lane of concurrent ops owns: lanes never share users, so each lane's expectations hold."""
+
+    users: list[User] = field(default_factory=list)
+    experts: list[User] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
+    lists: list[ListRec] = field(default_factory=list)
+    open_q: OpenSet = field(default_factory=OpenSet)
+    queued: OpenSet = field(default_factory=OpenSet)   # withdrawal ids
 
 
 @dataclass
@@ -93,17 +132,20 @@ class Model:
     posted: dict[str, int] = field(default_factory=dict)       # account -> credits - debits (posted)
     pdebit: dict[str, int] = field(default_factory=dict)       # account -> pending debits
     pcredit: dict[str, int] = field(default_factory=dict)      # account -> pending credits
-    users: list[User] = field(default_factory=list)
     by_name: dict[str, User] = field(default_factory=dict)
-    tokens: list[Token] = field(default_factory=list)
+    tokens: dict[str, Token] = field(default_factory=dict)
     questions: dict[str, Question] = field(default_factory=dict)
-    lists: list[ListRec] = field(default_factory=list)
+    lists: dict[str, ListRec] = field(default_factory=dict)
     withdrawals: dict[str, Withdrawal] = field(default_factory=dict)
     ambiguous: list[Ambiguous] = field(default_factory=list)
+    lanes: list[Lane] = field(default_factory=list)
+    closing: set[str] = field(default_factory=set)             # question ids past their deadline, not yet closed
+    touched: set[str] = field(default_factory=set)             # accounts changed since the last comparison
     served: int = 0                # paid calls answered 2xx
     moved: int = 0                 # sat moved by definite outcomes
 
     def open(self, account: str) -> None:
+        self.touched.add(account)
         self.posted.setdefault(account, 0)
         self.pdebit.setdefault(account, 0)
         self.pcredit.setdefault(account, 0)
@@ -131,8 +173,8 @@ class Model:
         name = user(username)
         return self.posted.get(name, 0) - self.pdebit.get(name, 0)
 
-    def add_user(self, u: User) -> None:
-        self.users.append(u)
+    def add_user(self, u: User, lane: Lane) -> None:
+        lane.users.append(u)
         self.by_name[u.username] = u
         self.open(user(u.username))
 
@@ -141,9 +183,8 @@ class Model:
         out: set[str] = set()
         for a in self.ambiguous:
             out |= {user(a.payer), a.credit}
-        for q in self.questions.values():
-            if q.closing and not q.closed:
-                out |= {user(q.asker), f"escrow:q:{q.id}"}
+        for qid in self.closing:
+            out |= {user(self.questions[qid].asker), f"escrow:q:{qid}"}
         return out
 
     def uncertain(self, username: str) -> bool:
@@ -155,5 +196,5 @@ class Model:
         return [a for a in self.ambiguous if a.after <= now]
 
     def summary(self) -> dict[str, Any]:
-        return {"users": len(self.users), "tokens": len(self.tokens), "questions": len(self.questions),
+        return {"users": len(self.by_name), "tokens": len(self.tokens), "questions": len(self.questions),
                 "withdrawals": len(self.withdrawals), "served": self.served}

@@ -3,6 +3,8 @@ first violated invariant. Every money op goes through the real HTTP API, signed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
 import json
 import random
@@ -11,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 
@@ -21,11 +23,14 @@ from service.config import DEFAULT_TESTNET_ADDRESS
 
 from . import faults, invariants
 from .cluster import ADMIN, Cluster
-from .model import ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, ListRec, Model, Question, Token, User, Withdrawal, user
+from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Lane, ListRec, Model, Question, Token, User,
+                    Withdrawal, user)
 from .ops import Op, OpSource
 
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: sim}\n"
 PAYEE = ("microtasks", DEFAULT_TESTNET_ADDRESS)
+LANE: contextvars.ContextVar[int] = contextvars.ContextVar("lane", default=0)
+CURRENT: contextvars.ContextVar[int] = contextvars.ContextVar("current", default=-1)
 
 
 class Violation(Exception):
@@ -64,8 +69,43 @@ class Config:
     check_every: int = 250
     reconcile_every: float = 30.0                    # seconds between `python -m service reconcile` runs
     client_timeout: float = 3.0
+    lanes: int = 4                 # ops i ≡ k (mod lanes) run in lane k, concurrently with the other lanes
     weights: dict[str, float] = field(default_factory=dict)  # op/fault kind -> weight, over the defaults
     plant: int | None = None       # self-test: at this op the model books a served call twice (a planted bug)
+
+
+class Gate:
+    """Ops of all lanes run together; a fault or a checkpoint runs alone (new ops wait, running ones finish)."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.exclusive = False
+        self.cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self.exclusive)
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.inflight -= 1
+                self.cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self.exclusive)
+            self.exclusive = True
+            await self.cond.wait_for(lambda: self.inflight == 0)
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.exclusive = False
+                self.cond.notify_all()
 
 
 class Sim:
@@ -74,7 +114,8 @@ class Sim:
         self.tmp = tmp
         self.cluster = Cluster(tmp, servers=cfg.servers, hold_timeout=cfg.hold_timeout,
                                redis_timeout_ms=cfg.redis_timeout_ms)
-        self.model = Model()
+        self.model = Model(lanes=[Lane() for _ in range(cfg.lanes)])
+        self.gate = Gate()
         self.source = OpSource(cfg.seed, cfg.kinds, cfg.modifiers, cfg.weights)
         self.http: aiohttp.ClientSession | None = None
         self.op_counts: Counter[str] = Counter()
@@ -84,9 +125,10 @@ class Sim:
         self.price = 0
         self.per_document = 0
         self.base_accounts: set[str] = set()
-        self.current = -1
         self.last_reconcile = time.monotonic()
         self.reconciles = 0
+        self.reconcile_interval = cfg.reconcile_every
+        self.journal_pos = ""      # the last journal entry a comparison has seen
         self.ops_done = 0
         self.checkpoints = 0
         self.created = self.lost = 0
@@ -95,7 +137,7 @@ class Sim:
     def violate(self, invariant: str, detail: Any) -> None:
         if invariant in self.cfg.skip:
             return
-        raise Violation(invariant, self.current, detail)
+        raise Violation(invariant, CURRENT.get(), detail)
 
     def server(self, n: int) -> str:
         return self.cluster.servers[n % len(self.cluster.servers)].url
@@ -145,6 +187,10 @@ class Sim:
         self.violate("liveness", f"no definite answer after {tries} tries: {resp}")
         return resp
 
+    @property
+    def lane(self) -> Lane:
+        return self.model.lanes[LANE.get()]
+
     def pick(self, items: list, n: int) -> Any:
         return items[n % len(items)] if items else None
 
@@ -164,16 +210,20 @@ class Sim:
         await self.genesis()
 
     async def genesis(self) -> None:
-        """Not in the op log: four funded users, one an expert, a list of two, a token each for two."""
-        for n in range(4):
-            await self.register(f"g{n}")
-            await self.credit_user(f"g{n}", 200_000, f"genesis-{n}")
-        await self.set_profile("g0", 500, "keep")
-        await self.create_list("g1", "genesis", 300)
-        for member in ("g2", "g3"):
-            await self.join_list("genesis", member)
-        for owner in ("g0", "g1"):
-            await self.create_token(owner, 50_000)
+        """Not in the op log: per lane, four funded users, one an expert, a list of two, two tokens."""
+        for k in range(self.cfg.lanes):
+            LANE.set(k)
+            names = [f"g{k}-{n}" for n in range(4)]
+            for n, name in enumerate(names):
+                await self.register(name)
+                await self.credit_user(name, 200_000, f"genesis-{k}-{n}")
+            await self.set_profile(names[0], 500, "keep")
+            await self.create_list(names[1], f"genesis{k}", 300)
+            for member in names[2:]:
+                await self.join_list(f"genesis{k}", member)
+            for owner in names[:2]:
+                await self.create_token(owner, 50_000)
+        LANE.set(0)
 
     async def stop(self) -> None:
         if self.http is not None:
@@ -181,15 +231,36 @@ class Sim:
         await self.cluster.stop()
 
     async def run(self, indices: Iterable[int], *, deadline: float | None = None) -> None:
-        for i in indices:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            op = self.source.op(i)
-            self.current = i
-            await self.execute(op)
-            self.ops_done += 1
-            if self.ops_done % self.cfg.check_every == 0:
-                await invariants.checkpoint(self, final=False)
+        """Lane k runs the ops i ≡ k (mod lanes) in order; faults and checkpoints run alone."""
+        lanes = self.cfg.lanes
+
+        async def lane(k: int) -> None:
+            LANE.set(k)
+            mine = (range(k, indices.stop, lanes) if isinstance(indices, range) and indices.start == 0
+                    and indices.step == 1 else [i for i in indices if i % lanes == k])
+            for i in mine:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                op = self.source.op(i)
+                CURRENT.set(i)
+                if op.kind in faults.FAULT_OPS:
+                    async with self.gate.alone():
+                        await self.execute(op)
+                else:
+                    async with self.gate.shared():
+                        await self.execute(op)
+                self.ops_done += 1
+                if self.ops_done % self.cfg.check_every == 0:
+                    async with self.gate.alone():
+                        await invariants.checkpoint(self, final=False)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for k in range(lanes):
+                    group.create_task(lane(k))
+        except* Violation as eg:
+            raise eg.exceptions[0] from None
+        CURRENT.set(max(indices) if indices else -1)
         await invariants.checkpoint(self, final=True)
 
     async def execute(self, op: Op) -> None:
@@ -211,7 +282,7 @@ class Sim:
         resp = await self.until_definite(lambda n: self.send("POST", self.server(server + n) + "/v1/accounts",
                                                              data=body, headers=headers))
         if resp.status in (201, 409) and username not in self.model.by_name:
-            self.model.add_user(User(username, wallet))
+            self.model.add_user(User(username, wallet), self.lane)
         elif resp.status not in (201, 409):
             self.violate("expected_status", f"register {username}: {resp.status} {resp.body}")
 
@@ -238,7 +309,7 @@ class Sim:
                 self.violate("idempotent_retry", f"credit {credit_id} retried: {again.status} {again.body}")
 
     async def op_credit(self, op: Op) -> None:
-        u = self.pick(self.model.users, op.a)
+        u = self.pick(self.lane.users, op.a)
         if u:
             await self.credit_user(u.username, 1000 + op.b % 50_000, f"c{op.i}", op.c, op.retry)
 
@@ -268,10 +339,10 @@ class Sim:
                     token: Token | None = None, kind: str = "call") -> None:
         """Book a paid request's definite outcome, or park it as ambiguous."""
         if resp.ambiguous:
-            told = resp.body.get("detail", "") if isinstance(resp.body, dict) else resp.error
-            self.model.ambiguous.append(Ambiguous(self.current, tid, payer, amount, credit, str(told),
+            told = resp.body.get("detail", "") if isinstance(resp.body, dict) else ""
+            self.model.ambiguous.append(Ambiguous(CURRENT.get(), tid, payer, amount, credit, str(told),
                                                   time.monotonic() + self.cfg.hold_timeout + 3,
-                                                  token.id if token else "", kind))
+                                                  token.id if token else "", kind, LANE.get()))
             return
         if 200 <= resp.status < 300:
             receipt = resp.headers.get(P.PAYMENT_RECEIPT)
@@ -281,7 +352,7 @@ class Sim:
                 self.violate("served_without_funds", f"{payer} available {self.model.available(payer)}, "
                                                       f"price {amount}: {resp.status}")
             self.model.move(user(payer), credit, amount)
-            if self.current == self.cfg.plant:
+            if CURRENT.get() == self.cfg.plant:
                 self.model.move(user(payer), credit, amount)
             self.model.served += 1
             if token:
@@ -301,12 +372,12 @@ class Sim:
             self.violate("retry_gets_result", f"retry of a served request {tid}: {again.status} {again.body}")
 
     async def op_call_bt(self, op: Op) -> None:
-        u = self.pick(self.model.users, op.a)
+        u = self.pick(self.lane.users, op.a)
         if u:
             await self.paid_call(op, u.username, op.c)
 
     async def op_call_token(self, op: Op) -> None:
-        tok = self.pick(self.model.tokens, op.a)
+        tok = self.pick(self.lane.tokens, op.a)
         if tok is None:
             return
         key = f"k{self.cfg.seed}-{op.i}"
@@ -333,23 +404,23 @@ class Sim:
                                                server)
         if resp.status == 201:
             tid, secret = resp.body["token"].split(".", 1)
-            self.model.tokens.append(Token(tid, secret, owner, max_total))
+            self.add_token(Token(tid, secret, owner, max_total))
         elif not resp.ambiguous:
             self.violate("expected_status", f"token create: {resp.status} {resp.body}")
         if replay:
             again = await self.send("POST", self.server(server) + "/v1/accounts/me/tokens", data=raw, headers=headers)
             if again.status == 201:
                 tid, secret = again.body["token"].split(".", 1)
-                self.model.tokens.append(Token(tid, secret, owner, max_total))
+                self.add_token(Token(tid, secret, owner, max_total))
                 self.violate("signed_replay_refused", "the same signed token request created a second token")
 
     async def op_token_create(self, op: Op) -> None:
-        u = self.pick(self.model.users, op.a)
+        u = self.pick(self.lane.users, op.a)
         if u:
             await self.create_token(u.username, 500 + op.b % 20_000, op.c, op.replay)
 
     async def op_token_revoke(self, op: Op) -> None:
-        tok = self.pick(self.model.tokens, op.a)
+        tok = self.pick(self.lane.tokens, op.a)
         if tok is None:
             return
         for n in range(40):
@@ -372,12 +443,14 @@ class Sim:
             await asyncio.sleep(0.25)
         if resp.status == 200:
             u = self.model.by_name[username]
+            if u.price is None:
+                self.lane.experts.append(u)
             u.price, u.payout = price, payout
         else:
             self.violate("expected_status", f"profile: {resp.status} {resp.body}")
 
     async def op_expert_profile(self, op: Op) -> None:
-        u = self.pick(self.model.users, op.a)
+        u = self.pick(self.lane.users, op.a)
         if u:
             payout = "charity:coincenter" if op.b % 4 == 0 else "keep"
             await self.set_profile(u.username, 100 + op.c % 5000, payout, op.c)
@@ -385,25 +458,31 @@ class Sim:
     async def create_list(self, owner: str, name: str, price: int, server: int = 0) -> None:
         resp, _, _ = await self.signed(owner, "POST", "/v1/lists", {"name": name, "price": price}, server)
         if resp.status == 201:
-            self.model.lists.append(ListRec(name, owner, price))
+            lst = ListRec(name, owner, price)
+            self.lane.lists.append(lst)
+            self.model.lists[name] = lst
         elif not resp.ambiguous:
             self.violate("expected_status", f"list create: {resp.status} {resp.body}")
 
     async def op_list_create(self, op: Op) -> None:
-        u = self.pick(self.model.users, op.a)
+        u = self.pick(self.lane.users, op.a)
         if u:
             await self.create_list(u.username, f"l{op.i}", 100 + op.b % 2000, op.c)
 
     async def join_list(self, name: str, member: str, server: int = 0) -> None:
-        resp, _, _ = await self.signed(member, "POST", f"/v1/lists/{name}/members/me", None, server)
-        lst = next(lst for lst in self.model.lists if lst.name == name)
+        for n in range(40):  # idempotent: asked again until it answers
+            resp, _, _ = await self.signed(member, "POST", f"/v1/lists/{name}/members/me", None, server + n)
+            if not resp.ambiguous:
+                break
+            await asyncio.sleep(0.25)
+        lst = self.model.lists[name]
         if resp.status == 200 and member not in lst.members:
             lst.members.append(member)
         elif not resp.ambiguous and resp.status != 200:
             self.violate("expected_status", f"join: {resp.status} {resp.body}")
 
     async def op_list_join(self, op: Op) -> None:
-        lst, u = self.pick(self.model.lists, op.a), self.pick(self.model.users, op.b)
+        lst, u = self.pick(self.lane.lists, op.a), self.pick(self.lane.users, op.b)
         if lst and u:
             await self.join_list(lst.name, u.username, op.c)
 
@@ -428,7 +507,7 @@ class Sim:
                              f"ask by {asker} ({self.model.available(asker)} available, price {amount}, "
                              f"recipients {recipients}) answered 201")
             self.settle_call(resp, tid, asker, amount, None, f"escrow:q:{qid}")
-            self.model.questions[qid] = Question(qid, asker, kind, recipients, price_each, shares)
+            self.add_question(Question(qid, LANE.get(), asker, kind, recipients, price_each, shares))
         elif expected == 201:
             self.violate("refused_with_funds", f"ask by {asker} ({self.model.available(asker)} available, "
                                                f"price {amount}): {resp.status} {resp.body}")
@@ -436,15 +515,14 @@ class Sim:
             self.violate("expected_status", f"ask: expected {expected}, got {resp.status} {resp.body}")
 
     async def op_ask(self, op: Op) -> None:
-        experts = [u for u in self.model.users if u.price]
-        expert, asker = self.pick(experts, op.a), self.pick(self.model.users, op.b)
+        expert, asker = self.pick(self.lane.experts, op.a), self.pick(self.lane.users, op.b)
         if not expert or not asker or asker is expert:
             return
         await self.ask(op, asker.username, f"/v1/experts/{expert.username}/questions", {"text": f"q{op.i}"},
                        expert.price, "expert", [expert.username], expert.price, 1)
 
     async def op_ask_list(self, op: Op) -> None:
-        lst, asker = self.pick(self.model.lists, op.a), self.pick(self.model.users, op.b)
+        lst, asker = self.pick(self.lane.lists, op.a), self.pick(self.lane.users, op.b)
         if not lst or not asker:
             return
         shares = 1 + op.c % 3
@@ -453,11 +531,30 @@ class Sim:
                        {"text": f"q{op.i}", "max_responses": shares, "hours": 1}, lst.price * shares, "list",
                        recipients, lst.price, shares)
 
-    def open_questions(self) -> list[Question]:
-        return [q for q in self.model.questions.values() if not q.closed]
+    def open_question(self, n: int) -> Question | None:
+        qid = self.pick(self.lane.open_q.items, n)
+        return self.model.questions[qid] if qid else None
+
+    def add_question(self, q: Question) -> None:
+        self.model.questions[q.id] = q
+        if not q.closed:
+            self.model.lanes[q.lane].open_q.add(q.id)
+
+    def close_question(self, q: Question) -> None:
+        q.closed = True
+        self.model.closing.discard(q.id)
+        self.model.lanes[q.lane].open_q.discard(q.id)
+
+    def add_token(self, tok: Token) -> None:
+        self.lane.tokens.append(tok)
+        self.model.tokens[tok.id] = tok
+
+    def add_withdrawal(self, wd: Withdrawal) -> None:
+        self.model.withdrawals[wd.id] = wd
+        self.lane.queued.add(wd.id)
 
     async def op_reply(self, op: Op) -> None:
-        q = self.pick(self.open_questions(), op.a)
+        q = self.open_question(op.a)
         if q is None or not q.recipients:
             return
         replier = self.pick(q.recipients, op.b)
@@ -497,10 +594,10 @@ class Sim:
             self.model.move(f"escrow:q:{q.id}", earnings, q.price_each)
             q.replied.add(replier)
             if q.kind == "expert":
-                q.closed = True
+                self.close_question(q)
 
     async def op_q_withdraw(self, op: Op) -> None:
-        q = self.pick(self.open_questions(), op.a)
+        q = self.open_question(op.a)
         if q is None:
             return
         for n in range(40):
@@ -513,7 +610,7 @@ class Sim:
             self.model.open(escrow)
             if self.model.posted[escrow]:
                 self.model.move(escrow, user(q.asker), self.model.posted[escrow])
-            q.closed = True
+            self.close_question(q)
         elif resp.status == 409 and q.kind == "expert" and q.replied:
             pass
         else:
@@ -521,19 +618,19 @@ class Sim:
 
     async def op_q_expire(self, op: Op) -> None:
         """Time travel: the question's deadline moves to now, as the clock would move it (reply_hours ≥ 1)."""
-        candidates = [q for q in self.open_questions() if not q.closing]
-        q = self.pick(candidates, op.a)
-        if q is None:
+        q = self.open_question(op.a)
+        if q is None or q.closing:
             return
         assert self.cluster.admin is not None
         past = int(time.time() * 1000) - 1000
         await self.cluster.admin.hset(f"{{sim}}:xp:q:{q.id}", "deadline", past)
         await self.cluster.admin.zadd("{sim}:xp:open", {q.id: past}, xx=True)
         q.closing = True
+        self.model.closing.add(q.id)
 
     # --- withdrawals ------------------------------------------------------------------------------
     async def op_withdraw(self, op: Op) -> None:
-        u = self.pick(self.model.users, op.a)
+        u = self.pick(self.lane.users, op.a)
         if u is None:
             return
         name = u.username
@@ -543,41 +640,53 @@ class Sim:
         body = {"amount": amount, "address": DEFAULT_TESTNET_ADDRESS}
         resp, headers, raw = await self.signed(name, "POST", "/v1/accounts/me/withdrawals", body, op.c)
         if resp.ambiguous:
-            await self.adopt_withdrawals(name)
+            await self.adopt_withdrawals(name, claims_not_charged(resp.body.get("detail", "")
+                                                                  if isinstance(resp.body, dict) else ""))
             return
         if resp.status == 201:
             if expected == 402:
                 self.violate("served_without_funds", f"withdrawal of {amount} with {avail} available")
             self.model.hold(user(name), BITCOIN, amount)
-            self.model.withdrawals[resp.body["id"]] = Withdrawal(resp.body["id"], name, amount)
+            self.add_withdrawal(Withdrawal(resp.body["id"], name, amount))
         elif expected == 201:
             self.violate("refused_with_funds", f"withdrawal of {amount} with {avail} available: {resp.body}")
         if op.replay and resp.status == 201:
             again = await self.send("POST", self.server(op.c) + "/v1/accounts/me/withdrawals", data=raw, headers=headers)
             if again.ambiguous:
-                await self.adopt_withdrawals(name)
+                await self.adopt_withdrawals(name, claims_not_charged(again.body.get("detail", "")
+                                                                      if isinstance(again.body, dict) else ""))
             elif again.status == 201:
                 self.model.hold(user(name), BITCOIN, amount)
-                self.model.withdrawals[again.body["id"]] = Withdrawal(again.body["id"], name, amount)
+                self.add_withdrawal(Withdrawal(again.body["id"], name, amount))
                 self.violate("signed_replay_refused", "the same signed withdrawal request queued a second withdrawal")
 
-    async def adopt_withdrawals(self, name: str) -> None:
-        """After an ambiguous withdrawal: the account's own list says whether it was queued."""
+    async def adopt_withdrawals(self, name: str, told_not_charged: bool = False) -> None:
+        """After an ambiguous withdrawal: the account's own list says whether it was queued, and its
+        pending balance whether money was held anyway (then the 503 was not the truth)."""
         for n in range(40):
             resp, _, _ = await self.signed(name, "GET", "/v1/accounts/me", None, n)
             if resp.status == 200:
                 break
             await asyncio.sleep(0.25)
-        for wd in resp.body.get("withdrawals", []) if resp.status == 200 else []:
+        if resp.status != 200:
+            self.violate("liveness", f"GET /v1/accounts/me of {name}: {resp}")
+            return
+        for wd in resp.body.get("withdrawals", []):
             if wd["id"] not in self.model.withdrawals:
                 self.model.hold(user(name), BITCOIN, int(wd["amount"]))
-                self.model.withdrawals[wd["id"]] = Withdrawal(wd["id"], name, int(wd["amount"]))
+                self.add_withdrawal(Withdrawal(wd["id"], name, int(wd["amount"])))
+        orphan = int(resp.body["pending"]) - self.model.pdebit[user(name)]
+        if orphan > 0:
+            self.model.hold(user(name), BITCOIN, orphan)  # booked, so the run can go on when this is skipped
+            self.violate("truthful_503" if told_not_charged else "orphan_hold",
+                         f"withdrawal answered {'503 not charged' if told_not_charged else 'nothing'}, yet "
+                         f"{orphan} sat of {name} are held with no withdrawal record")
 
     async def op_wd_cancel(self, op: Op) -> None:
-        queued = [w for w in self.model.withdrawals.values() if w.state == "queued"]
-        wd = self.pick(queued, op.a)
-        if wd is None:
+        wd_id = self.pick(self.lane.queued.items, op.a)
+        if wd_id is None:
             return
+        wd = self.model.withdrawals[wd_id]
         runs = 2 if op.dup else 1
         results = await asyncio.gather(*(asyncio.to_thread(self.cluster.cli, "withdrawals", "cancel", wd.id)
                                          for _ in range(runs)))
@@ -585,6 +694,7 @@ class Sim:
             self.violate("expected_status", f"withdrawals cancel {wd.id}: {[r.stderr[-500:] for r in results]}")
         self.model.release(user(wd.user), BITCOIN, wd.amount, post=False)
         wd.state = "cancelled"
+        self.lane.queued.discard(wd.id)
 
     # --- resolution of ambiguous outcomes ---------------------------------------------------------
     async def resolve(self, amb: Ambiguous) -> None:
@@ -615,7 +725,7 @@ class Sim:
             self.model.move(user(amb.payer), credit, amb.amount)
             self.model.served += 1
             if amb.token:
-                tok = next(t for t in self.model.tokens if t.id == amb.token)
+                tok = self.model.tokens[amb.token]
                 tok.spent += amb.amount
             if amb.kind == "ask":
                 await self.adopt_question(amb, credit.removeprefix("escrow:q:"))
@@ -626,14 +736,13 @@ class Sim:
         if resp.status != 200:
             self.violate("paid_means_delivered", f"{amb.transfer_id} captured into escrow of {qid}, "
                                                  f"but the question is {resp.status}")
-            self.model.questions[qid] = Question(qid, amb.payer, "expert", [], amb.amount, 1, closed=True)
+            self.add_question(Question(qid, amb.lane, amb.payer, "expert", [], amb.amount, 1, closed=True))
             return
         q = resp.body
-        recipients = [q["to"]] if q["kind"] != "list" else next(
-            (m for lst in self.model.lists if lst.name == q["to"] for m in [[x for x in lst.members
-                                                                                 if x != amb.payer]]), [])
-        self.model.questions[qid] = Question(qid, amb.payer, "list" if q["kind"] == "list" else "expert", recipients,
-                                             q["money"]["price_each"], q["money"]["shares"])
+        lst = self.model.lists.get(q["to"])
+        recipients = [q["to"]] if q["kind"] != "list" else [m for m in (lst.members if lst else []) if m != amb.payer]
+        self.add_question(Question(qid, amb.lane, amb.payer, "list" if q["kind"] == "list" else "expert", recipients,
+                                   q["money"]["price_each"], q["money"]["shares"]))
 
     async def _get_q(self, username: str, qid: str, n: int) -> Resp:
         resp, _, _ = await self.signed(username, "GET", f"/v1/questions/{qid}", None, n)

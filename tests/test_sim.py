@@ -9,12 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What the short seed leaves out on today's main, and why (issue 11). Switch each back on as its fix lands.
-OFF = [
-    "redis_busy",             # finding 6: a capture that times out client-side is answered 503 "not charged"
-                              # while the script still runs and charges (invariant truthful_503)
-]
+# What the short seed does not check on today's main, and why (issue 11). Switch each back on as its fix lands.
 SKIP = [
+    "truthful_503",           # finding 6: a capture that times out client-side (slow script, paused Redis) is
+                              # answered 503 "not charged" and then applies; a withdrawal whose record write meets a
+                              # stale Redis connection after a restart answers 503 "nothing was charged" but its hold
+                              # stays, with no withdrawal record (the model books what really happened and goes on)
     "retry_gets_result",      # finding 7: a retry with the same transfer / Idempotency-Key gets 409, not its result
     "no_stray_accounts",      # finding 8: a refused ask (402, 403 no_recipient) leaves an empty escrow:q:* account
     "signed_replay_refused",  # finding 9: a replayed MT-Sig request creates a second token / withdrawal
@@ -30,19 +30,20 @@ def run_sim(*args: str, timeout: float) -> tuple[int, str, dict]:
 
 def test_short_seed_keeps_the_books_under_faults():
     rc, out, summary = run_sim("--seed", "20261130", "--ops", "3000", "--max-seconds", "30",
-                               "--weights", "redis_restart=0.3,redis_pause=0.3,server_kill=0.3",
-                               "--off", ",".join(OFF), "--skip", ",".join(SKIP), "--shrink-seconds", "0", timeout=170)
+                               "--weights", "redis_restart=0.3,redis_pause=0.3,redis_busy=0.3,server_kill=0.3",
+                               "--skip", ",".join(SKIP), "--shrink-seconds", "0", timeout=170)
     assert rc == 0, out
     assert "books: 0 sat created or lost" in out
     assert summary["violation"] is None and summary["created"] == summary["lost"] == 0
     assert summary["ops"] >= 1000 and summary["served"] > 100 and summary["reconciles"] >= 1, summary
-    assert {"redis_restart", "redis_pause", "server_kill", "retry"} <= set(summary["faults"]), summary["faults"]
+    assert {"redis_restart", "redis_pause", "redis_busy", "server_kill", "retry"} <= set(summary["faults"]), summary
+    assert sum(summary["resolved"].values()) > 0, summary  # some outcomes were ambiguous and resolved by id
 
 
 def test_a_planted_bug_is_caught_and_shrunk_to_its_op():
     # the model books the paid call of op 12 twice: the balance check must fail and the shrinker find op 12 alone
     rc, out, summary = run_sim("--seed", "3", "--ops", "20", "--only", "call_bt", "--off", "retry", "--plant", "12",
-                               "--servers", "1", "--shrink-seconds", "90", timeout=170)
+                               "--servers", "1", "--lanes", "1", "--shrink-seconds", "90", timeout=170)
     assert rc == 1, out
     assert summary["violation"]["invariant"] == "balances", summary
     assert summary["shrunk"] == [12], out
