@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,11 @@ async def checkpoint(sim: "Sim", final: bool) -> None:
         await sim.resolve(amb)
     await settle_closing(sim, wait=final)
     sim.checkpoints += 1
+    if time.monotonic() - sim.last_progress > 30 and not final:
+        sim.last_progress = time.monotonic()
+        elapsed = sim.last_progress - sim.started
+        print(f"  ... {sim.ops_done} ops, {sim.ops_done / elapsed:.0f} ops/s, {sim.model.served} served, "
+              f"faults {dict(sorted(sim.fault_counts.items()))}", file=sys.stderr, flush=True)
     full = final or time.monotonic() - sim.last_reconcile > sim.reconcile_interval
     await compare(sim, full)
     if full:  # the journal grows with the run: reconcile at most 1/10 of the time

@@ -75,6 +75,17 @@ class Withdrawal:
 
 
 @dataclass
+class Job:
+    id: str
+    lane: int
+    buyer: str
+    reward: int
+    wanted: int
+    results: dict[str, tuple[str, str]] = field(default_factory=dict)  # result id -> (runner's owner, state)
+    closed: bool = False
+
+
+@dataclass
 class Ambiguous:
     """A paid request whose outcome the client does not know; resolved by its transfer id after `after`."""
 
@@ -125,6 +136,8 @@ class Lane:
     lists: list[ListRec] = field(default_factory=list)
     open_q: OpenSet = field(default_factory=OpenSet)
     queued: OpenSet = field(default_factory=OpenSet)   # withdrawal ids
+    runners: list[tuple[str, str]] = field(default_factory=list)  # (runner id, owner)
+    jobs: OpenSet = field(default_factory=OpenSet)     # open crowd job ids
 
 
 @dataclass
@@ -137,6 +150,7 @@ class Model:
     questions: dict[str, Question] = field(default_factory=dict)
     lists: dict[str, ListRec] = field(default_factory=dict)
     withdrawals: dict[str, Withdrawal] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
     ambiguous: list[Ambiguous] = field(default_factory=list)
     lanes: list[Lane] = field(default_factory=list)
     closing: set[str] = field(default_factory=set)             # question ids past their deadline, not yet closed

@@ -12,6 +12,7 @@ OPS: dict[str, float] = {
     "register": 3, "credit": 6, "call_bt": 30, "call_token": 12, "token_create": 2, "token_revoke": 1,
     "expert_profile": 2, "ask": 8, "reply": 8, "q_withdraw": 2, "q_expire": 2, "list_create": 1, "list_join": 2,
     "ask_list": 3, "withdraw": 3, "wd_cancel": 0.1,
+    "runner_register": 1, "job_post": 2, "job_work": 4, "job_decide": 3, "job_close": 1,
 }
 FAULTS: dict[str, float] = {
     "redis_restart": 0.05,  # SIGTERM or SIGKILL, AOF on, a paid call or two while it is down

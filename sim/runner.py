@@ -23,8 +23,8 @@ from service.config import DEFAULT_TESTNET_ADDRESS
 
 from . import faults, invariants
 from .cluster import ADMIN, Cluster
-from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Lane, ListRec, Model, Question, Token, User,
-                    Withdrawal, user)
+from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Job, Lane, ListRec, Model, Question, Token,
+                    User, Withdrawal, user)
 from .ops import Op, OpSource
 
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: sim}\n"
@@ -128,6 +128,7 @@ class Sim:
         self.last_reconcile = time.monotonic()
         self.reconciles = 0
         self.reconcile_interval = cfg.reconcile_every
+        self.started = self.last_progress = time.monotonic()
         self.journal_pos = ""      # the last journal entry a comparison has seen
         self.ops_done = 0
         self.checkpoints = 0
@@ -695,6 +696,127 @@ class Sim:
         self.model.release(user(wd.user), BITCOIN, wd.amount, post=False)
         wd.state = "cancelled"
         self.lane.queued.discard(wd.id)
+
+    # --- crowd QA jobs: escrow funded by the buyer, rewards paid to runners' owners, refunds on close -----
+    async def retried(self, username: str, method: str, path: str, body: Any = None, server: int = 0) -> Resp:
+        """An idempotent signed request, asked again until it gets a definite answer."""
+        for n in range(40):
+            resp, _, _ = await self.signed(username, method, path, body, server + n)
+            if not resp.ambiguous:
+                return resp
+            await asyncio.sleep(0.25)
+        self.violate("liveness", f"{method} {path}: no definite answer")
+        return resp
+
+    async def op_runner_register(self, op: Op) -> None:
+        u = self.pick(self.lane.users, op.a)
+        if u is None:
+            return
+        resp, _, _ = await self.signed(u.username, "POST", "/v1/qa/runners", {"labels": {"lane": str(LANE.get())}},
+                                       op.c)
+        if resp.status == 201:
+            self.lane.runners.append((resp.body["id"], u.username))
+        elif not resp.ambiguous:
+            self.violate("expected_status", f"runner register: {resp.status} {resp.body}")
+
+    async def op_job_post(self, op: Op) -> None:
+        u = self.pick(self.lane.users, op.a)
+        if u is None:
+            return
+        reward, wanted = 50 + op.b % 2000, 1 + op.c % 3
+        name = u.username
+        expected = None if self.model.uncertain(name) else (201 if self.model.available(name) >= reward * wanted
+                                                            else 402)
+        body = {"title": f"job {op.i}", "reward": reward, "results_wanted": wanted, "expires_in": 30 * 86_400,
+                "labels": {"lane": str(LANE.get())}}
+        resp, _, _ = await self.signed(name, "POST", "/v1/qa/jobs", body, op.c)
+        if resp.ambiguous:  # the buyer's journal says whether an escrow was funded
+            journal = await self.retried(name, "GET", f"/v1/accounts/{name}?limit=50")
+            for entry in journal.body.get("journal", []) if journal.status == 200 else []:
+                job_id = entry["id"].removeprefix("crowd:").removesuffix(":fund")
+                if entry["id"].endswith(":fund") and job_id not in self.model.jobs:
+                    self.model.move(user(name), f"escrow:job:{job_id}", -int(entry["amount"]))
+                    self.add_job(Job(job_id, LANE.get(), name, reward, wanted))
+            return
+        if resp.status == 201:
+            if expected == 402:
+                self.violate("served_without_funds", f"job of {reward * wanted} sat funded by {name} with "
+                                                     f"{self.model.available(name)} available")
+            self.model.move(user(name), f"escrow:job:{resp.body['id']}", reward * wanted)
+            self.add_job(Job(resp.body["id"], LANE.get(), name, reward, wanted))
+        elif expected == 201:
+            self.violate("refused_with_funds", f"job post by {name}: {resp.status} {resp.body}")
+        elif expected is not None and resp.status != expected:
+            self.violate("expected_status", f"job post: {resp.status} {resp.body}")
+
+    def add_job(self, job: Job) -> None:
+        self.model.jobs[job.id] = job
+        self.model.lanes[job.lane].jobs.add(job.id)
+
+    async def op_job_work(self, op: Op) -> None:
+        """A runner claims whatever job the server gives it (its lane's label) and submits a result."""
+        runner = self.pick(self.lane.runners, op.a)
+        if runner is None:
+            return
+        runner_id, owner = runner
+        claim = await self.retried(owner, "POST", "/v1/qa/jobs/claim", {"runner": runner_id}, op.c)
+        if claim.status == 204:
+            return
+        if claim.status != 200:
+            self.violate("expected_status", f"claim: {claim.status} {claim.body}")
+            return
+        job = self.model.jobs.get(claim.body["job"])
+        if job is None or job.lane != LANE.get():
+            self.violate("expected_status", f"claimed {claim.body['job']}, not a job of this lane")
+            return
+        if job.closed or job.buyer == owner:
+            self.violate("expected_status", f"claimed {job.id}: closed {job.closed}, buyer {job.buyer}, runner of {owner}")
+        body = {"runner": runner_id, "status": "passed" if op.b % 2 else "failed"}
+        resp, _, _ = await self.signed(owner, "POST", f"/v1/qa/jobs/{job.id}/result", body, op.c)
+        if resp.status == 201:
+            job.results[resp.body["id"]] = (owner, "submitted")
+        elif not resp.ambiguous:
+            self.violate("expected_status", f"submit: {resp.status} {resp.body}")
+
+    async def op_job_decide(self, op: Op) -> None:
+        job_id = self.pick(self.lane.jobs.items, op.a)
+        job = self.model.jobs.get(job_id) if job_id else None
+        if job is None or not job.results:
+            return
+        rid = self.pick(sorted(job.results), op.b)
+        owner, state = job.results[rid]
+        verb = "reject" if op.c % 3 == 0 else "accept"
+        accepted = sum(1 for _, st in job.results.values() if st == "accepted")
+        resp = await self.retried(job.buyer, "POST", f"/v1/qa/jobs/{job.id}/results/{rid}/{verb}", None, op.c)
+        pays = verb == "accept" and state == "submitted" and not job.closed and accepted < job.wanted
+        if resp.status == 200:
+            paid = bool(resp.body.get("payment")) and state == "submitted" and resp.body.get("state") == "accepted"
+            if paid != pays:
+                self.violate("expected_status", f"{verb} {rid} of {job.id} (was {state}): paid {paid}, "
+                                                f"expected {pays}: {resp.body}")
+            if paid:
+                self.model.move(f"escrow:job:{job.id}", user(owner), job.reward)
+            if state == "submitted":
+                job.results[rid] = (owner, resp.body.get("state", state))
+        elif resp.status == 409 and not pays:
+            pass
+        else:
+            self.violate("expected_status", f"{verb} {rid} of {job.id}: {resp.status} {resp.body}")
+
+    async def op_job_close(self, op: Op) -> None:
+        job_id = self.pick(self.lane.jobs.items, op.a)
+        if job_id is None:
+            return
+        job = self.model.jobs[job_id]
+        resp = await self.retried(job.buyer, "POST", f"/v1/qa/jobs/{job.id}/close", None, op.c)
+        if resp.status != 200:
+            self.violate("expected_status", f"close {job.id}: {resp.status} {resp.body}")
+            return
+        escrow = f"escrow:job:{job.id}"
+        if self.model.posted.get(escrow):
+            self.model.move(escrow, user(job.buyer), self.model.posted[escrow])
+        job.closed = True
+        self.lane.jobs.discard(job.id)
 
     # --- resolution of ambiguous outcomes ---------------------------------------------------------
     async def resolve(self, amb: Ambiguous) -> None:
