@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"faults injected by kind: {faults}")
     print(f"HTTP statuses: {summary['statuses']}; checkpoints {sim.checkpoints}, reconciles {sim.reconciles}")
     print(f"ambiguous outcomes resolved by transfer id: {dict(sorted(sim.resolved.items()))}")
+    if sim.run_outcomes:
+        print(f"QA runs: {dict(sorted(sim.run_outcomes.items()))}")
     if violation is None:
         print(f"books: {sim.created} sat created, {sim.lost} sat lost" if sim.created or sim.lost
               else "books: 0 sat created or lost")

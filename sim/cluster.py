@@ -27,7 +27,8 @@ CLI_XPUB = "vpub5ZLGTz7QcWzdeJFSy1Qh9gJKn4UmCH8f3syfXGbhz8vRTwgPeR7Q1M1kjcotbk2u
 class ServerProc:
     """One server process on its own port; `kill` and `start` again keep the port."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], index: int) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], index: int, cmd: list[str] | None = None) -> None:
+        self.cmd = cmd or [sys.executable, "-m", "service", "serve"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp, self.env, self.index = tmp, env, index
@@ -37,7 +38,7 @@ class ServerProc:
     def start(self) -> None:
         self.starts += 1
         log = (self.tmp / f"server-{self.index}.log").open("a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT,
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT,
                                      env={**self.env, "PORT": str(self.port)}, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -58,7 +59,7 @@ class Cluster:
     """Redis + servers for one simulation run (a fresh directory, so a replay starts from nothing)."""
 
     def __init__(self, tmp: Path, *, servers: int = 2, hold_timeout: int = 4, redis_timeout_ms: int = 500,
-                 minimum_withdrawal: int = 1000) -> None:
+                 minimum_withdrawal: int = 1000, workers: int = 0) -> None:
         self.tmp = tmp
         self.hold_timeout = hold_timeout
         self.redis_timeout = redis_timeout_ms / 1000
@@ -69,11 +70,14 @@ class Cluster:
                     "LOG_LEVEL": "warning", "RATE_LIMIT_IP_PER_MINUTE": "0", "RATE_LIMIT_ACCOUNT_PER_MINUTE": "0",
                     "MINIMUM_WITHDRAWAL": str(minimum_withdrawal), "PYTHONPATH": str(ROOT)}
         self.servers = [ServerProc(tmp, self.env, i) for i in range(servers)]
+        worker_env = {**self.env, "QA_LEASE": "1", "QA_MAX_ATTEMPTS": "2", "SIM_SECONDS_PER_DOCUMENT": "0.01"}
+        self.workers = [ServerProc(tmp, worker_env, 100 + i, [sys.executable, str(ROOT / "sim" / "worker.py")])
+                        for i in range(workers)]
         self.admin: aioredis.Redis | None = None
 
     async def start(self) -> None:
         self.redis.start()
-        for s in self.servers:
+        for s in self.servers + self.workers:
             s.start()
         self.admin = aioredis.Redis.from_url(self.redis.url, decode_responses=True)
         await self.wait_ready()
@@ -149,7 +153,7 @@ class Cluster:
         return run.returncode, report, run.stdout + run.stderr
 
     async def stop(self) -> None:
-        for s in self.servers:
+        for s in self.servers + self.workers:
             s.stop()
         if self.admin is not None:
             try:

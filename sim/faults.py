@@ -77,6 +77,15 @@ async def server_kill(sim: "Sim", op: Op) -> None:
     await sim.cluster.wait_ready()
 
 
+async def worker_kill(sim: "Sim", op: Op) -> None:
+    """SIGKILL a QA worker (a run it holds is claimed by the other after QA_LEASE) and start it again."""
+    if not sim.cluster.workers:
+        return
+    worker = sim.cluster.workers[op.a % len(sim.cluster.workers)]
+    worker.stop(signal.SIGKILL)
+    worker.start()
+
+
 FAULT_OPS: dict[str, Callable[["Sim", Op], Awaitable[None]]] = {
-    "redis_restart": redis_restart, "redis_pause": redis_pause, "redis_busy": redis_busy, "server_kill": server_kill,
+    "redis_restart": redis_restart, "redis_pause": redis_pause, "redis_busy": redis_busy, "server_kill": server_kill, "worker_kill": worker_kill,
 }

@@ -49,6 +49,7 @@ async def checkpoint(sim: "Sim", final: bool) -> None:
     for amb in m.ambiguous_due():
         await sim.resolve(amb)
     await settle_closing(sim, wait=final)
+    await sim.settle_runs(wait=final)
     sim.checkpoints += 1
     if time.monotonic() - sim.last_progress > 30 and not final:
         sim.last_progress = time.monotonic()

@@ -86,6 +86,15 @@ class Job:
 
 
 @dataclass
+class Run:
+    id: str
+    owner: str
+    price: int
+    receipt: str
+    status: str = "queued"
+
+
+@dataclass
 class Ambiguous:
     """A paid request whose outcome the client does not know; resolved by its transfer id after `after`."""
 
@@ -151,6 +160,7 @@ class Model:
     lists: dict[str, ListRec] = field(default_factory=dict)
     withdrawals: dict[str, Withdrawal] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
+    runs: dict[str, Run] = field(default_factory=dict)          # QA runs not yet finished
     ambiguous: list[Ambiguous] = field(default_factory=list)
     lanes: list[Lane] = field(default_factory=list)
     closing: set[str] = field(default_factory=set)             # question ids past their deadline, not yet closed
@@ -197,6 +207,8 @@ class Model:
         out: set[str] = set()
         for a in self.ambiguous:
             out |= {user(a.payer), a.credit}
+        for run in self.runs.values():  # a run that fails is refunded from revenue
+            out |= {user(run.owner), REVENUE}
         for qid in self.closing:
             out |= {user(self.questions[qid].asker), f"escrow:q:{qid}"}
         return out

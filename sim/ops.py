@@ -12,13 +12,14 @@ OPS: dict[str, float] = {
     "register": 3, "credit": 6, "call_bt": 30, "call_token": 12, "token_create": 2, "token_revoke": 1,
     "expert_profile": 2, "ask": 8, "reply": 8, "q_withdraw": 2, "q_expire": 2, "list_create": 1, "list_join": 2,
     "ask_list": 3, "withdraw": 3, "wd_cancel": 0.1,
-    "runner_register": 1, "job_post": 2, "job_work": 4, "job_decide": 3, "job_close": 1,
+    "runner_register": 1, "job_post": 2, "job_work": 4, "job_decide": 3, "job_close": 1, "qa_run": 1,
 }
 FAULTS: dict[str, float] = {
     "redis_restart": 0.05,  # SIGTERM or SIGKILL, AOF on, a paid call or two while it is down
     "redis_pause": 0.05,    # CLIENT PAUSE past REDIS_TIMEOUT_MS around paid calls
     "redis_busy": 0.05,     # a slow Lua script blocks Redis past REDIS_TIMEOUT_MS around paid calls
     "server_kill": 0.05,    # SIGKILL a server process mid-request, then start it again
+    "worker_kill": 0.05,    # SIGKILL a QA worker process (its runs are redelivered to the other), start it again
 }
 # Faults that ride on an op rather than replace it (a probability each, drawn per op).
 MODIFIERS: dict[str, float] = {

@@ -23,8 +23,8 @@ from service.config import DEFAULT_TESTNET_ADDRESS
 
 from . import faults, invariants
 from .cluster import ADMIN, Cluster
-from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Job, Lane, ListRec, Model, Question, Token,
-                    User, Withdrawal, user)
+from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Job, Lane, ListRec, Model, Question, Run,
+                    Token, User, Withdrawal, user)
 from .ops import Op, OpSource
 
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: sim}\n"
@@ -113,7 +113,7 @@ class Sim:
         self.cfg = cfg
         self.tmp = tmp
         self.cluster = Cluster(tmp, servers=cfg.servers, hold_timeout=cfg.hold_timeout,
-                               redis_timeout_ms=cfg.redis_timeout_ms)
+                               redis_timeout_ms=cfg.redis_timeout_ms, workers=3 if "qa_run" in cfg.kinds else 0)
         self.model = Model(lanes=[Lane() for _ in range(cfg.lanes)])
         self.gate = Gate()
         self.source = OpSource(cfg.seed, cfg.kinds, cfg.modifiers, cfg.weights)
@@ -121,6 +121,7 @@ class Sim:
         self.op_counts: Counter[str] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
+        self.run_outcomes: Counter[str] = Counter()  # QA runs: final status (and refunded)
         self.resolved: Counter[str] = Counter()  # ambiguous outcomes: what the client was told -> the transfer's state
         self.price = 0
         self.per_document = 0
@@ -817,6 +818,58 @@ class Sim:
             self.model.move(escrow, user(job.buyer), self.model.posted[escrow])
         job.closed = True
         self.lane.jobs.discard(job.id)
+
+    # --- QA runs: paid at 202, run by worker processes, refunded only if they fail -----------------------
+    async def op_qa_run(self, op: Op) -> None:
+        u = self.pick(self.lane.users, op.a)
+        if u is None or sum(1 for r in self.model.runs.values() if r.owner == u.username) >= 10:
+            return  # QA_MAX_ACTIVE (20) would refuse it
+        docs = 20 + op.b % 180  # 0.2-2 s in the sim's slow worker: some outlive QA_LEASE (1 s)
+        url = self.server(op.c) + "/v1/qa/runs"
+        body = json.dumps({"suite": "schema", "manifests": b"---\n".join([MANIFEST] * docs).decode()}).encode()
+        quote = await self.send("POST", url, data=body, headers={"Content-Type": "application/json"})
+        if quote.status != 402:
+            if not quote.ambiguous:
+                self.violate("expected_status", f"unpaid run: {quote.status} {quote.body}")
+            return
+        price = int(quote.headers[P.PRICE])
+        headers = transfer_headers(u.wallet, amount=price, payee_username=PAYEE[0], payee_address=PAYEE[1], url=url)
+        headers["Content-Type"] = "application/json"
+        tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
+        expected = self.expect_paid(u.username, price)
+        resp = await self.send("POST", url, data=body, headers=headers)
+        self.settle_call(resp, tid, u.username, price, expected, REVENUE)
+        if resp.status == 202:
+            self.model.runs[resp.body["id"]] = Run(resp.body["id"], u.username, price, tid)
+
+    async def settle_runs(self, wait: bool) -> None:
+        """Finished runs: an error is refunded once; a delivered run (passed/failed) never is."""
+        assert self.cluster.admin is not None
+        deadline = time.monotonic() + (60 if wait else 0)
+        for run in list(self.model.runs.values()):
+            while True:
+                view = await self.retried(run.owner, "GET", f"/v1/qa/runs/{run.id}")
+                status = view.body.get("status") if view.status == 200 else None
+                if status in ("passed", "failed", "error"):
+                    deadline = time.monotonic() + (60 if wait else 0)  # the backlog moves: wait for the next
+                    break
+                if time.monotonic() >= deadline:
+                    if wait:
+                        self.violate("run_finishes", f"{run.id} still {status}: no run finished for 60 s")
+                    status = None
+                    break
+                await asyncio.sleep(0.5)
+            if status is None:
+                continue
+            refunded = bool(await self.cluster.admin.exists(f"{{sim}}:xfer:refund:{run.receipt}"))
+            self.run_outcomes[status + (" refunded" if refunded else "")] += 1
+            del self.model.runs[run.id]
+            if refunded:
+                self.model.move(REVENUE, user(run.owner), run.price)
+            if refunded and status != "error":
+                self.violate("run_refunded_once", f"{run.id} was delivered ({status}) and refunded")
+            if status == "error" and not refunded:
+                self.violate("run_refunded_once", f"{run.id} failed ({view.body.get('error')}) and was not refunded")
 
     # --- resolution of ambiguous outcomes ---------------------------------------------------------
     async def resolve(self, amb: Ambiguous) -> None:
