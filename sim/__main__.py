@@ -61,6 +61,27 @@ async def shrink(cfg: Config, failing: list[int], invariant: str, budget: float)
     return current
 
 
+def ranges(indices: list[int]) -> str:
+    """0,1,2,3,7 -> 0-3,7 (the --replay syntax)."""
+    out: list[str] = []
+    for i in indices:
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == i - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        elif out and "-" not in out[-1] and int(out[-1]) == i - 1:
+            out[-1] = f"{out[-1]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
+
+
+def parse_ranges(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def _csv(value: str) -> set[str]:
     return {v.strip() for v in value.split(",") if v.strip()}
 
@@ -76,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", type=_csv, default=None, help="run only these op/fault kinds")
     p.add_argument("--weights", default="", help="kind=weight,... over the default weights (e.g. redis_pause=2)")
     p.add_argument("--skip", type=_csv, default=set(), help="invariants not checked")
-    p.add_argument("--replay", default=None, help="comma-separated op indices to run instead of 0..ops-1")
+    p.add_argument("--replay", default=None, help="op indices to run instead of 0..ops-1 (e.g. 0-99,140,200-210)")
     p.add_argument("--check-every", type=int, default=250)
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--lanes", type=int, default=4, help="concurrent lanes of ops (each with its own users)")
@@ -90,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(seed=seed, kinds=kinds, modifiers=set(MODIFIERS) - args.off, skip=args.skip,
                  servers=args.servers, lanes=args.lanes, check_every=args.check_every, plant=args.plant,
                  weights={k: float(v) for k, v in (item.split("=") for item in _csv(args.weights))})
-    indices = [int(i) for i in args.replay.split(",")] if args.replay else range(args.ops)
+    indices = parse_ranges(args.replay) if args.replay else range(args.ops)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     print(f"sim: seed {seed}, {len(indices)} ops, kinds {','.join(sorted(kinds))}, "
           f"modifiers {','.join(sorted(cfg.modifiers)) or '-'}, skipped invariants {','.join(sorted(cfg.skip)) or '-'}",
@@ -131,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         failing = asyncio.run(shrink(cfg, failing, violation.invariant, args.shrink_seconds))
     off = sorted((set(OPS) | set(FAULTS) | set(MODIFIERS)) - kinds - cfg.modifiers)
     print(f"shortest op log found ({len(failing)} ops) for invariant {violation.invariant}:")
-    for i in failing:
+    shown = failing if len(failing) <= 60 else failing[-60:]
+    if len(shown) < len(failing):
+        print(f"  ... {len(failing) - len(shown)} earlier ops (see the replay line)")
+    for i in shown:
         print("  " + json.dumps(source.op(i).to_json()))
     print("replay: python -m sim --seed {} --replay {}{}{}{}".format(
-        seed, ",".join(map(str, failing)), f" --off {','.join(off)}" if off else "",
+        seed, ranges(failing), f" --off {','.join(off)}" if off else "",
         f" --skip {','.join(sorted(cfg.skip))}" if cfg.skip else "",
         f" --weights {args.weights}" if args.weights else ""))
     if args.json:
