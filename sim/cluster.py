@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from service.redis_server import PrivateRedis, free_port
+from service.redis_server import PrivateRedis, _die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "sim-admin-token"
@@ -38,8 +38,8 @@ class ServerProc:
     def start(self) -> None:
         self.starts += 1
         log = (self.tmp / f"server-{self.index}.log").open("a")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT,
-                                     env={**self.env, "PORT": str(self.port)}, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env={**self.env, "PORT": str(self.port)}, stdout=log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # never outlive the sim
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
