@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ops by kind: {summary['ops_by_kind']}")
     print(f"faults injected by kind: {faults}")
     print(f"HTTP statuses: {summary['statuses']}; checkpoints {sim.checkpoints}, reconciles {sim.reconciles}")
-    print(f"ambiguous outcomes resolved by transfer id: {dict(sorted(sim.resolved.items()))}")
+    print(f"ambiguous outcomes resolved by transfer id: {dict(sorted(sim.resolved.items()))}; "
+          f"captures refunded by the paywall: {sim.refunds}")
     if sim.run_outcomes:
         print(f"QA runs: {dict(sorted(sim.run_outcomes.items()))}")
     if violation is None:

@@ -121,6 +121,8 @@ class Sim:
         self.op_counts: Counter[str] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
+        self.refundable: set[str] = set()    # captured after an ambiguous answer: the paywall may refund them
+        self.early_refunds: dict[str, tuple[str, str, int]] = {}  # refunds seen before their capture was resolved
         self.run_outcomes: Counter[str] = Counter()  # QA runs: final status (and refunded)
         self.resolved: Counter[str] = Counter()  # ambiguous outcomes: what the client was told -> the transfer's state
         self.price = 0
@@ -132,6 +134,7 @@ class Sim:
         self.started = self.last_progress = time.monotonic()
         self.journal_pos = ""      # the last journal entry a comparison has seen
         self.ops_done = 0
+        self.refunds = 0
         self.checkpoints = 0
         self.created = self.lost = 0
 
@@ -901,15 +904,33 @@ class Sim:
                 self.violate("truthful_503", f"op {amb.op}: told {amb.told!r} but {amb.transfer_id} was captured")
             self.model.move(user(amb.payer), credit, amb.amount)
             self.model.served += 1
+            self.refundable.add(amb.transfer_id)
+            if amb.transfer_id in self.early_refunds:
+                self.refund_seen(amb.transfer_id, *self.early_refunds.pop(amb.transfer_id))
             if amb.token:
                 tok = self.model.tokens[amb.token]
                 tok.spent += amb.amount
             if amb.kind == "ask":
                 await self.adopt_question(amb, credit.removeprefix("escrow:q:"))
 
+    def refund_seen(self, tid: str, debit: str, credit: str, amount: int) -> None:
+        """The paywall refunded a capture it could not confirm (refund_<id>): book it once its capture is booked."""
+        if tid in self.refundable:
+            self.refundable.discard(tid)
+            self.model.move(debit, credit, amount)
+            self.refunds += 1
+        else:
+            self.early_refunds[tid] = (debit, credit, amount)
+
     async def adopt_question(self, amb: Ambiguous, qid: str) -> None:
         """An ask whose answer was lost but whose payment was captured: the question must exist."""
         resp = await self.until_definite(lambda n: self._get_q(amb.payer, qid, n))
+        if resp.status == 404:  # nothing was done: the capture must be refunded (refund_<id>)
+            assert self.cluster.admin is not None
+            for _ in range(40):
+                if await self.cluster.admin.exists(f"{{sim}}:xfer:refund_{amb.transfer_id}"):
+                    return  # booked when the journal shows it
+                await asyncio.sleep(0.25)
         if resp.status != 200:
             self.violate("paid_means_delivered", f"{amb.transfer_id} captured into escrow of {qid}, "
                                                  f"but the question is {resp.status}")
