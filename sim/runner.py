@@ -344,7 +344,7 @@ class Sim:
                     token: Token | None = None, kind: str = "call") -> None:
         """Book a paid request's definite outcome, or park it as ambiguous."""
         if resp.ambiguous:
-            told = resp.body.get("detail", "") if isinstance(resp.body, dict) else ""
+            told = f"{resp.code}: {resp.body.get('detail', '')}" if isinstance(resp.body, dict) else ""
             self.model.ambiguous.append(Ambiguous(CURRENT.get(), tid, payer, amount, credit, str(told),
                                                   time.monotonic() + self.cfg.hold_timeout + 3,
                                                   token.id if token else "", kind, LANE.get()))
@@ -369,7 +369,12 @@ class Sim:
             self.violate("expected_status", f"expected {expected}, got {resp.status} {resp.body}")
 
     def check_retry(self, first: Resp, again: Resp, tid: str) -> None:
-        """A retry of a paid request never pays twice; once the first was served, it gets the same result."""
+        """A retry of a paid request never pays twice; once the first was served, it gets the same result.
+        A retry served after an ambiguous first answer explains a capture (the first was not the charge)."""
+        if first.ambiguous and 200 <= again.status < 300:
+            for amb in self.model.ambiguous:
+                if amb.transfer_id == tid:
+                    amb.told = ""
         if 200 <= again.status < 300 and again.headers.get(P.PAYMENT_RECEIPT) != tid:
             self.violate("retry_paid_twice", f"retry of {tid} answered with receipt "
                                              f"{again.headers.get(P.PAYMENT_RECEIPT)}")
@@ -645,7 +650,7 @@ class Sim:
         body = {"amount": amount, "address": DEFAULT_TESTNET_ADDRESS}
         resp, headers, raw = await self.signed(name, "POST", "/v1/accounts/me/withdrawals", body, op.c)
         if resp.ambiguous:
-            await self.adopt_withdrawals(name, claims_not_charged(resp.body.get("detail", "")
+            await self.adopt_withdrawals(name, claims_not_charged(f"{resp.code}: {resp.body.get('detail', '')}"
                                                                   if isinstance(resp.body, dict) else ""))
             return
         if resp.status == 201:
@@ -658,7 +663,7 @@ class Sim:
         if op.replay and resp.status == 201:
             again = await self.send("POST", self.server(op.c) + "/v1/accounts/me/withdrawals", data=raw, headers=headers)
             if again.ambiguous:
-                await self.adopt_withdrawals(name, claims_not_charged(again.body.get("detail", "")
+                await self.adopt_withdrawals(name, claims_not_charged(f"{again.code}: {again.body.get('detail', '')}"
                                                                       if isinstance(again.body, dict) else ""))
             elif again.status == 201:
                 self.model.hold(user(name), BITCOIN, amount)
@@ -896,7 +901,8 @@ class Sim:
             self.violate("liveness", f"receipt {amb.transfer_id} unreadable")
             return
         self.model.ambiguous.remove(amb)
-        told = "told not charged" if claims_not_charged(amb.told) else "no answer" if not amb.told else "other 503"
+        told = ("told not charged" if claims_not_charged(amb.told) else "no answer" if not amb.told
+                else f"told {amb.told.split(':')[0]}")
         self.resolved[f"{told} -> {state}"] += 1
         if state == "posted":
             credit = resp.body["payee"]
@@ -947,9 +953,9 @@ class Sim:
         return resp
 
 
-def claims_not_charged(detail: str) -> bool:
-    """Does a 503's detail tell the client it was not charged?"""
-    return "not charged" in detail or "nothing was charged" in detail
+def claims_not_charged(told: str) -> bool:
+    """Does a 503 ("code: detail") tell the client it was not charged (payment_outcome_unknown does not)?"""
+    return not told.startswith("payment_outcome_unknown") and ("not charged" in told or "nothing was charged" in told)
 
 
 def new_seed() -> int:
