@@ -50,6 +50,7 @@ async def checkpoint(sim: "Sim", final: bool) -> None:
         await sim.resolve(amb)
     await settle_closing(sim, wait=final)
     await sim.settle_runs(wait=final)
+    await sim.settle_withdrawal_doubts(wait=final)
     if final:
         await asyncio.sleep(2)  # refunds the paywall finishes in the background
         await ledger_changed(sim)

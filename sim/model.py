@@ -163,6 +163,7 @@ class Model:
     runs: dict[str, Run] = field(default_factory=dict)          # QA runs not yet finished
     ambiguous: list[Ambiguous] = field(default_factory=list)
     lanes: list[Lane] = field(default_factory=list)
+    wd_doubts: list[tuple[str, str, float, int]] = field(default_factory=list)  # (user, told, after, lane)
     closing: set[str] = field(default_factory=set)             # question ids past their deadline, not yet closed
     touched: set[str] = field(default_factory=set)             # accounts changed since the last comparison
     served: int = 0                # paid calls answered 2xx
@@ -207,6 +208,8 @@ class Model:
         out: set[str] = set()
         for a in self.ambiguous:
             out |= {user(a.payer), a.credit}
+        for name, _, _, _ in self.wd_doubts:  # a withdrawal answered ambiguously: queued or released later
+            out |= {user(name), BITCOIN}
         for run in self.runs.values():  # a run that fails is refunded from revenue
             out |= {user(run.owner), REVENUE}
         for qid in self.closing:

@@ -649,9 +649,8 @@ class Sim:
         expected = None if self.model.uncertain(name) else (201 if avail >= amount else 402)
         body = {"amount": amount, "address": DEFAULT_TESTNET_ADDRESS}
         resp, headers, raw = await self.signed(name, "POST", "/v1/accounts/me/withdrawals", body, op.c)
-        if resp.ambiguous:
-            await self.adopt_withdrawals(name, claims_not_charged(f"{resp.code}: {resp.body.get('detail', '')}"
-                                                                  if isinstance(resp.body, dict) else ""))
+        if resp.ambiguous:  # looked at once the server's background release must have run
+            self.doubt_withdrawal(name, resp)
             return
         if resp.status == 201:
             if expected == 402:
@@ -663,12 +662,26 @@ class Sim:
         if op.replay and resp.status == 201:
             again = await self.send("POST", self.server(op.c) + "/v1/accounts/me/withdrawals", data=raw, headers=headers)
             if again.ambiguous:
-                await self.adopt_withdrawals(name, claims_not_charged(f"{again.code}: {again.body.get('detail', '')}"
-                                                                      if isinstance(again.body, dict) else ""))
+                self.doubt_withdrawal(name, again)
             elif again.status == 201:
                 self.model.hold(user(name), BITCOIN, amount)
                 self.add_withdrawal(Withdrawal(again.body["id"], name, amount))
                 self.violate("signed_replay_refused", "the same signed withdrawal request queued a second withdrawal")
+
+    def doubt_withdrawal(self, name: str, resp: Resp) -> None:
+        told = f"{resp.code}: {resp.body.get('detail', '')}" if isinstance(resp.body, dict) else ""
+        self.model.wd_doubts.append((name, told, time.monotonic() + 8, LANE.get()))
+
+    async def settle_withdrawal_doubts(self, wait: bool) -> None:
+        if wait and self.model.wd_doubts:
+            await asyncio.sleep(max(0.0, max(d[2] for d in self.model.wd_doubts) - time.monotonic()))
+        for doubt in [d for d in self.model.wd_doubts if d[2] <= time.monotonic()]:
+            self.model.wd_doubts.remove(doubt)
+            token = LANE.set(doubt[3])
+            try:
+                await self.adopt_withdrawals(doubt[0], claims_not_charged(doubt[1]))
+            finally:
+                LANE.reset(token)
 
     async def adopt_withdrawals(self, name: str, told_not_charged: bool = False) -> None:
         """After an ambiguous withdrawal: the account's own list says whether it was queued, and its
