@@ -11,13 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What the short seed does not check on today's main, and why (issue 11). Switch each back on as its fix lands.
 SKIP = [
-    "truthful_503",           # finding 6: a capture that times out client-side (slow script, paused Redis) is
-                              # answered 503 "not charged" and then applies; a withdrawal whose record write meets a
-                              # stale Redis connection after a restart answers 503 "nothing was charged" but its hold
-                              # stays, with no withdrawal record (the model books what really happened and goes on)
-    "retry_gets_result",      # finding 7: a retry with the same transfer / Idempotency-Key gets 409, not its result
-    "no_stray_accounts",      # finding 8: a refused ask (402, 403 no_recipient) leaves an empty escrow:q:* account
-    "signed_replay_refused",  # finding 9: a replayed MT-Sig request creates a second token / withdrawal
+    "no_stray_accounts",      # finding 8: a refused ask (402, 403 no_recipient) or crowd job (402) leaves an empty
+                              # escrow:q:* / escrow:job:* account behind
+    "paid_means_delivered",   # an ask captured by the paywall whose question store then fails (a stale Redis
+                              # connection after a restart) answers 503 payment_outcome_unknown and leaves the
+                              # price in an escrow no question owns: nobody can reply, withdraw it or expire it
     "run_refunded_once",      # finding 13: a QA run that outlives its worker's lease (faults, slow worker) is run
                               # again, then ends "passed" and refunded
 ]
@@ -37,9 +35,9 @@ def test_short_seed_keeps_the_books_under_faults():
     assert rc == 0, out
     assert "books: 0 sat created or lost" in out
     assert summary["violation"] is None and summary["created"] == summary["lost"] == 0
-    assert summary["ops"] >= 1000 and summary["served"] > 100 and summary["reconciles"] >= 1, summary
+    assert summary["ops"] >= 500 and summary["served"] > 100 and summary["reconciles"] >= 1, summary
+    # the seed's first 300 ops hold each of these faults (lanes run ops in about their order)
     assert {"redis_restart", "redis_pause", "redis_busy", "server_kill", "retry"} <= set(summary["faults"]), summary
-    assert sum(summary["resolved"].values()) > 0, summary  # some outcomes were ambiguous and resolved by id
 
 
 def test_a_planted_bug_is_caught_and_shrunk_to_its_op():
