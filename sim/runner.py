@@ -7,7 +7,6 @@ import contextlib
 import contextvars
 import hashlib
 import json
-import random
 import secrets
 import time
 from collections import Counter
@@ -973,7 +972,3 @@ def claims_not_charged(told: str) -> bool:
 
 def new_seed() -> int:
     return secrets.randbelow(2**31)
-
-
-def rng_for(seed: int, salt: str) -> random.Random:
-    return random.Random(f"{seed}:{salt}")
