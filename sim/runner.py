@@ -753,13 +753,26 @@ class Sim:
         body = {"title": f"job {op.i}", "reward": reward, "results_wanted": wanted, "expires_in": 30 * 86_400,
                 "labels": {"lane": str(LANE.get())}}
         resp, _, _ = await self.signed(name, "POST", "/v1/qa/jobs", body, op.c)
-        if resp.ambiguous:  # the buyer's journal says whether an escrow was funded
+        if resp.ambiguous:  # the buyer's journal says whether an escrow was funded, the job whether it exists
+            told = f"{resp.code}: {resp.body.get('detail', '')}" if isinstance(resp.body, dict) else ""
             journal = await self.retried(name, "GET", f"/v1/accounts/{name}?limit=50")
             for entry in journal.body.get("journal", []) if journal.status == 200 else []:
                 job_id = entry["id"].removeprefix("crowd:").removesuffix(":fund")
                 if entry["id"].endswith(":fund") and job_id not in self.model.jobs:
                     self.model.move(user(name), f"escrow:job:{job_id}", -int(entry["amount"]))
-                    self.add_job(Job(job_id, LANE.get(), name, reward, wanted))
+                    job = Job(job_id, LANE.get(), name, reward, wanted)
+                    self.model.jobs[job_id] = job
+                    shown = await self.retried(name, "GET", f"/v1/qa/jobs/{job_id}")
+                    if shown.status == 200:
+                        self.add_job(job)
+                    else:
+                        job.closed = True
+                    if claims_not_charged(told):
+                        self.violate("truthful_503", f"job post answered {told!r}, yet {-int(entry['amount'])} sat "
+                                                     f"funded escrow:job:{job_id}")
+                    if shown.status != 200:
+                        self.violate("paid_means_delivered", f"escrow:job:{job_id} funded with "
+                                                             f"{-int(entry['amount'])} sat, the job is {shown.status}")
             return
         if resp.status == 201:
             if expected == 402:
