@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .ops import FAULTS, MODIFIERS, OPS, OpSource
+from .ops import DEFAULT_OFF, FAULTS, MODIFIERS, OPS, OpSource
 from .runner import Config, Sim, Violation, new_seed
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     seed = args.seed if args.seed is not None else new_seed()
-    kinds = (args.only if args.only is not None else set(OPS) | set(FAULTS)) - args.off
+    kinds = (args.only if args.only is not None else (set(OPS) | set(FAULTS)) - DEFAULT_OFF) - args.off
     cfg = Config(seed=seed, kinds=kinds, modifiers=set(MODIFIERS) - args.off, skip=args.skip,
                  servers=args.servers, lanes=args.lanes, check_every=args.check_every, plant=args.plant,
                  weights={k: float(v) for k, v in (item.split("=") for item in _csv(args.weights))})

@@ -20,6 +20,7 @@ from service.redis_server import PrivateRedis, _die_with_parent, free_port
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "sim-admin-token"
 PREFIX = "sim"
+PUBLIC_URL = "http://sim.example"  # the deployment's origin: its server processes sit behind one name
 # The operator's chain settings for the CLI (withdrawals cancel): BIP32 test vector 1, testnet only.
 CLI_XPUB = "vpub5ZLGTz7QcWzdeJFSy1Qh9gJKn4UmCH8f3syfXGbhz8vRTwgPeR7Q1M1kjcotbk2uLiv4umtEnTVb3XQvof36fhx5CUJaHX9EphBFzYnveQW"
 
@@ -68,7 +69,8 @@ class Cluster:
                     "INVOICE_SECRET": "sim", "MICROTASKS_VAR": str(tmp / "var"), "QA_WORKERS": "0",
                     "HOLD_TIMEOUT": str(hold_timeout), "REDIS_TIMEOUT_MS": str(redis_timeout_ms),
                     "LOG_LEVEL": "warning", "RATE_LIMIT_IP_PER_MINUTE": "0", "RATE_LIMIT_ACCOUNT_PER_MINUTE": "0",
-                    "MINIMUM_WITHDRAWAL": str(minimum_withdrawal), "PYTHONPATH": str(ROOT)}
+                    "MINIMUM_WITHDRAWAL": str(minimum_withdrawal), "PYTHONPATH": str(ROOT),
+                    "PUBLIC_URL": PUBLIC_URL}
         self.servers = [ServerProc(tmp, self.env, i) for i in range(servers)]
         worker_env = {**self.env, "QA_LEASE": "1", "QA_MAX_ATTEMPTS": "2", "SIM_SECONDS_PER_DOCUMENT": "0.01"}
         self.workers = [ServerProc(tmp, worker_env, 100 + i, [sys.executable, str(ROOT / "sim" / "worker.py")])

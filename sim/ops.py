@@ -21,6 +21,9 @@ FAULTS: dict[str, float] = {
     "server_kill": 0.05,    # SIGKILL a server process mid-request, then start it again
     "worker_kill": 0.05,    # SIGKILL a QA worker process (its runs are redelivered to the other), start it again
 }
+# Off unless named with --only: the crowd model predates claim stakes and disputes (main, 30 Nov), so it
+# would flag the new rules as violations; bring it up to date before switching these back on.
+DEFAULT_OFF = {"runner_register", "job_post", "job_work", "job_decide", "job_close"}
 # Faults that ride on an op rather than replace it (a probability each, drawn per op).
 MODIFIERS: dict[str, float] = {
     "retry": 0.08,          # the client sends the same request again: same transfer / Idempotency-Key / credit id

@@ -21,7 +21,7 @@ from service.client import Wallet, signed_headers, transfer_headers
 from service.config import DEFAULT_TESTNET_ADDRESS
 
 from . import faults, invariants
-from .cluster import ADMIN, Cluster
+from .cluster import ADMIN, PUBLIC_URL, Cluster
 from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Job, Lane, ListRec, Model, Question, Run,
                     Token, User, Withdrawal, user)
 from .ops import Op, OpSource
@@ -174,7 +174,7 @@ class Sim:
         url = self.server(server) + path
         raw = json.dumps(body).encode() if body is not None else b""
         h = signed_headers(self.model.by_name[username].wallet if username in self.model.by_name
-                           else self.wallet(username), method, url, raw)
+                           else self.wallet(username), method, PUBLIC_URL + path, raw)  # the deployment's origin
         if body is not None:
             h["Content-Type"] = "application/json"
         h.update(headers or {})
@@ -282,7 +282,8 @@ class Sim:
     async def register(self, username: str, server: int = 0) -> None:
         wallet = self.wallet(username)
         body = json.dumps({"username": username, "pubkey": wallet.pubkey.hex()}).encode()
-        headers = {P.AUTHORIZATION: wallet.sign(body), "Content-Type": "application/json"}
+        headers = {P.AUTHORIZATION: wallet.sign(P.registration_message(PUBLIC_URL, body)),
+                   "Content-Type": "application/json"}
         resp = await self.until_definite(lambda n: self.send("POST", self.server(server + n) + "/v1/accounts",
                                                              data=body, headers=headers))
         if resp.status in (201, 409) and username not in self.model.by_name:
@@ -330,7 +331,7 @@ class Sim:
         price = self.price + self.per_document * (docs - 1)
         data = MANIFEST if docs == 1 else b"---\n".join([MANIFEST] * docs)
         headers = transfer_headers(self.model.by_name[payer].wallet, amount=price, payee_username=PAYEE[0],
-                                   payee_address=PAYEE[1], url=url)
+                                   payee_address=PAYEE[1], url=PUBLIC_URL + "/v1/qa/validate")
         tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
         expected = self.expect_paid(payer, price)
         resp = await self.send("POST", url, data=data, headers=headers)
@@ -390,7 +391,7 @@ class Sim:
         if tok is None:
             return
         key = f"k{self.cfg.seed}-{op.i}"
-        tid = f"tok_{tok.id}_{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+        tid = "tok_" + hashlib.sha256(f"{tok.id}|{key}".encode()).hexdigest()[:40]  # as the server names it
         headers = {P.AUTHORIZATION: f"{P.TOKEN_SCHEME} {tok.id}.{tok.secret}", P.IDEMPOTENCY_KEY: key,
                    P.PAYMENT_AMOUNT: str(self.price)}
         expected = self.expect_paid(tok.owner, self.price)
@@ -499,7 +500,7 @@ class Sim:
                   price_each: int, shares: int) -> None:
         url = self.server(op.c) + path
         headers = transfer_headers(self.model.by_name[asker].wallet, amount=amount, payee_username=PAYEE[0],
-                                   payee_address=PAYEE[1], url=url)
+                                   payee_address=PAYEE[1], url=PUBLIC_URL + path)
         headers["Content-Type"] = "application/json"
         tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
         expected = self.expect_paid(asker, amount)
@@ -868,7 +869,8 @@ class Sim:
                 self.violate("expected_status", f"unpaid run: {quote.status} {quote.body}")
             return
         price = int(quote.headers[P.PRICE])
-        headers = transfer_headers(u.wallet, amount=price, payee_username=PAYEE[0], payee_address=PAYEE[1], url=url)
+        headers = transfer_headers(u.wallet, amount=price, payee_username=PAYEE[0], payee_address=PAYEE[1],
+                                   url=PUBLIC_URL + "/v1/qa/runs")
         headers["Content-Type"] = "application/json"
         tid = "bt_" + hashlib.sha256(headers[P.BITCOIN_TRANSFER].encode()).hexdigest()
         expected = self.expect_paid(u.username, price)
