@@ -98,12 +98,17 @@ async def _ask_escrow(request: web.Request) -> str:
     return Experts.escrow((await _ask(request))["id"])
 
 
+async def _recipients(request: web.Request, asker: str) -> None:
+    """Checked before the payment is held: a refused ask leaves nothing on the ledger (no escrow)."""
+    if not [r for r in (await _ask(request))["recipients"] if r != asker]:
+        raise Forbidden("no_recipient", "you cannot ask yourself (or a list with no other approved member)")
+
+
 async def _store(request: web.Request) -> web.Response:
     ctx = await _ask(request)
     asker = request[PAYMENT].payer
+    await _recipients(request, asker)  # the paywall checked it before the hold; kept for payers it did not see
     recipients = [r for r in ctx["recipients"] if r != asker]
-    if not recipients:
-        raise Forbidden("no_recipient", "you cannot ask yourself (or a list with no other approved member)")
     await commit(request)  # paid before it is stored and delivered: an uncharged ask has no effects
     q = await _xp(request).store_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],
                                           price_each=int(ctx["price_each"]), shares=ctx["shares"], hours=ctx["hours"],
@@ -111,19 +116,19 @@ async def _store(request: web.Request) -> web.Response:
     return web.json_response(q, status=201, headers={"Location": f"/v1/questions/{q['id']}"})
 
 
-@priced("experts.question", amount=_ask_amount, credit=_ask_escrow, requires_account=True)
+@priced("experts.question", amount=_ask_amount, credit=_ask_escrow, requires_account=True, payer_check=_recipients)
 async def ask_expert(request: web.Request) -> web.Response:
     """Ask an expert: the price sits in the question's escrow until the expert replies or the deadline passes."""
     return await _store(request)
 
 
-@priced("experts.hire", amount=_ask_amount, credit=_ask_escrow, requires_account=True)
+@priced("experts.hire", amount=_ask_amount, credit=_ask_escrow, requires_account=True, payer_check=_recipients)
 async def hire_request(request: web.Request) -> web.Response:
     """A priced contact request to an expert available for hire, delivered and paid like a question."""
     return await _store(request)
 
 
-@priced("lists.question", amount=_ask_amount, credit=_ask_escrow, requires_account=True)
+@priced("lists.question", amount=_ask_amount, credit=_ask_escrow, requires_account=True, payer_check=_recipients)
 async def ask_list(request: web.Request) -> web.Response:
     """Ask a list: price × max_responses in escrow; each member's first reply is paid one share."""
     return await _store(request)

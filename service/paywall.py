@@ -128,6 +128,8 @@ def paywall_middleware() -> Callable:
             payment = await method.verify(request, quote)
             if payment.payer:
                 await app[LIMITER].check("account", payment.payer, settings.rate_limit_account)
+                if marker.payer_check is not None:  # e.g. nobody to answer this payer: refused before the hold
+                    await marker.payer_check(request, payment.payer)
             paid = await _hold(request, method, payment, quote)
         except PaymentRequired as exc:
             log.info("payment_refused", reason=exc.code, method=method.name)

@@ -85,6 +85,7 @@ def price_book(settings: Settings) -> dict[str, PriceRule]:
 VariantPicker = Callable[[web.Request], Awaitable[str]]
 AmountPicker = Callable[[web.Request], Awaitable[int]]
 CreditPicker = Callable[[web.Request], Awaitable[str]]
+PayerCheck = Callable[[web.Request, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,21 @@ class _Priced:
     amount: AmountPicker | None = None
     credit: CreditPicker | None = None
     requires_account: bool = False  # what the call buys is kept for its payer: anonymous payments are refused
+    payer_check: PayerCheck | None = None  # refuses a verified payer before any hold (no ledger state on refusal)
 
 
 def priced(rule: str, *, units: UnitCounter | None = None, variant: VariantPicker | None = None,
            amount: AmountPicker | None = None, credit: CreditPicker | None = None,
-           requires_account: bool = False) -> Callable:
+           requires_account: bool = False, payer_check: PayerCheck | None = None) -> Callable:
     """Mark a handler as paid: quoted with price_book()[rule] (or [f"{rule}.{await variant(request)}"],
     e.g. one price per QA suite) times `units(request)`, or by `amount(request)` when the price is set by
     someone else (an expert's own price). The money goes to revenue, or to `credit(request)` (an escrow).
     `requires_account`: the result is read later by its payer (a run, a question) or refunded to them, so
-    a payment method without an account (anonymous on-chain) must name one (a signed request)."""
+    a payment method without an account (anonymous on-chain) must name one (a signed request).
+    `payer_check(request, payer)` raises an ApiError for a payer the call cannot serve, before the hold."""
 
     def mark(handler: Callable) -> Callable:
-        handler.__priced__ = _Priced(rule, units, variant, amount, credit, requires_account)  # type: ignore[attr-defined]
+        handler.__priced__ = _Priced(rule, units, variant, amount, credit, requires_account, payer_check)  # type: ignore[attr-defined]
         return handler
 
     return mark

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from service.client import PaidSession, PriceTooHigh, transfer_headers
+from service.client import PaidSession, PaymentRejected, PriceTooHigh, transfer_headers
 from service.ledger import REVENUE, user_account
 from service.pricing import priced
 
@@ -567,3 +567,29 @@ async def test_a_handler_that_refuses_after_committing_refunds_the_payer(aiohttp
     history = await ledger.history(user_account(wallet.username))
     assert [h["id"].split("_")[0] for h in history[:2]] == ["refund", "bt"]
     assert (await ledger.reconcile()).ok
+
+
+@pytest.mark.parametrize("case", ["ask_yourself", "list_of_only_the_asker", "empty_list"])
+async def test_an_ask_nobody_can_answer_is_refused_before_any_ledger_state(http, base_url, funded, ledger, case):
+    """Finding 8, found again by the simulator: asking oneself (or a list whose only member is the asker)
+    answered 403 no_recipient after the hold had opened the question's escrow account: refused before it."""
+    asker = await funded(10_000)
+    ask = {"text": "anyone?"} if case == "ask_yourself" else {"text": "anyone?", "max_responses": 1}
+    async with PaidSession(asker, max_price=1000, session=http) as s:
+        if case == "ask_yourself":
+            status, body = await s.signed("PUT", f"{base_url}/v1/experts/me",
+                                          {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
+            url = f"{base_url}/v1/experts/{asker.username}/questions"
+        else:
+            name = f"l{asker.username}"
+            status, body = await s.signed("POST", f"{base_url}/v1/lists",
+                                          {"name": name, "description": "d", "price": 100})
+            if status == 201 and case == "list_of_only_the_asker":
+                status, body = await s.signed("POST", f"{base_url}/v1/lists/{name}/members/me")
+            url = f"{base_url}/v1/lists/{name}/questions"
+        assert status in (200, 201), body
+        before = await ledger_state(ledger)
+        with pytest.raises(PaymentRejected) as refused:
+            await s.request("POST", url, data=json.dumps(ask), headers={"Content-Type": "application/json"})
+    assert (refused.value.status, refused.value.reason) == (403, "no_recipient")
+    assert await ledger_state(ledger) == before
