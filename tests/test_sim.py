@@ -11,8 +11,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What the short seed does not check on today's main, and why (issue 11). Switch each back on as its fix lands.
 SKIP = [
-    "no_stray_accounts",      # finding 8: a refused ask (402, 403 no_recipient) or crowd job (402) leaves an empty
-                              # escrow:q:* / escrow:job:* account behind
     "paid_means_delivered",   # an ask captured by the paywall whose question store then fails (a stale Redis
                               # connection after a restart) answers 503 payment_outcome_unknown and leaves the
                               # price in an escrow no question owns: nobody can reply, withdraw it or expire it;
