@@ -41,23 +41,28 @@ async def generate(base: str, seconds: float, concurrency: int, transfers: list[
     pending = iter(transfers)
     lat: dict[str, list[float]] = {k: [] for k in (*MIX, "retry")}
     statuses: dict[str, dict[int, int]] = {k: {} for k in lat}
-    served: dict[str, int] = {}       # transfer → how many 200s it got (must be ≤ 1)
+    served: dict[str, int] = {}       # transfer → how many 200s it got that were not replays (must be ≤ 1)
+    replays = 0                       # retries answered with the first result (Idempotent-Replayed: true)
     payer_of: dict[str, str] = {}
     errors = 0
     deadline = time.perf_counter() + seconds
 
     async def one(session: aiohttp.ClientSession, kind: str, method: str, url: str, **kw) -> int:
-        nonlocal errors
+        nonlocal errors, replays
         t0 = time.perf_counter()
         try:
             async with session.request(method, url, **kw) as r:
                 await r.read()
                 status = r.status
+                replayed = r.headers.get("Idempotent-Replayed") == "true"
         except aiohttp.ClientError:
             errors += 1
             return -1
         lat[kind].append(time.perf_counter() - t0)
         statuses[kind][status] = statuses[kind].get(status, 0) + 1
+        if replayed:  # the first call's stored result, not charged again: not a second settlement
+            replays += 1
+            return 0
         return status
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
@@ -97,7 +102,7 @@ async def generate(base: str, seconds: float, concurrency: int, transfers: list[
     return {"seconds": round(elapsed, 3), "requests": len(every), "rps": round(len(every) / elapsed, 1),
             "all": summary(every), "kinds": {k: {**summary(v), "statuses": statuses[k]} for k, v in lat.items()},
             "errors": errors, "served_per_payer": per_payer,
-            "served_twice": sum(1 for n in served.values() if n > 1)}
+            "served_twice": sum(1 for n in served.values() if n > 1), "replays": replays}
 
 
 # --- the orchestrator -----------------------------------------------------------------------------------
@@ -206,7 +211,8 @@ def main() -> None:
     print(f"all      {total['count']:>7} {total['p50_ms']:>8.2f} {total['p99_ms']:>8.2f}  "
           f"{result['rps']} req/s; 5xx: {bad / max(1, total['count']):.2%}; connection errors: {result['errors']}")
     print(f"books: {lost} sat served unpaid, {overcharged} sat charged for nothing, "
-          f"{result['served_twice']} transfers settled twice")
+          f"{result['served_twice']} transfers settled twice, {result['replays']} retries answered with the "
+          "first result (Idempotent-Replayed)")
     print(f"reconcile: ok={reconcile['ok']} journal_entries={reconcile['journal_entries']} "
           f"sum_of_balances={reconcile['sum_of_balances']}")
     clean = not lost and not overcharged and not result["served_twice"] and reconcile["ok"]
