@@ -17,7 +17,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, TimeoutError as RedisTimeoutError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, TimeoutError as RedisTimeoutError
 
 __all__ = ["connect", "safe_url", "ScriptBatcher"]
 
@@ -36,6 +38,16 @@ def connect(url: str, *, timeout: float | None = None, max_connections: int = 25
     """A redis.asyncio client (decode_responses) for `url`; raises ValueError on a malformed URL."""
     common: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": timeout, **kwargs}
     scheme = url.split("://", 1)[0]
+    if scheme != "redis+cluster":  # a cluster client retries on its own (and follows the slot map)
+        # After a Redis restart every pooled connection is stale: its first command fails with "Connection
+        # closed by server"; that command never reached the new server, so it is sent again once on a fresh
+        # connection. Only ConnectionError is retried, never a timeout (that command may still be running).
+        # In the rare case that a connection breaks after the server ran a command but before its reply,
+        # the command runs twice: safe for the money, since every ledger script is idempotent by its
+        # transfer id and records are written with SET/HSET of the same values; only plain counters
+        # (rate limits, expert stats, the active-runs count) could count one extra.
+        common.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        common.setdefault("retry_on_error", [RedisConnectionError])
     if scheme == "redis+sentinel":
         parts = urlsplit(url)
         password, nodes = _hosts(parts.netloc, 26379)

@@ -398,3 +398,27 @@ async def test_an_ask_whose_commit_is_not_confirmed_is_not_stored_and_ends_uncha
         await r.aclose()
         server.stop()
         await proxy.stop()
+
+
+async def test_after_a_redis_restart_the_next_paid_call_succeeds_on_a_fresh_connection(tmp_path, prefix, http):
+    """The pooled connections are stale after a Redis restart; redis-py replaces a connection the server
+    closed and sends the command again (safe: it never ran), so the first paid call after /readyz is 200."""
+    rs = PrivateRedis(tmp_path / "redis", port=free_port(), appendfsync="always").start()
+    server = Server(tmp_path, rs.url, prefix)
+    try:
+        await server.wait("/readyz")
+        wallet = await register_funded(http, server.url, 10 * PRICE)
+        async with PaidSession(wallet, max_price=PRICE, session=http) as s:
+            results = await asyncio.gather(*(s.request("POST", f"{server.url}/v1/qa/validate", data=MANIFEST)
+                                             for _ in range(3)))  # several pooled connections in use
+            assert [status for status, _, _ in results] == [200] * 3, results
+            rs.stop()
+            rs.start()
+            await server.wait("/readyz", timeout=15)
+            results = await asyncio.gather(*(s.request("POST", f"{server.url}/v1/qa/validate", data=MANIFEST)
+                                             for _ in range(3)))
+        assert [status for status, _, _ in results] == [200] * 3, results
+        reconcile_cli(rs.url, prefix)
+    finally:
+        server.stop()
+        rs.stop()
