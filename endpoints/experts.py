@@ -109,10 +109,13 @@ async def _store(request: web.Request) -> web.Response:
     asker = request[PAYMENT].payer
     await _recipients(request, asker)  # the paywall checked it before the hold; kept for payers it did not see
     recipients = [r for r in ctx["recipients"] if r != asker]
-    await commit(request)  # paid before it is stored and delivered: an uncharged ask has no effects
-    q = await _xp(request).store_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],
-                                          price_each=int(ctx["price_each"]), shares=ctx["shares"], hours=ctx["hours"],
-                                          recipients=recipients, form=ctx["form"])
+    # recorded (unpublished, its deadline set: the sweeper refunds its escrow whatever fails later), then
+    # paid, then delivered: no path leaves the price in an escrow nobody can release
+    await _xp(request).prepare_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],
+                                        price_each=int(ctx["price_each"]), shares=ctx["shares"], hours=ctx["hours"],
+                                        recipients=recipients, form=ctx["form"])
+    await commit(request)
+    q = await _xp(request).publish_question(ctx["id"], asker)
     return web.json_response(q, status=201, headers={"Location": f"/v1/questions/{q['id']}"})
 
 

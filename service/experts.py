@@ -170,25 +170,45 @@ class Experts:
     def escrow(question_id: str) -> str:
         return f"escrow:q:{question_id}"
 
-    async def store_question(self, qid: str, asker: str, *, kind: str, target: str, text: str, price_each: int,
-                             shares: int, hours: int, recipients: list[str], form: list | None) -> dict[str, Any]:
-        """Record a paid question and deliver it; its escrow was funded by the payment for this request."""
+    async def prepare_question(self, qid: str, asker: str, *, kind: str, target: str, text: str, price_each: int,
+                               shares: int, hours: int, recipients: list[str], form: list | None) -> None:
+        """Record a question before its payment is captured: unpublished (nobody sees or answers it) but
+        with its deadline in the sweeper's set, so whatever fails later its escrow is refunded at the latest
+        then (before the capture, a failure here voids the hold: nothing charged)."""
         now = int(time.time() * 1000)
         deadline = now + hours * 3600 * 1000
         record = {"id": qid, "asker": asker, "kind": kind, "target": target, "text": text,
                   "price_each": price_each, "shares": shares, "created": now, "deadline": deadline,
-                  "form": json.dumps(form) if form else ""}
+                  "form": json.dumps(form) if form else "", "unpublished": 1}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._k("q", qid), mapping=record)
             pipe.sadd(self._k("recipients", qid), *recipients)
             pipe.zadd(self._k("open"), {qid: deadline})
-            for r in recipients:
-                pipe.zadd(self._k("inbox", r), {qid: deadline})
             pipe.zadd(self._k("asked", asker), {qid: now})
             await pipe.execute()
-        for r in recipients:
-            tasks.spawn(self._notify(r, {"event": "question", "id": qid, "kind": kind, "text": text,
-                                         "price": price_each, "deadline": deadline / 1000}), f"webhook:{qid}")
+
+    async def publish_question(self, qid: str, asker: str) -> dict[str, Any]:
+        """Deliver a prepared question once its escrow is funded (inboxes, then webhooks). A failure here
+        raises 503 `question_not_delivered`: an ApiError, so the paywall refunds the capture (the question
+        was never visible, so nobody could have been paid from its escrow); the deadline sweeper closes it."""
+        try:
+            q = await self._q(qid)
+            recipients = await self.redis.smembers(self._k("recipients", qid))
+            deadline = int(q["deadline"])
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for r in recipients:
+                    pipe.zadd(self._k("inbox", r), {qid: deadline})
+                await pipe.execute()
+            # last, and alone: published only if every inbox has it (an inbox entry of an unpublished
+            # question is skipped by `inbox`)
+            await self.redis.hdel(self._k("q", qid), "unpublished")
+        except RedisError as exc:
+            log.error("question_not_delivered", question=qid, error=str(exc))
+            raise ServiceUnavailable("question_not_delivered", "the question could not be delivered; its price "
+                                     "goes back to you (you were not charged)", headers={"Retry-After": "1"}) from None
+        for r in sorted(recipients):
+            tasks.spawn(self._notify(r, {"event": "question", "id": qid, "kind": q["kind"], "text": q["text"],
+                                         "price": int(q["price_each"]), "deadline": deadline / 1000}), f"webhook:{qid}")
         return await self.question(qid, asker)
 
     async def _q(self, qid: str) -> dict[str, Any]:
@@ -201,7 +221,7 @@ class Experts:
         """The question as the asker or one of its recipients sees it: replies and money state."""
         q = await self._q(qid)
         recipients = await self.redis.smembers(self._k("recipients", qid))
-        if viewer != q["asker"] and viewer not in recipients:
+        if viewer != q["asker"] and (viewer not in recipients or q.get("unpublished")):
             raise NotFound("unknown_question", "no question with this id")
         replies = [json.loads(v) for k, v in q.items() if k.startswith("reply:")]
         replies.sort(key=lambda r: r["at"])
@@ -225,7 +245,10 @@ class Experts:
         ids = await self.redis.zrangebyscore(self._k("inbox", username), now, "+inf")
         out = []
         for qid in ids:
-            view = await self.question(qid, username)
+            try:
+                view = await self.question(qid, username)
+            except NotFound:  # not delivered (its publishing failed): its escrow was refunded
+                continue
             if view["status"] == "open" and not view["replies"]:
                 out.append(view)
         return out
@@ -233,8 +256,8 @@ class Experts:
     async def reply(self, qid: str, username: str, text: str, answers: dict[str, Any] | None) -> dict[str, Any]:
         """Pay one share to the replier (or their charity) and store the reply, in one ledger script."""
         q = await self._q(qid)
-        if not await self.redis.sismember(self._k("recipients", qid), username):
-            raise NotFound("unknown_question", "no question with this id for you")
+        if q.get("unpublished") or not await self.redis.sismember(self._k("recipients", qid), username):
+            raise NotFound("unknown_question", "no question with this id for you")  # undelivered: never answered
         if f"reply:{username}" in q:
             raise Conflict("already_replied", "you replied to this question already (and were paid once)")
         if q.get("closed") or int(q["deadline"]) < time.time() * 1000:
@@ -297,7 +320,8 @@ class Experts:
         if result.outcome is Outcome.APPLIED:
             metrics.SATS.labels("refunded").inc(int(result.transfer.get("amount") or 0))
             await self.redis.hset(self._k("q", qid), "refund", f"xp:{qid}:refund")
-            if reason == "expired" and q["kind"] != "list" and not any(k.startswith("reply:") for k in q):
+            if (reason == "expired" and q["kind"] != "list" and not q.get("unpublished")
+                    and not any(k.startswith("reply:") for k in q)):
                 await self.redis.hincrby(self._k("profile", q["target"]), "expired", 1)
         elif result.outcome in (Outcome.NOTHING, Outcome.NO_DEBIT_ACCOUNT):
             await self.redis.hsetnx(self._k("q", qid), "closed", "answered" if any(

@@ -243,3 +243,50 @@ async def test_experts_are_listed_by_tag(http, base_url, funded):
     async with http.get(f"{base_url}/v1/experts?tag=storage") as r:
         names = [e["username"] for e in (await r.json())["experts"]]
     assert names == [a.username]
+
+
+async def _failed_ask(http, base_url, asker, expert):
+    async with PaidSession(asker, max_price=10_000, session=http) as s:
+        status, body, _ = await s.request("POST", f"{base_url}/v1/experts/{expert.username}/questions",
+                                          data=json.dumps({"text": "CNI?"}),
+                                          headers={"Content-Type": "application/json"})
+    assert status == 503, body
+    return body
+
+
+async def test_an_ask_whose_delivery_fails_after_the_capture_is_refunded_and_cannot_be_replied_to(
+        http, base_url, funded, ledger, xp):
+    """Escrow stuck after a Redis error: the ask is captured into the question's escrow before it is
+    delivered. If delivering fails (injected: the expert's inbox key is made the wrong type), the asker
+    has the price back at once, the escrow is empty, and the undelivered question takes no reply."""
+    asker, expert = await funded(2000), await funded(0)
+    await make_expert(http, base_url, expert)
+    await xp.redis.set(xp._k("inbox", expert.username), "not an inbox")
+    await _failed_ask(http, base_url, asker, expert)
+    [qid] = await xp.redis.zrange(xp._k("asked", asker.username), 0, -1)
+    assert await balances(ledger, asker, expert) == [2000, 0]
+    assert (await ledger.balance(Experts.escrow(qid))).posted == 0
+    status, body = await signed(http, expert, "POST", f"{base_url}/v1/questions/{qid}/reply", {"text": "Cilium."})
+    assert (status, body["error"]) == (404, "unknown_question")
+    await xp.redis.delete(xp._k("inbox", expert.username))
+    await expire(xp, qid)
+    await xp.expire_questions()  # the deadline sweeper closes it; nothing is left to refund
+    assert await balances(ledger, asker, expert) == [2000, 0]
+    q = await ask(http, base_url, asker, f"/v1/experts/{expert.username}/questions", {"text": "again?"})
+    status, rep = await signed(http, expert, "POST", f"{base_url}/v1/questions/{q['id']}/reply", {"text": "Cilium."})
+    assert status == 201 and await balances(ledger, asker, expert) == [1500, PRICE]
+    assert (await ledger.reconcile()).ok
+
+
+async def test_an_ask_whose_record_cannot_be_written_is_not_charged(http, base_url, funded, ledger, xp):
+    """The question's record (with its deadline, so the sweeper can always refund its escrow) is written
+    before the payment is captured: if that write fails, the hold is voided and nothing is charged."""
+    asker, expert = await funded(2000), await funded(0)
+    await make_expert(http, base_url, expert)
+    await xp.redis.set(xp._k("asked", asker.username), "not a zset")
+    await _failed_ask(http, base_url, asker, expert)
+    balance = await ledger.balance(user_account(asker.username))
+    assert (balance.posted, balance.pending_debits) == (2000, 0)
+    status, inbox = await signed(http, expert, "GET", f"{base_url}/v1/experts/me/questions")
+    assert inbox["questions"] == []
+    assert (await ledger.reconcile()).ok

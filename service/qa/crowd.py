@@ -68,6 +68,13 @@ redis.call('SREM', KEYS[3], ARGV[2])
 return 1
 """
 
+_OPEN = """
+-- KEYS: job. A funded job becomes claimable, unless it was closed meanwhile (then it stays closed).
+if redis.call('HGET', KEYS[1], 'status') ~= 'funding' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'open')
+return 1
+"""
+
 _SUBMIT = """
 -- KEYS: leases, result hash, results list, job, stakes. ARGV: runner, now_ms, result id, fields json,
 -- account, '1' when the job wants a stake (then the account's claim must have paid it)
@@ -146,6 +153,7 @@ class Crowd:
         self._claim = redis.register_script(_CLAIM)
         self._unclaim = redis.register_script(_UNCLAIM)
         self._submit = redis.register_script(_SUBMIT)
+        self._open = redis.register_script(_OPEN)
         self._mark = redis.register_script(_MARK)
 
     def _k(self, *parts: str) -> str:
@@ -190,24 +198,28 @@ class Crowd:
             raise PaymentRequired("insufficient_funds", f"the job needs {reward * wanted} sat in escrow")
         names = await _manifest_names(manifests) if manifests else []
         job_id = f"job_{secrets.token_hex(8)}"
-        await self.ledger.open_account(self.escrow(job_id), AccountKind.ESCROW)
-        await self.ledger.open_account(self.stake_escrow(job_id), AccountKind.ESCROW)
-        funded = await self.ledger.post(f"crowd:{job_id}:fund", user_account(buyer), self.escrow(job_id),
-                                        reward * wanted, reason=f"escrow for crowd job {job_id}")
-        if funded.outcome is Outcome.INSUFFICIENT:
-            raise PaymentRequired("insufficient_funds", f"the job needs {reward * wanted} sat in escrow")
-        if not funded.ok:
-            raise Conflict(funded.outcome.value, "the escrow could not be funded")
         now = int(time.time() * 1000)
         record = {"id": job_id, "buyer": buyer, "title": title, "instructions": instructions,
                   "manifests": manifests or "", "labels": json.dumps(labels), "reward": reward, "wanted": wanted,
-                  "accepted": 0, "pending": 0, "status": "open", "created": now, "expires_at": now + expires_in * 1000,
-                  "auto_accept": int(auto_accept), "refund": "", "stake": self.stake_for(reward),
-                  "names": json.dumps(names)}
+                  "accepted": 0, "pending": 0, "status": "funding", "created": now,
+                  "expires_at": now + expires_in * 1000, "auto_accept": int(auto_accept), "refund": "",
+                  "stake": self.stake_for(reward), "names": json.dumps(names)}
+        # the record first (not claimable while `funding`, its expiry in the sweeper's set), then the money:
+        # whatever fails after the funding, `close` or the expiry sweeper returns the escrow to the buyer
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._k("job", job_id), mapping=record)
             pipe.zadd(self._k("open"), {job_id: record["expires_at"]})
             await pipe.execute()
+        await self.ledger.open_account(self.escrow(job_id), AccountKind.ESCROW)
+        await self.ledger.open_account(self.stake_escrow(job_id), AccountKind.ESCROW)
+        funded = await self.ledger.post(f"crowd:{job_id}:fund", user_account(buyer), self.escrow(job_id),
+                                        reward * wanted, reason=f"escrow for crowd job {job_id}")
+        if not funded.ok:
+            await self.close(job_id, reason="unfunded")  # nothing was moved: the record just closes
+            if funded.outcome is Outcome.INSUFFICIENT:
+                raise PaymentRequired("insufficient_funds", f"the job needs {reward * wanted} sat in escrow")
+            raise Conflict(funded.outcome.value, "the escrow could not be funded")
+        await self._open(keys=[self._k("job", job_id)])
         return await self.job(job_id, buyer)
 
     async def _job(self, job_id: str) -> dict[str, Any] | None:

@@ -380,3 +380,22 @@ async def test_a_stake_taken_after_the_job_closed_is_refused_not_stranded(http, 
     stakes = await ledger.balance(crowd.stake_escrow(job["id"]))
     assert stakes is None or stakes.posted == 0
     assert (await ledger.reconcile()).ok
+
+
+async def test_a_job_whose_record_cannot_be_written_is_not_funded(http, base_url, funded, ledger, settings):
+    """Escrow stuck after a Redis error: the job's record (with its expiry, so `close`/the sweeper can
+    always refund its escrow) is written before the escrow is funded; if that write fails (injected: the
+    open-jobs set is made the wrong type) the buyer is not charged, and once Redis is healthy posting works."""
+    buyer = await funded(1000)
+    crowd = Crowd(ledger.redis, settings.redis_prefix, ledger)
+    await ledger.redis.set(crowd._k("open"), "not a zset")
+    job = {"title": "e2e on arm64", "labels": {"arch": "arm64"}, "reward": 100, "results_wanted": 3}
+    code, body = await call(http, buyer, "POST", f"{base_url}/v1/qa/jobs", job)
+    assert code >= 500, body
+    balance = await ledger.balance(user_account(buyer.username))
+    assert (balance.posted, balance.pending_debits) == (1000, 0)
+    await ledger.redis.delete(crowd._k("open"))
+    posted = await post_job(http, base_url, buyer)
+    assert posted["status"] == "open" and posted["escrow"] == 300
+    assert (await ledger.balance(user_account(buyer.username))).posted == 700
+    assert (await ledger.reconcile()).ok
