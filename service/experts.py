@@ -221,8 +221,8 @@ class Experts:
         """The question as the asker or one of its recipients sees it: replies and money state."""
         q = await self._q(qid)
         recipients = await self.redis.smembers(self._k("recipients", qid))
-        if viewer != q["asker"] and (viewer not in recipients or q.get("unpublished")):
-            raise NotFound("unknown_question", "no question with this id")
+        if q.get("unpublished") or (viewer != q["asker"] and viewer not in recipients):
+            raise NotFound("unknown_question", "no question with this id")  # undelivered: as if never asked
         replies = [json.loads(v) for k, v in q.items() if k.startswith("reply:")]
         replies.sort(key=lambda r: r["at"])
         balance = await self.ledger.balance(self.escrow(qid))
@@ -310,7 +310,7 @@ class Experts:
         """Return what was never earned to the asker and close (withdrawal or deadline). Idempotent."""
         q = await self._q(qid)
         if asker is not None:
-            if q["asker"] != asker:
+            if q["asker"] != asker or q.get("unpublished"):
                 raise NotFound("unknown_question", "no question with this id")
             if q["kind"] != "list" and any(k.startswith("reply:") for k in q):
                 raise Conflict("already_answered", "a reply exists; the question can no longer be withdrawn")
@@ -327,6 +327,8 @@ class Experts:
             await self.redis.hsetnx(self._k("q", qid), "closed", "answered" if any(
                 k.startswith("reply:") for k in q) else reason)
         await self.redis.zrem(self._k("open"), qid)
+        if q.get("unpublished"):  # never delivered (the sweeper closes it): nobody sees it
+            return {"id": qid, "status": "closed"}
         return await self.question(qid, q["asker"])
 
     async def expire_questions(self) -> int:

@@ -268,6 +268,8 @@ async def test_an_ask_whose_delivery_fails_after_the_capture_is_refunded_and_can
     assert (await ledger.balance(Experts.escrow(qid))).posted == 0
     status, body = await signed(http, expert, "POST", f"{base_url}/v1/questions/{qid}/reply", {"text": "Cilium."})
     assert (status, body["error"]) == (404, "unknown_question")
+    status, body = await signed(http, asker, "GET", f"{base_url}/v1/questions/{qid}")
+    assert (status, body["error"]) == (404, "unknown_question")  # undelivered: as if never asked
     await xp.redis.delete(xp._k("inbox", expert.username))
     await expire(xp, qid)
     await xp.expire_questions()  # the deadline sweeper closes it; nothing is left to refund

@@ -11,10 +11,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What the short seed does not check on today's main, and why (issue 11). Switch each back on as its fix lands.
 SKIP = [
-    "paid_means_delivered",   # an ask captured by the paywall whose question store then fails (a stale Redis
-                              # connection after a restart) answers 503 payment_outcome_unknown and leaves the
-                              # price in an escrow no question owns: nobody can reply, withdraw it or expire it;
-                              # the same for a crowd job whose escrow is funded and whose record write fails
     "run_refunded_once",      # finding 13: a QA run that outlives its worker's lease (faults, slow worker) is run
                               # again, then ends "passed" and refunded
 ]
