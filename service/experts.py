@@ -6,7 +6,8 @@ their charity) that also stores the reply, in the same Lua script, under a claim
 replier is paid at most once, a list question pays at most `max_responses` shares, and nothing is paid
 after the question closed. The deadline sweeper (or the asker's withdrawal) closes the question and
 returns whatever is left with one all-of-it transfer that claims `closed`: between a reply and the
-sweeper exactly one wins each share.
+sweeper exactly one wins each share. A question is recorded (unpublished, its deadline set) before its
+payment is captured and delivered after, so no failure leaves a price in an escrow no path releases.
 """
 from __future__ import annotations
 
