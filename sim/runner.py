@@ -948,6 +948,8 @@ class Sim:
                 tok.spent += amb.amount
             if amb.kind == "ask":
                 await self.adopt_question(amb, credit.removeprefix("escrow:q:"))
+        elif state == "voided" and resp.body.get("payee", "").startswith("escrow:"):
+            self.model.open(resp.body["payee"])  # a hold that applied opened its escrow; voided, it stays at 0
 
     def refund_seen(self, tid: str, debit: str, credit: str, amount: int) -> None:
         """The paywall refunded a capture it could not confirm (refund_<id>): book it once its capture is booked."""
