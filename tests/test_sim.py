@@ -10,10 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the short seed does not check on today's main, and why (issue 11). Switch each back on as its fix lands.
-SKIP = [
-    "run_refunded_once",      # finding 13: a QA run that outlives its worker's lease (faults, slow worker) is run
-                              # again, then ends "passed" and refunded
-]
+SKIP: list[str] = []
 
 
 def run_sim(*args: str, timeout: float) -> tuple[int, str, dict]:
