@@ -21,7 +21,7 @@ def run_sim(*args: str, timeout: float) -> tuple[int, str, dict]:
 
 
 def test_short_seed_keeps_the_books_under_faults():
-    rc, out, summary = run_sim("--seed", "20261130", "--ops", "3000", "--max-seconds", "30",
+    rc, out, summary = run_sim("--seed", "20261130", "--ops", "3000", "--max-seconds", "45",
                                "--weights", "redis_restart=0.3,redis_pause=0.3,redis_busy=0.3,server_kill=0.3",
                                "--skip", ",".join(SKIP), "--shrink-seconds", "0", timeout=170)
     assert rc == 0, out
