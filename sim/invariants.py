@@ -19,7 +19,7 @@ from .model import ANY_ESCROW, user
 if TYPE_CHECKING:
     from .runner import Sim
 
-STALE_SLACK_MS = 5000
+STALE_SLACK_MS = 15000  # the sweeper runs every few seconds, and not while Redis restarts
 
 
 async def settle_closing(sim: "Sim", wait: bool) -> None:
