@@ -80,7 +80,7 @@ def main() -> None:
     env = {**os.environ, "REDIS_URL": redis.url, "ADMIN_TOKEN": ADMIN, "LOG_LEVEL": "warning", "QA_WORKERS": "0",
            "REDIS_PREFIX": "qabench",
            # limits stay on (their Redis call is part of the cost) but one loopback client must not hit them
-           "RATE_LIMIT_IP_PER_MINUTE": "100000000", "RATE_LIMIT_ACCOUNT_PER_MINUTE": "100000000", "MICROTASKS_VAR": str(tmp / "var"), "PORT": str(port)}
+           "RATE_LIMIT_IP_PER_MINUTE": "100000000", "RATE_LIMIT_ACCOUNT_PER_MINUTE": "100000000", "QA_MAX_ACTIVE": "1000", "MICROTASKS_VAR": str(tmp / "var"), "PORT": str(port)}
     server = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env)
     worker = subprocess.Popen([sys.executable, "-m", "service", "worker"], cwd=ROOT, env=env)
     try:
