@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
 from pathlib import Path
 
 import aiohttp
@@ -323,6 +324,16 @@ async def test_a_withdrawal_hold_whose_reply_is_lost_is_released_not_left_for_da
         await proxy.stop()
 
 
+async def asker_and_expert(http, url: str) -> tuple[Any, Any]:
+    """A funded asker and an expert priced at 500 sat."""
+    asker, expert = await register_funded(http, url, 5000), await register_funded(http, url, 1)
+    async with PaidSession(expert, session=http) as s:
+        status, body = await s.signed("PUT", f"{url}/v1/experts/me",
+                                      {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
+        assert status == 200, body
+    return asker, expert
+
+
 async def test_a_reply_whose_payment_reply_is_lost_is_not_reported_as_unpaid(tmp_path, prefix, http, redis_url):
     """Finding 6 for escrow payouts: the expert's reply was paid from the escrow in Redis, but the answer
     came too late. The expert is told the outcome is unknown (not "nothing was charged"), and retrying the
@@ -332,11 +343,7 @@ async def test_a_reply_whose_payment_reply_is_lost_is_not_reported_as_unpaid(tmp
     ledger, r = await ledger_for(redis_url, prefix)
     try:
         await server.wait("/readyz")
-        asker, expert = await register_funded(http, server.url, 5000), await register_funded(http, server.url, 1)
-        async with PaidSession(expert, session=http) as s:
-            status, body = await s.signed("PUT", f"{server.url}/v1/experts/me",
-                                          {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
-            assert status == 200, body
+        asker, expert = await asker_and_expert(http, server.url)
         async with PaidSession(asker, max_price=1000, session=http) as s:
             status, q, _ = await s.request("POST", f"{server.url}/v1/experts/{expert.username}/questions",
                                            data=json.dumps({"text": "CNI?"}),
@@ -368,11 +375,7 @@ async def test_an_ask_whose_commit_is_not_confirmed_is_not_stored_and_ends_uncha
     ledger, r = await ledger_for(redis_url, prefix)
     try:
         await server.wait("/readyz")
-        asker, expert = await register_funded(http, server.url, 5000), await register_funded(http, server.url, 1)
-        async with PaidSession(expert, session=http) as s:
-            status, body = await s.signed("PUT", f"{server.url}/v1/experts/me",
-                                          {"display_name": "E", "tags": ["x"], "price": 500, "reply_hours": 24})
-            assert status == 200, body
+        asker, expert = await asker_and_expert(http, server.url)
         url = f"{server.url}/v1/experts/{expert.username}/questions"
         async with PaidSession(asker, max_price=1000, session=http) as s:  # one ask settles normally first
             status, first, _ = await s.request("POST", url, data=json.dumps({"text": "CNI?"}),
