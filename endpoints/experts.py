@@ -98,9 +98,13 @@ async def _ask_escrow(request: web.Request) -> str:
     return Experts.escrow((await _ask(request))["id"])
 
 
+def _others(ctx: dict[str, Any], asker: str) -> list[str]:
+    return [r for r in ctx["recipients"] if r != asker]
+
+
 async def _recipients(request: web.Request, asker: str) -> None:
     """Checked before the payment is held: a refused ask leaves nothing on the ledger (no escrow)."""
-    if not [r for r in (await _ask(request))["recipients"] if r != asker]:
+    if not _others(await _ask(request), asker):
         raise Forbidden("no_recipient", "you cannot ask yourself (or a list with no other approved member)")
 
 
@@ -108,7 +112,7 @@ async def _store(request: web.Request) -> web.Response:
     ctx = await _ask(request)
     asker = request[PAYMENT].payer
     await _recipients(request, asker)  # the paywall checked it before the hold; kept for payers it did not see
-    recipients = [r for r in ctx["recipients"] if r != asker]
+    recipients = _others(ctx, asker)
     # recorded (unpublished, its deadline set: the sweeper refunds its escrow whatever fails later), then
     # paid, then delivered: no path leaves the price in an escrow nobody can release
     await _xp(request).prepare_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],

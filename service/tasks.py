@@ -16,8 +16,7 @@ _SPAWNED: set[asyncio.Task] = set()
 
 def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
     """Fire-and-forget work (webhooks): referenced until done, cancelled at shutdown by stop_spawned."""
-    task = asyncio.ensure_future(coro)
-    task.set_name(name)
+    task = asyncio.create_task(coro, name=name)
     _SPAWNED.add(task)
     task.add_done_callback(_SPAWNED.discard)
     return task

@@ -212,9 +212,7 @@ async def deliver(url: str, secret: str, payload: dict[str, Any], *, tries: int 
                     log.info("webhook_failed", kind=payload.get("event"), attempt=attempt, status=r.status)
                     if r.status < 400:  # a redirect is not followed, nor retried
                         return False
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - retried, then dropped with a log line
+        except Exception as exc:  # noqa: BLE001 - retried, then dropped (a cancel is a BaseException)
             log.info("webhook_failed", kind=payload.get("event"), attempt=attempt, error=type(exc).__name__)
         await asyncio.sleep(backoff * 2 ** attempt)
     return False
