@@ -457,6 +457,7 @@ class Ledger:
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._lock = redis.register_script(_LOCK)
         self._post_all = redis.register_script(_POST_ALL)
+        self._create_token = redis.register_script(_CREATE_TOKEN)
         self._batch = ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
 
     # keys ------------------------------------------------------------------------------------------
@@ -705,7 +706,7 @@ class Ledger:
         """Store a token (only the hash of its secret) and index it, unless the owner already has `cap`
         live (unrevoked, unexpired) tokens (0: no cap): False then. One script: the count and the write."""
         res = await self._batch.call(
-            self._token_script,
+            self._create_token,
             [self._token(token_id), self._tokens_of(owner), self._live_tokens(owner)],
             [token_id, owner, secret_hash, max_total, max_per_call, expires_at, json.dumps(routes or []), label,
              cap],
@@ -741,12 +742,6 @@ class Ledger:
         """Owner's unrevoked tokens, scored by expiry (+inf: none): what the cap counts."""
         return f"{self.tag}:tokens-live:{owner}"
 
-    @property
-    def _token_script(self) -> Any:
-        script = getattr(self, "_create_token_script", None)
-        if script is None:
-            script = self._create_token_script = self.redis.register_script(_CREATE_TOKEN)
-        return script
 
     # audit -----------------------------------------------------------------------------------------
     async def reconcile(self, batch: int = 5000) -> ReconcileReport:

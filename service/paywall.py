@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from .inputs import IDEMPOTENCY_KEY_RE
 from . import protocol as P
 from .challenge import render_402
 from .config import Settings
@@ -64,7 +65,6 @@ _HOLD_ERRORS: dict[Outcome, tuple[type, str, str]] = {
     Outcome.TOKEN_MAX_TOTAL: (Forbidden, "token_max_total", "this token's max_total would be exceeded"),
     Outcome.LIMIT: (Conflict, "counter_limit", "an account's lifetime counter would pass 2^53 - 1 sat; refused"),
 }
-_IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _KEPT_HEADERS = ("Content-Type", "Location", P.PAYMENT_RECEIPT, P.PAYMENT_RESPONSE)
 
 
@@ -166,7 +166,7 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
     hold = Hold(payment.transfer_id, debit, quote.credit or REVENUE, int(quote.amount), token_id)
     deadline = time.time() + settings.hold_timeout
     key = request.headers.get(P.IDEMPOTENCY_KEY)
-    if key is not None and not _IDEMPOTENCY_RE.match(key):
+    if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
     # a signed transfer is its own key; with Idempotency-Key, a re-signed retry finds the first one too
     bind = (payment.payer, key, settings.idempotency_ttl) if key and payment.payer and payment.token is None else None
@@ -330,13 +330,18 @@ async def _settle_uncommitted(ledger: Ledger, paid: Settlement, reason: str, tri
                 return
             if state in ("voided", "absent"):
                 paid.state = "voided"
-                if isinstance(paid.method, KeepsFailedPayments):
-                    await paid.method.on_void(ledger, paid.payment)
+                await _release_coins(ledger, paid)
                 return
         except (RedisError, ApiError) as exc:
             log.warning("settle_retry", transfer=paid.hold.id, error=str(exc))
         await asyncio.sleep(0.5)
     log.error("settle_gave_up", transfer=paid.hold.id)
+
+
+async def _release_coins(ledger: Ledger, paid: Settlement) -> None:
+    """On-chain money of a call that was not charged is booked for its payer (KeepsFailedPayments)."""
+    if isinstance(paid.method, KeepsFailedPayments):
+        await paid.method.on_void(ledger, paid.payment)
 
 
 async def _refund(ledger: Ledger, paid: Settlement, reason: str) -> None:
@@ -352,8 +357,7 @@ async def _refund(ledger: Ledger, paid: Settlement, reason: str) -> None:
         log.error("refund_failed", transfer=refund_id, state=state)
         raise _unknown(hold.id)
     paid.state = "refunded"
-    if isinstance(paid.method, KeepsFailedPayments):
-        await paid.method.on_void(ledger, paid.payment)
+    await _release_coins(ledger, paid)
 
 
 async def _void(ledger: Ledger, paid: Settlement, reason: str) -> None:
@@ -367,8 +371,7 @@ async def _void(ledger: Ledger, paid: Settlement, reason: str) -> None:
     if result is not None and result.ok:
         metrics.PAYMENTS.labels(paid.payment.method, "voided").inc()
         metrics.SATS.labels("voided").inc(hold.amount)
-    if isinstance(paid.method, KeepsFailedPayments):
-        await paid.method.on_void(ledger, paid.payment)
+    await _release_coins(ledger, paid)
 
 
 def _record(response: web.StreamResponse) -> str:

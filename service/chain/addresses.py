@@ -225,11 +225,8 @@ class AddressBook:
 
     async def addresses(self, purpose: str) -> list[str]:
         """Every derived address of one purpose (invoice, deposit, change)."""
-        out = []
-        for address in await self.all_addresses():
-            if await self.redis.hget(self._k("info", address), "purpose") == purpose:
-                out.append(address)
-        return out
+        infos = await self.infos(await self.all_addresses())  # one round trip, in sorted order
+        return [a for a, info in infos.items() if info.get("purpose") == purpose]
 
     async def all_addresses(self) -> list[str]:
         return sorted(await self.redis.smembers(self._k("all")))

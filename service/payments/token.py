@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..inputs import IDEMPOTENCY_KEY_RE
 from .. import protocol as P
 from ..config import Settings
 from ..errors import BadRequest, PaymentRequired, Unauthorized
@@ -28,7 +29,6 @@ from . import Payment
 __all__ = ["TokenPayment", "new_token", "secret_hash", "TOKEN_RE"]
 
 TOKEN_RE = re.compile(r"\A(tk_[0-9a-f]{16})\.([A-Za-z0-9_-]{20,64})\Z")
-_IDEMPOTENCY_RE = re.compile(r"\A[\x21-\x7e]{1,128}\Z")
 
 
 def new_token() -> tuple[str, str]:
@@ -75,7 +75,7 @@ class TokenPayment:
             raise PaymentRequired("wrong_amount", f"the price of this request is {quote.amount} sat, "
                                                   f"{P.PAYMENT_AMOUNT} says {agreed}")
         key = request.headers.get(P.IDEMPOTENCY_KEY)
-        if key is not None and not _IDEMPOTENCY_RE.match(key):
+        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
             raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
         owner = await self._owner(token_id, secret)
         # the receipt is opaque: token ids must not leak through receipts printed in CI logs
