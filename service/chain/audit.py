@@ -9,7 +9,7 @@ batch the node knows was broadcast (outside `withdrawals broadcast`?) and must b
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, AsyncIterator
 
 from embit.networks import NETWORKS
 from embit.transaction import Transaction
@@ -26,18 +26,25 @@ def _embit_network(network: str) -> dict:
     return NETWORKS[{"mainnet": "main", "testnet": "test", "signet": "signet", "regtest": "regtest"}[network]]
 
 
-async def _booked_out(ledger: Ledger) -> dict[str, int]:
-    """Withdrawal id → amount captured to sys:bitcoin, from the journal (what the ledger says left)."""
-    out: dict[str, int] = {}
+async def _journal(ledger: Ledger) -> AsyncIterator[dict[str, str]]:
+    """Every journal entry, oldest first, read in pages."""
     start = "-"
     while True:
         entries = await ledger.redis.xrange(ledger.journal_key, start, "+", count=5000)
         for _, e in entries:
-            if e.get("op") == "capture" and e.get("credit") == BITCOIN and e.get("id", "").startswith("wd_"):
-                out[e["id"]] = out.get(e["id"], 0) + int(e["amount"])
+            yield e
         if len(entries) < 5000:
-            return out
+            return
         start = "(" + entries[-1][0]
+
+
+async def _booked_out(ledger: Ledger) -> dict[str, int]:
+    """Withdrawal id → amount captured to sys:bitcoin, from the journal (what the ledger says left)."""
+    out: dict[str, int] = {}
+    async for e in _journal(ledger):
+        if e.get("op") == "capture" and e.get("credit") == BITCOIN and e.get("id", "").startswith("wd_"):
+            out[e["id"]] = out.get(e["id"], 0) + int(e["amount"])
+    return out
 
 
 async def audit_out(ledger: Ledger, payouts: Payouts, network: str,
@@ -101,22 +108,17 @@ async def _booked_in(ledger: Ledger) -> tuple[dict[tuple[str, int], int], list[s
     debit of the chain account, from the journal."""
     coins: dict[tuple[str, int], int] = {}
     strange: list[str] = []
-    start = "-"
-    while True:
-        entries = await ledger.redis.xrange(ledger.journal_key, start, "+", count=5000)
-        for _, e in entries:
-            if e.get("op") not in ("post", "capture") or BITCOIN not in (e.get("debit"), e.get("credit")):
-                continue
-            parts = e["id"].split(":")
-            coin = (parts[1], int(parts[2])) if len(parts) >= 3 and parts[2].isdigit() else None
-            sign = 1 if e.get("debit") == BITCOIN else -1
-            if coin and (parts[0], sign) in (("coin", 1), ("reorg-restore", 1), ("reorg", -1)):
-                coins[coin] = coins.get(coin, 0) + sign * int(e["amount"])   # reorg reversals net out
-            elif sign == 1:
-                strange.append(f"{e['id']}: {e['amount']} sat left the chain account under no coin id")
-        if len(entries) < 5000:
-            return coins, strange
-        start = "(" + entries[-1][0]
+    async for e in _journal(ledger):
+        if e.get("op") not in ("post", "capture") or BITCOIN not in (e.get("debit"), e.get("credit")):
+            continue
+        parts = e["id"].split(":")
+        coin = (parts[1], int(parts[2])) if len(parts) >= 3 and parts[2].isdigit() else None
+        sign = 1 if e.get("debit") == BITCOIN else -1
+        if coin and (parts[0], sign) in (("coin", 1), ("reorg-restore", 1), ("reorg", -1)):
+            coins[coin] = coins.get(coin, 0) + sign * int(e["amount"])   # reorg reversals net out
+        elif sign == 1:
+            strange.append(f"{e['id']}: {e['amount']} sat left the chain account under no coin id")
+    return coins, strange
 
 
 async def audit_in(ledger: Ledger, book: AddressBook, backend: ChainBackend, confirmations: int) -> dict[str, Any]:
