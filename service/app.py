@@ -18,6 +18,7 @@ from .ledger import Ledger
 from .logs import request_context_middleware
 from .payments import PaymentMethods
 from .payments.bittransfer import BitTransfer
+from .payments.mpp import PaymentScheme
 from .payments.token import TokenPayment
 from .paywall import paywall_middleware
 from .pricing import price_book
@@ -104,7 +105,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
         methods.append(OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger,
                                OnChainRecords(redis, s.redis_prefix)))
-    app[METHODS] = PaymentMethods(BitTransfer(s, app[INVOICES], owns, ledger), *methods)
+    bittransfer = BitTransfer(s, app[INVOICES], owns, ledger)
+    # the IETF "Payment" scheme's credential source (payments/mpp.py); first, so it sees a second payment
+    app[METHODS] = PaymentMethods(PaymentScheme(s, app[INVOICES], bittransfer), bittransfer, *methods)
     app[LIMITER] = RateLimiter(redis, s.redis_prefix, s.redis_timeout)
     app[HEALTH] = health = RedisHealth()
     if ADDRESSES in app:  # another deployment deriving the same addresses: refuse to start (AddressConflict)

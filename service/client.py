@@ -16,6 +16,7 @@ import aiohttp
 
 from . import crypto
 from . import protocol as P
+from .payment_auth import receipt_reference
 
 __all__ = [
     "Wallet", "PaidSession", "PaymentError", "PriceTooHigh", "BudgetExceeded", "PaymentRejected",
@@ -229,8 +230,8 @@ class PaidSession:
 
     def _settled(self, status: int, payload: Any, rheaders: dict[str, str], price: int,
                  url: str) -> tuple[int, Any, dict[str, str]]:
-        if P.PAYMENT_RECEIPT in rheaders:
-            self.payments.append(Paid(rheaders[P.PAYMENT_RECEIPT], price, url))
+        if P.PAYMENT_RECEIPT in rheaders:  # base64url JSON (the IETF Payment scheme's); `reference` is the id
+            self.payments.append(Paid(receipt_reference(rheaders[P.PAYMENT_RECEIPT]), price, url))
         elif status in (400, 401, 402, 403, 409):
             reason = payload.get("error") if isinstance(payload, dict) else str(status)
             raise PaymentRejected(status, reason, payload.get("detail") if isinstance(payload, dict) else payload)

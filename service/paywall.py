@@ -38,7 +38,9 @@ from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired,
                      Unauthorized, Unprocessable)
 from . import metrics
 from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, TokenSpend, user_account
+from .payment_auth import encode_receipt
 from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod
+from .payments.mpp import www_authenticate
 from .pricing import Quote, quote_request, route_rule
 from .ratelimit import client_ip
 from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
@@ -104,7 +106,10 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
         await book.bind(address, invoice.id)
     metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
-    return render_402(absolute_url(request.app[SETTINGS], request), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
+    # --- hook: the IETF "Payment" scheme's challenge (payments/mpp.py) ---
+    auth = await www_authenticate(request, settings, request.app[INVOICES], quote, invoice)
+    return render_402(absolute_url(settings, request), quote, invoice, request.app[METHODS].offers(quote, invoice),
+                      error, detail, auth)
 
 
 def paywall_middleware() -> Callable:
@@ -228,7 +233,9 @@ async def _serve(request: web.Request, handler: Handler, paid: Settlement) -> we
 
 
 def _receipt_headers(response: web.StreamResponse, paid: Settlement, settings: Settings) -> None:
-    response.headers[P.PAYMENT_RECEIPT] = paid.hold.id
+    # the IETF "Payment" scheme's receipt (base64url JSON; `reference` is the transfer id), for every method
+    response.headers[P.PAYMENT_RECEIPT] = encode_receipt(paid.payment.method, paid.hold.id, time.time())
+    response.headers.setdefault("Cache-Control", "private")
     if paid.payment.x402:
         receipt = {"success": True, "transaction": paid.hold.id, "network": settings.caip2,
                    "payer": paid.payment.payer}

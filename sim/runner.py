@@ -19,6 +19,7 @@ import aiohttp
 from service import protocol as P
 from service.client import Wallet, signed_headers, transfer_headers
 from service.config import DEFAULT_TESTNET_ADDRESS
+from service.payment_auth import receipt_reference
 
 from . import faults, invariants
 from .cluster import ADMIN, PUBLIC_URL, Cluster
@@ -350,7 +351,7 @@ class Sim:
                                                   token.id if token else "", kind, LANE.get()))
             return
         if 200 <= resp.status < 300:
-            receipt = resp.headers.get(P.PAYMENT_RECEIPT)
+            receipt = _reference(resp.headers)
             if receipt != tid:
                 self.violate("receipt", f"2xx with receipt {receipt!r}, expected {tid}")
             if expected is not None and expected != 200:
@@ -375,9 +376,8 @@ class Sim:
             for amb in self.model.ambiguous:
                 if amb.transfer_id == tid:
                     amb.told = ""
-        if 200 <= again.status < 300 and again.headers.get(P.PAYMENT_RECEIPT) != tid:
-            self.violate("retry_paid_twice", f"retry of {tid} answered with receipt "
-                                             f"{again.headers.get(P.PAYMENT_RECEIPT)}")
+        if 200 <= again.status < 300 and _reference(again.headers) != tid:
+            self.violate("retry_paid_twice", f"retry of {tid} answered with receipt {_reference(again.headers)}")
         if 200 <= first.status < 300 and not 200 <= again.status < 300 and not again.ambiguous:
             self.violate("retry_gets_result", f"retry of a served request {tid}: {again.status} {again.body}")
 
@@ -996,3 +996,11 @@ def claims_not_charged(told: str) -> bool:
 
 def new_seed() -> int:
     return secrets.randbelow(2**31)
+
+
+def _reference(headers: Any) -> str | None:
+    """The transfer id a response's Payment-Receipt (base64url JSON) names; None without a readable one."""
+    try:
+        return receipt_reference(headers[P.PAYMENT_RECEIPT]) if P.PAYMENT_RECEIPT in headers else None
+    except ValueError:
+        return "unreadable"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from service.client import PaidSession, PriceTooHigh
+from service.payment_auth import receipt_reference
 from tests.conftest import ADMIN_TOKEN
 
 MARK = "private-7c1e"  # in every private thing the owner has: question, run manifests, token label, job title
@@ -112,7 +113,7 @@ async def world(http, base_url, funded) -> dict[str, Any]:
                                                data=json.dumps({"suite": "schema", "manifests": MANIFEST}),
                                                headers={"Content-Type": "application/json"})
         assert status == 202, run
-        w["run"], w["receipt"] = run["id"], headers["Payment-Receipt"]
+        w["run"], w["receipt"] = run["id"], receipt_reference(headers["Payment-Receipt"])
         status, job = await s.signed("POST", f"{base_url}/v1/qa/jobs",
                                      {"title": MARK, "labels": {"arch": "arm64"}, "reward": 10, "results_wanted": 2})
         assert status == 201, job

@@ -15,6 +15,7 @@ from service import protocol as P
 from service.client import PaidSession, Wallet, transfer_headers
 from service.ledger import REVENUE, user_account
 from service.tokens import MAX_TOKENS_PER_ACCOUNT
+from service.payment_auth import receipt_reference
 
 from tests.conftest import ADMIN_TOKEN
 
@@ -106,11 +107,11 @@ async def test_receipts_do_not_reveal_the_token_id_and_idempotency_still_holds(h
     assert first[0] == 200 and other[0] == 200
     assert again[0] == 200 and again[2]["Idempotent-Replayed"] == "true"  # the first result, not charged again
     assert again[2]["Payment-Receipt"] == first[2]["Payment-Receipt"]
-    for receipt in (first[2]["Payment-Receipt"], other[2]["Payment-Receipt"]):
+    for receipt in (receipt_reference(first[2]["Payment-Receipt"]), receipt_reference(other[2]["Payment-Receipt"])):
         assert token["id"] not in receipt and token["id"].removeprefix("tk_") not in receipt
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - 2 * PRICE
     async with PaidSession(wallet, session=http) as s:  # the owner still finds the payment by its receipt
-        status, receipt = await s.signed_get(f"{base_url}/v1/receipts/{first[2]['Payment-Receipt']}")
+        status, receipt = await s.signed_get(f"{base_url}/v1/receipts/{receipt_reference(first[2]['Payment-Receipt'])}")
     assert status == 200 and receipt["method"] == "token" and receipt["amount"] == PRICE
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from service.client import PaidSession, PaymentRejected, PriceTooHigh, transfer_headers
 from service.ledger import REVENUE, user_account
 from service.pricing import priced
+from service.payment_auth import receipt_reference
 
 PRICE_ONE_DOC = 100 + 20
 REPLAYED = "Idempotent-Replayed"
@@ -57,7 +58,7 @@ async def test_pay_then_served_with_receipt_and_exact_charge(http, base_url, man
         status, body, headers = await s.request("POST", f"{base_url}/v1/qa/validate", data=manifest)
         assert status == 200, body
         assert body["valid"] is True and body["documents"][0]["kind"] == "ConfigMap"
-        receipt_id = headers["Payment-Receipt"]
+        receipt_id = receipt_reference(headers["Payment-Receipt"])
         assert s.payments[0].amount == PRICE_ONE_DOC
         assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
         assert (await ledger.balance(REVENUE)).posted == PRICE_ONE_DOC
@@ -76,7 +77,7 @@ async def test_pay_first_without_a_402(http, base_url, manifest, funded, ledger,
     headers = transfer_headers(wallet, amount=PRICE_ONE_DOC, payee_username=settings.payee_username,
                                payee_address=settings.payee_address, url=f"{base_url}/v1/qa/validate")
     async with http.post(f"{base_url}/v1/qa/validate", data=manifest, headers=headers) as r:
-        assert r.status == 200 and r.headers["Payment-Receipt"].startswith("bt_")
+        assert r.status == 200 and receipt_reference(r.headers["Payment-Receipt"]).startswith("bt_")
 
 
 async def test_max_price_refuses_before_paying(http, base_url, manifest, funded, ledger):
@@ -158,12 +159,12 @@ async def test_replayed_transfer_gets_the_first_response_and_settles_once(http, 
     headers = _headers(wallet, settings, url)
     async with http.post(url, data=manifest, headers=headers) as r:
         assert r.status == 200 and REPLAYED not in r.headers
-        first, receipt = await r.read(), r.headers["Payment-Receipt"]
+        first, receipt = await r.read(), receipt_reference(r.headers["Payment-Receipt"])
     assert 0 < await ledger.redis.ttl(f"{ledger.tag}:resp:{receipt}") <= settings.hold_timeout  # bounded memory
     before = await snapshot(ledger, wallet.username)
     for _ in range(2):
         async with http.post(url, data=manifest, headers=headers) as r:
-            assert (r.status, r.headers[REPLAYED], r.headers["Payment-Receipt"]) == (200, "true", receipt)
+            assert (r.status, r.headers[REPLAYED], receipt_reference(r.headers["Payment-Receipt"])) == (200, "true", receipt)
             assert r.headers["Content-Type"].startswith("application/json") and await r.read() == first
     other = manifest.replace(b"settings", b"other")
     async with http.post(url, data=other, headers=headers) as r:
@@ -260,7 +261,7 @@ async def test_x402_payment_signature_header(http, base_url, manifest, funded, l
     async with http.post(url, data=manifest, headers={"PAYMENT-SIGNATURE": header}) as r:
         assert r.status == 200
         receipt = json.loads(base64.b64decode(r.headers["PAYMENT-RESPONSE"]))
-        assert receipt == {"success": True, "transaction": r.headers["Payment-Receipt"],
+        assert receipt == {"success": True, "transaction": receipt_reference(r.headers["Payment-Receipt"]),
                            "network": settings.caip2, "payer": wallet.username}
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
 
@@ -282,7 +283,7 @@ async def test_receipt_is_visible_only_to_its_payer(http, base_url, manifest, fu
     payer, other = await funded(1000), await funded(1000)
     async with PaidSession(payer, max_price=500, session=http) as s:
         _, _, headers = await s.request("POST", f"{base_url}/v1/qa/validate", data=manifest)
-    receipt = headers["Payment-Receipt"]
+    receipt = receipt_reference(headers["Payment-Receipt"])
     async with PaidSession(other, max_price=0, session=http) as s:
         status, body = await s.signed_get(f"{base_url}/v1/receipts/{receipt}")
     assert status == 404 and body["error"] == "unknown_receipt"
@@ -520,10 +521,10 @@ async def test_idempotency_key_finds_the_first_result_for_a_re_signed_transfer(h
     key = {"Idempotency-Key": "deploy-7"}
     async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url), **key}) as r:
         assert r.status == 200
-        first, receipt = await r.json(), r.headers["Payment-Receipt"]
+        first, receipt = await r.json(), receipt_reference(r.headers["Payment-Receipt"])
     assert await ledger.redis.ttl(f"{ledger.tag}:resp:{receipt}") > settings.hold_timeout  # IDEMPOTENCY_TTL
     async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url), **key}) as r:
-        assert (r.status, r.headers[REPLAYED], r.headers["Payment-Receipt"]) == (200, "true", receipt)
+        assert (r.status, r.headers[REPLAYED], receipt_reference(r.headers["Payment-Receipt"])) == (200, "true", receipt)
         assert await r.json() == first
     other = manifest.replace(b"settings", b"other")
     async with http.post(url, data=other, headers={**_headers(wallet, settings, url), **key}) as r:

@@ -119,7 +119,11 @@ class BitTransfer:
         return transfer, signature, True
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
-        transfer_json, signature, via_x402 = self._extract(request)
+        return await self.verify_transfer(request, quote, *self._extract(request))
+
+    async def verify_transfer(self, request: web.Request, quote: Quote, transfer_json: str, signature: str,
+                              via_x402: bool = False) -> Payment:
+        """Check one signed transfer, whichever header carried it (21's, x402's, the Payment scheme's)."""
         if len(transfer_json) > 4096:
             raise BadRequest("malformed_transfer", "Bitcoin-Transfer is longer than 4096 bytes")
         try:
