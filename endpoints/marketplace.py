@@ -12,6 +12,7 @@ from aiohttp import web
 
 from service import protocol as P
 from service.deployment import origin
+from service.payments.mpp import payment_info, service_info
 from service.pricing import PriceRule, describe, route_rule
 from service.state import METHODS, PRICES, SETTINGS
 
@@ -19,6 +20,9 @@ from service.state import METHODS, PRICES, SETTINGS
 OPENAPI_PATH = next((p for p in (Path(__file__).resolve().parent.parent / "openapi.yaml",
                                  Path(sys.prefix) / "share" / "microtasks" / "openapi.yaml") if p.exists()),
                     Path(__file__).resolve().parent.parent / "openapi.yaml")
+
+
+SPEC_ORIGIN = "http://127.0.0.1:8402"  # the origin openapi.yaml names; served copies name the deployment's
 
 
 @lru_cache(maxsize=1)
@@ -41,20 +45,34 @@ def priced_operations(app: web.Application) -> list[dict[str, Any]]:
     return out
 
 
-async def openapi(request: web.Request) -> web.Response:
-    """openapi.yaml with each x-price replaced by the operator's configured price, and this deployment's
-    PUBLIC_URL as its server."""
+def live_spec(request: web.Request) -> dict[str, Any]:
+    """openapi.yaml with each x-price replaced by the operator's configured price, the IETF Payment scheme's
+    discovery annotations (x-service-info, x-payment-info) derived from the same price, and this
+    deployment's PUBLIC_URL as its server and in x-21-quick-buy."""
     spec = _spec_on_disk()
     book: dict[str, PriceRule] = request.app[PRICES]
-    live: dict[str, Any] = {"servers": [{"url": origin(request.app[SETTINGS], request)}], "paths": {}}
+    base = origin(request.app[SETTINGS], request)
+    info = {**spec["info"], "x-21-quick-buy": spec["info"]["x-21-quick-buy"].replace(SPEC_ORIGIN, base)}
+    live: dict[str, Any] = {"info": info, "servers": [{"url": base}], "paths": {},
+                            "x-service-info": service_info(base)}
     for path, item in spec.get("paths", {}).items():
         live["paths"][path] = {}
         for verb, op in item.items():
             if isinstance(op, dict) and "x-price" in op:
-                op = {**op, "x-price": describe(op["x-price"]["rule"], book)}
+                price = describe(op["x-price"]["rule"], book)
+                op = {**op, "x-price": price, "x-payment-info": payment_info(price)}
             live["paths"][path][verb] = op
-    text = yaml.safe_dump({**spec, **live}, sort_keys=False, allow_unicode=True)
-    return web.Response(text=text, content_type="application/yaml")
+    return {**spec, **live}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    text = yaml.safe_dump(live_spec(request), sort_keys=False, allow_unicode=True)
+    return web.Response(text=text, content_type="application/yaml", headers={"Cache-Control": "max-age=300"})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The same document as JSON, where MPP's discovery draft (draft-payment-discovery) looks for it."""
+    return web.json_response(live_spec(request), headers={"Cache-Control": "max-age=300"})
 
 
 async def catalog(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ def setup(app: web.Application) -> None:
         web.get("/readyz", health.readyz),
         web.get("/metrics", health.prometheus),
         web.get("/openapi.yaml", marketplace.openapi),
+        web.get("/openapi.json", marketplace.openapi_json),
         web.get("/v1/catalog", marketplace.catalog),
         web.get("/.well-known/x402", marketplace.x402_discovery),
         web.post("/v1/accounts", accounts.register),

@@ -148,3 +148,20 @@ async def test_ask_an_expert_pays_into_escrow_and_shows_the_reply(cli, admin_pos
         await s.signed("POST", f"{base_url}/v1/questions/{qid}/reply", {"text": "Cilium"})
     code, out, _ = await cli("question", qid)
     assert code == 0 and json.loads(out)["replies"][0]["text"] == "Cilium"
+
+
+async def test_the_quick_buy_command_of_the_served_spec_works(cli, admin_post, base_url, http, tmp_path):
+    """openapi.yaml's x-21-quick-buy, as served (this deployment's URL), pays and prints the result and receipt."""
+    import shlex
+
+    import yaml
+
+    await registered(cli, admin_post, "quickbuyer", 1000)
+    async with http.get(f"{base_url}/openapi.yaml") as r:
+        command = shlex.split(yaml.safe_load(await r.text())["info"]["x-21-quick-buy"])
+    (tmp_path / "deployment.yaml").write_text(GOOD)
+    assert command[0] == "microtasks" and "@deployment.yaml" in command
+    args = [f"@{tmp_path / 'deployment.yaml'}" if a == "@deployment.yaml" else a for a in command[1:]]
+    code, out, err = await cli(*args)
+    assert code == 0, out + err
+    assert '"valid": true' in out and "paid 120 sat, receipt bt_" in out + err

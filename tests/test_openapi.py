@@ -62,3 +62,40 @@ async def test_served_spec_carries_the_operators_prices(aiohttp_server, make_app
         items = {item["resource"].rsplit("/", 1)[-1]: item for item in (await r.json())["items"]}
     assert items["validate"]["type"] == "http" and items["validate"]["accepts"][0]["amount"] == "7"
     assert items["validate"]["x402Version"] == 2 and items["validate"]["metadata"]["method"] == "POST"
+
+
+async def test_openapi_json_is_the_same_spec_with_mpp_discovery(aiohttp_server, make_app, http, tmp_path):
+    """MPP discovery (draft-payment-discovery-01) reads GET /openapi.json: x-service-info on top, x-payment-info
+    offers on every priced operation, from the same price as x-price; servers and quick-buy name PUBLIC_URL."""
+    server = await aiohttp_server(make_app(validate_base_price=7, validate_per_document=3,
+                                           public_url="https://qa.example.org"))
+    async with http.get(server.make_url("/openapi.json")) as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        assert r.headers["Cache-Control"] == "max-age=300"
+        served = await r.json()
+    async with http.get(server.make_url("/openapi.yaml")) as r:
+        assert yaml.safe_load(await r.text()) == served
+    assert served["servers"] == [{"url": "https://qa.example.org"}]
+    assert served["info"]["x-21-quick-buy"].startswith("microtasks --server https://qa.example.org call POST "
+                                                       "https://qa.example.org/v1/qa/validate")
+    assert served["x-service-info"]["categories"] == ["developer-tools"]
+    priced = [(path, op) for path, item in served["paths"].items() for op in item.values()
+              if isinstance(op, dict) and "x-price" in op]
+    assert priced and all("402" in op["responses"] for _, op in priced)
+    for path, op in priced:
+        (offer,) = op["x-payment-info"]["offers"]
+        assert (offer["intent"], offer["method"], offer["currency"]) == ("charge", "bittransfer", "sat")
+        fixed = op["x-price"]["formula"] == "fixed"
+        assert offer["amount"] == (str(op["x-price"]["amount"]) if fixed else None), path
+    validate = served["paths"]["/v1/qa/validate"]["post"]
+    assert validate["x-payment-info"]["offers"][0]["description"].startswith("7 + 3 * documents")
+    import jsonschema  # the draft's JSON Schema for one offer
+
+    offer_schema = {"type": "object", "required": ["intent", "method", "amount"],
+                    "properties": {"intent": {"enum": ["charge", "session"]}, "method": {"type": "string"},
+                                   "amount": {"oneOf": [{"type": "null"}, {"type": "string",
+                                                                          "pattern": "^(0|[1-9][0-9]*)$"}]},
+                                   "currency": {"type": "string"}, "description": {"type": "string"}}}
+    for _, op in priced:
+        for offer in op["x-payment-info"]["offers"]:
+            jsonschema.validate(offer, offer_schema)

@@ -36,7 +36,7 @@ from ..pricing import Quote
 from . import Payment
 from .bittransfer import BitTransfer
 
-__all__ = ["PaymentScheme", "www_authenticate", "challenge_key"]
+__all__ = ["PaymentScheme", "www_authenticate", "challenge_key", "payment_info", "service_info"]
 
 _OTHER_CREDENTIALS = (P.BITCOIN_TRANSFER, P.PAYMENT_SIGNATURE, P.BITCOIN_TRANSACTION)
 
@@ -165,3 +165,23 @@ class PaymentScheme:
 
 def _scheme_of(value: str) -> bool:
     return value[:8].lower() == "payment "
+
+
+def payment_info(price: dict[str, Any]) -> dict[str, Any]:
+    """An operation's `x-payment-info` (MPP discovery, multi-offer form) from its `x-price`: the amount when it
+    is fixed, else null (per document, per QA suite, set by an expert) with the formula as description."""
+    fixed = price.get("formula") == "fixed"
+    if fixed:
+        note = "fixed price"
+    elif "variants" in price:
+        note = "by variant: " + "; ".join(f"{name}: {v['formula']}" for name, v in price["variants"].items())
+    else:
+        note = price["formula"] + (f" ({price['counts']})" if price.get("counts") else "")
+    return {"offers": [{"intent": W.INTENT, "method": W.METHOD, "amount": str(price["amount"]) if fixed else None,
+                        "currency": "sat", "description": f"{note}; the 402 challenge is authoritative"}]}
+
+
+def service_info(base: str) -> dict[str, Any]:
+    """The document's `x-service-info` (MPP discovery)."""
+    return {"categories": ["developer-tools"],
+            "docs": {"apiReference": f"{base}/openapi.json", "homepage": f"{base}/v1/catalog"}}
