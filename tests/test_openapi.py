@@ -99,3 +99,19 @@ async def test_openapi_json_is_the_same_spec_with_mpp_discovery(aiohttp_server, 
     for _, op in priced:
         for offer in op["x-payment-info"]["offers"]:
             jsonschema.validate(offer, offer_schema)
+
+
+def test_strict_parsers_accept_the_spec():
+    """prance resolves every $ref (no self-referencing schema), a strict YAML loader finds no duplicate key
+    (PyYAML silently keeps the last one), and info.license names its SPDX identifier."""
+    import pytest
+
+    prance = pytest.importorskip("prance", reason="prance is in the [test] extra")
+    from ruamel.yaml import YAML
+
+    strict = YAML(typ="safe")
+    strict.allow_duplicate_keys = False
+    strict.load(OPENAPI_PATH.read_text())
+    parsed = prance.ResolvingParser(str(OPENAPI_PATH), backend="openapi-spec-validator")
+    assert parsed.specification["paths"].keys() == spec()["paths"].keys()
+    assert spec()["info"]["license"] == {"name": "MIT", "identifier": "MIT"}
