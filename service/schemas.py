@@ -28,6 +28,19 @@ MAX_AMOUNT = 21_000_000 * 100_000_000  # every satoshi there will ever be
 RESERVED_USERNAMES = {"me", "admin", "microtasks", "root", "system"}
 
 
+class Whole(fields.Integer):
+    """An integer, also when written as an integral JSON number (`5.0`), as JSON Schema's `integer` (and so
+    openapi.yaml) allows; never a fraction, a bool or a string."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # exact in a double
+            value = int(value)
+        return super()._validated(value)
+
+
 class Identifier(fields.String):
     """A name that becomes part of a key: validated whole and canonical (inputs.identifier), or refused."""
 
@@ -92,9 +105,9 @@ class RegisterSchema(Schema):
 
 
 class TokenSchema(Schema):
-    max_total = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
-    max_per_call = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, MAX_AMOUNT))
-    expires_at = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, 2**40))
+    max_total = Whole(required=True, validate=validate.Range(1, MAX_AMOUNT))
+    max_per_call = Whole(load_default=None, validate=validate.Range(1, MAX_AMOUNT))
+    expires_at = Whole(load_default=None, validate=validate.Range(1, 2**40))
     routes = fields.List(Identifier(ROUTE_RE, "route", lower=False),
                          load_default=list, validate=validate.Length(max=20))
     label = Text(load_default="", validate=validate.Length(max=100))
@@ -128,9 +141,9 @@ class CrowdJobSchema(Schema):
     labels = fields.Dict(keys=Identifier(r"[a-z0-9][a-z0-9._/-]{0,62}", "label"), values=Text(validate=validate.Length(1, 63)),
                          load_default=dict,
                          validate=validate.Length(max=20))
-    reward = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**9))
-    results_wanted = fields.Integer(required=True, strict=True, validate=validate.Range(1, 100))
-    expires_in = fields.Integer(load_default=86_400, strict=True, validate=validate.Range(10, 30 * 86_400))
+    reward = Whole(required=True, validate=validate.Range(1, 10**9))
+    results_wanted = Whole(required=True, validate=validate.Range(1, 100))
+    expires_in = Whole(load_default=86_400, validate=validate.Range(10, 30 * 86_400))
     auto_accept = fields.Boolean(load_default=False)
 
 
@@ -150,10 +163,10 @@ class ProfileSchema(Schema):
     display_name = Text(required=True, validate=validate.Length(1, 100))
     bio = Text(load_default="", multiline=True, validate=validate.Length(max=4000))
     tags = fields.List(Identifier(TAG_RE, "tag"), load_default=list, validate=validate.Length(max=20))
-    price = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, 10**8))
+    price = Whole(load_default=None, validate=validate.Range(1, 10**8))
     price_usd = Identifier(r"\$?[0-9]{1,6}(\.[0-9]{1,2})?", "price_usd", load_default=None,
                            error="a dollar amount such as 0.50 or $12")
-    reply_hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
+    reply_hours = Whole(load_default=72, validate=validate.Range(1, 24 * 30))
     payout = Identifier(rf"keep|charity:{CHARITY_RE}", "payout", load_default=None)
     links = fields.Dict(keys=Text(validate=validate.Length(1, 32)), values=fields.Url(), load_default=dict,
                         validate=validate.Length(max=10))
@@ -189,15 +202,15 @@ class FormFieldSchema(Schema):
 
 class ListQuestionSchema(Schema):
     text = fields.String(required=True, validate=validate.Length(1, 5000))
-    max_responses = fields.Integer(required=True, strict=True, validate=validate.Range(1, 1000))
-    hours = fields.Integer(load_default=72, strict=True, validate=validate.Range(1, 24 * 30))
+    max_responses = Whole(required=True, validate=validate.Range(1, 1000))
+    hours = Whole(load_default=72, validate=validate.Range(1, 24 * 30))
     form = fields.List(fields.Nested(FormFieldSchema), load_default=None, validate=validate.Length(1, 50))
 
 
 class ListSchema(Schema):
     name = Identifier(LIST_NAME_RE, "list name", required=True)
     description = Text(load_default="", multiline=True, validate=validate.Length(max=2000))
-    price = fields.Integer(required=True, strict=True, validate=validate.Range(1, 10**8))
+    price = Whole(required=True, validate=validate.Range(1, 10**8))
     approval_required = fields.Boolean(load_default=False)
 
 
@@ -209,17 +222,17 @@ class ReplySchema(Schema):
 class PayoutSchema(Schema):
     payout = Identifier(PAYOUT_RE, "payout", lower=False, required=True,
                         error="keep, charity:<id> or address:<bitcoin address>")
-    minimum = fields.Integer(load_default=None, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    minimum = Whole(load_default=None, validate=validate.Range(1, MAX_AMOUNT))
 
 
 class WithdrawalSchema(Schema):
-    amount = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    amount = Whole(required=True, validate=validate.Range(1, MAX_AMOUNT))
     address = Identifier(r"[A-Za-z0-9]{14,90}", "address", lower=False, required=True)
 
 
 class CreditSchema(Schema):
     username = Identifier(USERNAME_RE, "username", required=True)
-    amount = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_AMOUNT))
+    amount = Whole(required=True, validate=validate.Range(1, MAX_AMOUNT))
     reason = Text(required=True, validate=validate.Length(1, 200))
     id = Identifier(r"[A-Za-z0-9._:-]{1,100}", "credit id", lower=False, load_default=None)
 

@@ -18,6 +18,14 @@ def json_error(status: int, code: str, detail: object = None, headers: dict[str,
     return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
 
 
+def _allow(request: web.Request) -> dict[str, str]:
+    """`Allow` for a 405 on a path that is a route of its own (`/v1/experts/me`): that route's methods only,
+    not those of a templated route the path also matches (`/v1/experts/{username}`: an expert named "me")."""
+    methods = {route.method for resource in request.app.router.resources()
+               if resource.canonical == request.path and "{" not in resource.canonical for route in resource}
+    return {"Allow": ",".join(sorted(methods))} if methods else {}
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -32,8 +40,11 @@ async def error_middleware(
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
+        allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        if exc.status == 405:
+            allow = _allow(request) or allow
         return json_error(exc.status, code, exc.text if exc.text and not exc.text.startswith(str(exc.status)) else None,
-                          {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+                          allow)
     except RedisError as exc:
         log.error("redis_unavailable", error=str(exc))
         return json_error(503, "ledger_unavailable", "the ledger cannot be reached or answered too late; if this "

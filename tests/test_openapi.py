@@ -115,3 +115,14 @@ def test_strict_parsers_accept_the_spec():
     parsed = prance.ResolvingParser(str(OPENAPI_PATH), backend="openapi-spec-validator")
     assert parsed.specification["paths"].keys() == spec()["paths"].keys()
     assert spec()["info"]["license"] == {"name": "MIT", "identifier": "MIT"}
+
+
+def test_kubernetes_versions_in_the_spec_are_the_supported_ones():
+    """The enum schemathesis and clients read is the list the server accepts (kubernetes-validate's)."""
+    from service.qa.manifests import supported_versions
+
+    doc = spec()
+    query = next(p for p in doc["paths"]["/v1/qa/validate"]["post"]["parameters"] if p["name"] == "kubernetes_version")
+    body = doc["paths"]["/v1/qa/runs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    for schema in (query["schema"], body["properties"]["kubernetes_version"]):
+        assert schema["enum"] == [""] + supported_versions()
