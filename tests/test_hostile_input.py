@@ -1,5 +1,5 @@
-"""Hostile payment headers: random and mutated BitTransfers, tokens, raw transactions and x402 payloads
-never cause a 5xx and never change the ledger."""
+"""Hostile payment headers: random and mutated BitTransfers, tokens, raw transactions, x402 payloads and
+Payment-scheme credentials never cause a 5xx and never change the ledger."""
 from __future__ import annotations
 
 import base64
@@ -34,11 +34,24 @@ def mutations(valid: dict[str, str]):
         st.fixed_dictionaries({"PAYMENT-SIGNATURE": st.builds(lambda a, p: base64.b64encode(json.dumps(
             {"x402Version": 2, "accepted": a, "payload": p}).encode()).decode(),
             st.dictionaries(text, json_values, max_size=3), st.dictionaries(text, json_values, max_size=3))}),
+        # the IETF Payment scheme's credential: garbage, any JSON, a credential-shaped object with anything inside
+        st.fixed_dictionaries({"Payment-Authorization": text}),
+        st.fixed_dictionaries({"Authorization": text.map(lambda t: "Payment " + t)}),
+        st.fixed_dictionaries({"Payment-Authorization": json_values.map(lambda v: "Payment " + _b64url(v))}),
+        st.fixed_dictionaries({"Payment-Authorization": st.builds(lambda c, p: "Payment " + _b64url(
+            {"challenge": c, "payload": p}), st.dictionaries(st.sampled_from(
+                ["id", "realm", "method", "intent", "request", "expires", "digest", "header", "opaque"]) | text,
+                json_values, max_size=6), st.dictionaries(st.sampled_from(["transfer", "signature"]) | text,
+                                                          json_values, max_size=3))}),
         st.fixed_dictionaries({"Bitcoin-Transaction": st.binary(max_size=300).map(bytes.hex)}),
         st.fixed_dictionaries({"Bitcoin-Transaction": text}),
         # a valid signature over a mutated transfer, and signature bytes flipped
         st.integers(0, 63).map(lambda i: {**valid, "Authorization": _flip(valid["Authorization"], i)}),
     )
+
+
+def _b64url(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
 def _flip(sig_b64: str, i: int) -> str:
