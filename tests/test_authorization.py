@@ -28,6 +28,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, Any], bool]] = [
     ("GET", "/readyz", None, dict.fromkeys(ROLES, 200), False),
     ("GET", "/metrics", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/openapi.yaml", None, dict.fromkeys(ROLES, 200), True),
+    ("GET", "/openapi.json", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/v1/catalog", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/.well-known/x402", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/v1/qa/suites", None, dict.fromkeys(ROLES, 200), True),
