@@ -14,24 +14,18 @@ from .config import Settings
 from .errors import TooManyRequests
 from .redis_client import ScriptBatcher
 from .state import HEALTH, LIMITER, SETTINGS
+from .scripts import register
 
 __all__ = ["RateLimiter", "rate_limit_middleware", "client_ip"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_HIT = """
--- KEYS: counter. ARGV: window ms. Returns {count, ms left in the window}.
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return {n, redis.call('PTTL', KEYS[1])}
-"""
-
 
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis, prefix: str, timeout: float) -> None:
         self.tag = "{" + prefix + "}"
-        self._hit = redis.register_script(_HIT)
+        self._hit = register(redis, "ratelimit_hit")
         self._batch = ScriptBatcher(redis, timeout)  # pipelined with the other calls of the moment
 
     async def check(self, scope: str, key: str, per_minute: int) -> None:

@@ -29,15 +29,11 @@ from ..ledger import BITCOIN, REVENUE, Ledger, Outcome
 from ..metrics import ONCHAIN_VANISHED, REORGS
 from ..payouts import Payouts
 from .backends import ChainBackend, ChainError
+from ..scripts import lua
 
 __all__ = ["recheck_deposits", "tx_confirmations", "reversed_deposits"]
 
 log = structlog.get_logger("chainwatch")
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _k(prefix: str, *parts: str) -> str:
@@ -96,7 +92,7 @@ async def recheck_deposits(ledger: Ledger, backend: ChainBackend, payouts: Payou
     try:
         return await _pass(ledger, backend, payouts, prefix, confirmations, safe_depth)
     finally:
-        await redis.eval(_RELEASE, 1, _k(prefix, "lock"), token)
+        await redis.eval(lua("reorg_unlock"), 1, _k(prefix, "lock"), token)
 
 
 async def _discover(ledger: Ledger, prefix: str) -> int:

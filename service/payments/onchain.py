@@ -47,6 +47,7 @@ from ..ledger import ALL, BITCOIN, REVENUE, AccountKind, Ledger, Outcome, Result
 from ..pricing import Quote, route_rule
 from . import PaidBefore, Payment
 from . import btc_rules as R
+from ..scripts import register
 
 __all__ = ["OnChain", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
            "unclaimed", "settle_unclaimed"]
@@ -54,36 +55,6 @@ log = structlog.get_logger("onchain")
 _HEX = re.compile(r"\A[0-9a-fA-F]+\Z")
 PAYMENT_INVOICE = P.PAYMENT_INVOICE  # optional: the invoice id of the 402 this tx pays
 MAX_INPUTS, MAX_OUTPUTS = 50, 50      # bounds the chain lookups one request can cause
-
-_CLAIM = """
--- KEYS: tx record, address claim, open set. ARGV: txid, invoice, address, request_hash, payer, now_ms
--- 'retry' when this tx is ours for this invoice and payer already; 'used' when it paid another
--- invoice (or payer); 'address_paid' when the invoice address took another tx; else claims both: 'new'.
-local inv = redis.call('HGET', KEYS[1], 'invoice')
-if inv then
-  if inv ~= ARGV[2] or redis.call('HGET', KEYS[1], 'payer') ~= ARGV[5] then return 'used' end
-  return 'retry'
-end
-local paid = redis.call('GET', KEYS[2])
-if paid and paid ~= ARGV[1] then return 'address_paid' end
-redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'invoice', ARGV[2], 'address', ARGV[3], 'request_hash', ARGV[4],
-  'payer', ARGV[5], 'created', ARGV[6], 'state', 'broadcasting')
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-return 'new'
-"""
-
-_RELEASE = """
--- KEYS: tx record, address claim, open set. ARGV: txid, invoice. Undo a claim whose broadcast the
--- network refused (only while nothing was booked).
-if redis.call('HGET', KEYS[1], 'invoice') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'broadcasting' then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('ZREM', KEYS[3], ARGV[1])
-return 1
-"""
 
 
 def zeroconf_allowed(quote: Quote) -> bool:
@@ -99,8 +70,8 @@ class OnChainRecords:
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
         self.tag = "{" + prefix + "}"
-        self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
+        self._claim = register(redis, "onchain_claim")
+        self._release = register(redis, "onchain_release")
 
     def _k(self, *parts: str) -> str:
         return ":".join([self.tag, "onchain", *parts])
