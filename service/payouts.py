@@ -14,13 +14,10 @@ from redis.exceptions import RedisError
 
 from .bitcoin import DUST_LIMIT, valid_address
 from .errors import Conflict, NotFound, PaymentRequired, ServiceUnavailable, Unprocessable
-from .ledger import BITCOIN, Hold, Ledger, Outcome, Result, user_account
+from .keys import BITCOIN, Keys, charity_account, user_account
+from .ledger import Hold, Ledger, Outcome, Result
 
 __all__ = ["Payouts", "charity_account"]
-
-
-def charity_account(charity_id: str) -> str:
-    return f"charity:{charity_id}"
 
 
 def _batch_owner(txid: str) -> str:
@@ -35,13 +32,13 @@ class Payouts:
                  owns: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.redis, self.ledger, self.network = redis, ledger, network
         self.owns = owns  # is this address the service's own (AddressBook.owns)?
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self.hold_seconds = hold_days * 86400
         self.minimum_withdrawal = minimum_withdrawal
         self._orphans: set[asyncio.Future] = set()  # background releases of holds without a withdrawal
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, *parts])
+        return self.keys.of(*parts)
 
     # preference ------------------------------------------------------------------------------------
     async def preference(self, username: str) -> dict[str, Any]:

@@ -25,11 +25,12 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from ..ledger import BITCOIN, REVENUE, Ledger, Outcome
+from ..keys import BITCOIN, REVENUE, Keys, is_onchain_account, is_user_account
+from ..ledger import Ledger, Outcome
 from ..metrics import ONCHAIN_VANISHED, REORGS
 from ..payouts import Payouts
-from .backends import ChainBackend, ChainError
 from ..scripts import lua
+from .backends import ChainBackend, ChainError
 
 __all__ = ["recheck_deposits", "tx_confirmations", "reversed_deposits"]
 
@@ -37,7 +38,7 @@ log = structlog.get_logger("chainwatch")
 
 
 def _k(prefix: str, *parts: str) -> str:
-    return ":".join(["{" + prefix + "}", "reorg", *parts])
+    return Keys(prefix).of("reorg", *parts)
 
 
 async def tx_confirmations(backend: ChainBackend, txid: str) -> int | None:
@@ -85,7 +86,7 @@ async def recheck_deposits(ledger: Ledger, backend: ChainBackend, payouts: Payou
                            safe_depth: int) -> dict[str, int]:
     """One pass (one process at a time: a short Redis lock): watch new credits, reverse the vanished,
     restore the reconfirmed, collect debts, forget what is safe_depth deep."""
-    redis, prefix = ledger.redis, ledger.tag[1:-1]
+    redis, prefix = ledger.redis, ledger.keys.prefix
     token = secrets.token_hex(8)
     if not await redis.set(_k(prefix, "lock"), token, nx=True, ex=120):
         return {"skipped": 1}
@@ -105,13 +106,13 @@ async def _discover(ledger: Ledger, prefix: str) -> int:
             return found
         for entry_id, e in entries:
             if (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
-                    and e.get("credit", "").startswith("u:")):
+                    and is_user_account(e.get("credit", ""))):
                 _, txid, vout = e["id"].split(":")
                 rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "credited", "gen": 0,
                        "taken": 0, "debt": 0}
                 found += await redis.hsetnx(_k(prefix, "watch"), f"{txid}:{vout}", json.dumps(rec))
             elif (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
-                    and e.get("credit", "").startswith("onchain:")):
+                    and is_onchain_account(e.get("credit", ""))):
                 _, txid, vout = e["id"].split(":")
                 rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "booked", "from_account": 0,
                        "from_revenue": 0}

@@ -43,11 +43,12 @@ from ..chain.backends import ChainBackend, ChainError
 from ..config import Settings
 from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
 from ..invoices import Invoice, Invoices
-from ..ledger import ALL, BITCOIN, REVENUE, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
+from ..keys import BITCOIN, REVENUE, Keys, onchain_account, user_account
+from ..ledger import ALL, AccountKind, Ledger, Outcome, Result, coin_id
 from ..pricing import Quote, route_rule
+from ..scripts import register
 from . import PaidBefore, Payment
 from . import btc_rules as R
-from ..scripts import register
 
 __all__ = ["OnChain", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
            "unclaimed", "settle_unclaimed"]
@@ -69,12 +70,12 @@ class OnChainRecords:
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self._claim = register(redis, "onchain_claim")
         self._release = register(redis, "onchain_release")
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "onchain", *parts])
+        return self.keys.of("onchain", *parts)
 
     def _keys(self, txid: str, address: str) -> list[str]:
         return [self._k("tx", txid), self._k("paid", address), self._k("open")]
