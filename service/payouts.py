@@ -156,17 +156,23 @@ class Payouts:
 
     async def refresh(self) -> int:
         """Take withdrawals whose hold was voided (expired, or cancelled) out of the queue for good."""
-        gone = 0
+        return len((await self._scan())[1])
+
+    async def _scan(self) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], list[str]]:
+        """One pass over the queue: (queued withdrawals with their live hold, ids taken out because their
+        hold was voided or is missing)."""
+        live, gone = [], []
         for wd in await self.queued():
             if wd["state"] != "queued":
                 continue
             hold = await self.ledger.transfer(wd["id"])
             if hold is not None and hold["state"] != "voided":
+                live.append((wd, hold))
                 continue
             state = "expired" if hold is None or hold.get("reason") == "expired" else "cancelled"
             await self._finish(wd["id"], state, reason=(hold or {}).get("reason", "hold missing"))
-            gone += 1
-        return gone
+            gone.append(wd["id"])
+        return live, gone
 
     async def _finish(self, wd_id: str, state: str, **fields: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -176,13 +182,10 @@ class Payouts:
 
     async def batchable(self) -> list[dict[str, Any]]:
         """Queued withdrawals whose hold is pending and unlocked, of accounts whose withdrawals are not on hold."""
-        await self.refresh()
         out = []
-        for wd in await self.queued():
-            hold = await self.ledger.transfer(wd["id"])
-            if (wd["state"] == "queued" and hold and hold["state"] == "pending" and not hold.get("locked")
-                    and int(hold.get("expires") or 0) > time.time() * 1000 and not await self.is_ours(wd["address"])
-                    and not await self.frozen(wd["user"])):
+        for wd, hold in (await self._scan())[0]:  # one read of the queue and of each hold
+            if (hold["state"] == "pending" and not hold.get("locked") and int(hold.get("expires") or 0) > time.time() * 1000
+                    and not await self.is_ours(wd["address"]) and not await self.frozen(wd["user"])):
                 out.append(wd)
         return out
 

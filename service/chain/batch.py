@@ -16,7 +16,7 @@ from ..bitcoin import DUST_LIMIT
 from ..errors import ApiError
 from ..payouts import Payouts
 from .addresses import AddressBook
-from .backends import ChainBackend, ChainError
+from .backends import ChainBackend, ChainError, already_known
 
 __all__ = ["build_batch", "broadcast_batch", "refuse_unbacked", "BatchError"]
 
@@ -47,13 +47,15 @@ async def build_batch(payouts: Payouts, book: AddressBook, backend: ChainBackend
     locked for this batch: they can no longer expire or be cancelled until it is dropped or broadcast.
     Refused while the chain audit's IN side finds coins booked that our addresses never received (a
     double-spent payment not yet reversed): they would be paid out of other users' coins (`force`: anyway)."""
-    if not force and await payouts.batchable():  # (nothing queued: said below)
+    queued = await payouts.batchable()  # one scan of the queue; a hold that changes meanwhile fails its lock
+    if not force and queued:  # (nothing queued: said below)
         await refuse_unbacked(payouts, book, backend, confirmations)
     utxos = [u for a in await book.all_addresses() for u in await backend.utxos(a) if u.confirmations >= 1]
     utxos.sort(key=lambda u: -u.value)
     change_address = ""
-    for _ in range(3):  # holds that expire or get cancelled meanwhile: plan again without them
-        queued = await payouts.batchable()
+    for attempt in range(3):  # holds that expire or get cancelled meanwhile: plan again without them
+        if attempt:
+            queued = await payouts.batchable()
         if not queued:
             raise BatchError("no withdrawal is queued with a pending hold")
         need = sum(w["amount"] for w in queued)  # the outputs plus the fee, which the withdrawals bear
@@ -125,9 +127,6 @@ def _final_hex(signed: str) -> str:
     return tx.serialize().hex()
 
 
-_ALREADY_KNOWN = ("already in block chain", "txn-already-known", "txn-already-in-mempool", "(-27)", '"code":-27')
-
-
 async def broadcast_batch(payouts: Payouts, backend: ChainBackend, signed: str) -> dict[str, Any]:
     """Broadcast the signed batch and post the holds of the withdrawals it pays. A batch whose holds are
     not all pending and locked by it is refused before broadcast; a refused broadcast changes nothing;
@@ -147,7 +146,7 @@ async def broadcast_batch(payouts: Payouts, backend: ChainBackend, signed: str) 
         try:
             await backend.broadcast(raw)
         except ChainError as exc:
-            if not any(marker in exc.reason for marker in _ALREADY_KNOWN):
+            if not already_known(exc.reason):
                 raise BatchError(f"broadcast refused, holds kept: {exc.reason}") from None
         await payouts.record_broadcast(txid, raw)
     settled, failed = [], []

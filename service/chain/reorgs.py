@@ -32,44 +32,13 @@ from ..payouts import Payouts
 from ..scripts import lua
 from .backends import ChainBackend, ChainError
 
-__all__ = ["recheck_deposits", "tx_confirmations", "reversed_deposits"]
+__all__ = ["recheck_deposits", "reversed_deposits"]
 
 log = structlog.get_logger("chainwatch")
 
 
 def _k(prefix: str, *parts: str) -> str:
     return Keys(prefix).of("reorg", *parts)
-
-
-async def tx_confirmations(backend: ChainBackend, txid: str) -> int | None:
-    """Confirmations of `txid` (0: in the mempool), None when the node does not know it. Raises
-    ChainError when the node cannot say (never taken for a disappearance)."""
-    own = getattr(backend, "tx_confirmations", None)
-    if own is not None:
-        return await own(txid)
-    from .backends import Bitcoind, Esplora  # noqa: PLC0415
-
-    if isinstance(backend, Esplora):
-        try:
-            status = await backend._get(f"/tx/{txid}/status")
-        except ChainError as exc:
-            if exc.reason.startswith("esplora 404"):
-                return None
-            raise
-        if not status.get("confirmed"):
-            return 0
-        return int(await backend._get("/blocks/tip/height")) - int(status["block_height"]) + 1
-    if isinstance(backend, Bitcoind):
-        if not (await backend.rpc("getindexinfo", "txindex")).get("txindex", {}).get("synced"):
-            raise ChainError("bitcoind needs -txindex (synced) to re-check deposits for reorgs")
-        try:
-            tx = await backend.rpc("getrawtransaction", txid, True)
-        except ChainError as exc:
-            if "(-5)" in exc.reason:
-                return None
-            raise
-        return int(tx.get("confirmations", 0))
-    raise ChainError(f"no way to look a transaction up on {type(backend).__name__}")
 
 
 async def reversed_deposits(redis: aioredis.Redis, prefix: str) -> list[dict[str, Any]]:
@@ -132,7 +101,7 @@ async def _pass(ledger: Ledger, backend: ChainBackend, payouts: Payouts, prefix:
         txid, vout = outpoint.split(":")
         if txid not in seen:
             try:
-                seen[txid] = await tx_confirmations(backend, txid)
+                seen[txid] = await backend.tx_confirmations(txid)
             except ChainError as exc:  # the node cannot say: nothing is decided on silence
                 log.warning("reorg_check_failed", txid=txid, error=exc.reason)
                 continue
@@ -180,7 +149,7 @@ async def _recheck_payments(ledger: Ledger, backend: ChainBackend, prefix: str, 
         txid, vout = outpoint.split(":")
         if txid not in seen:
             try:
-                seen[txid] = await tx_confirmations(backend, txid)
+                seen[txid] = await backend.tx_confirmations(txid)
             except ChainError as exc:
                 log.warning("reorg_check_failed", txid=txid, error=exc.reason)
                 continue

@@ -39,7 +39,7 @@ from aiohttp import web
 from .. import protocol as P
 from ..auth import authenticate
 from ..chain.addresses import AddressBook
-from ..chain.backends import ChainBackend, ChainError
+from ..chain.backends import ChainBackend, ChainError, already_known
 from ..config import Settings
 from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
 from ..invoices import Invoice, Invoices
@@ -256,7 +256,7 @@ class OnChain:
             if exc.transient:  # it may have reached the network: keep the claim, a retry is recognised
                 raise ServiceUnavailable("chain_unavailable", f"could not broadcast: {exc.reason}",
                                          headers={"Retry-After": "5"}) from None
-            if not _already_known(exc.reason):  # (we claimed it: a node that knows it got it from us)
+            if not already_known(exc.reason):  # fine only because we claimed it for this invoice first
                 await self.records.release(txid, invoice_id, address)
                 raise BadRequest("broadcast_rejected", exc.reason) from None
         await self.records.set_state(txid, "broadcast")
@@ -285,13 +285,6 @@ def _error(refusal: R.Refusal) -> Exception:
     if refusal.status == 409:
         return Conflict(refusal.code, refusal.detail)
     return PaymentRequired(refusal.code, refusal.detail)
-
-
-def _already_known(reason: str) -> bool:
-    """The node has this tx already: fine only because we claimed it for this invoice before broadcasting."""
-    reason = reason.lower()
-    return any(s in reason for s in ("already in block chain", "already-known", "already-in-mempool",
-                                     "already in the mempool", "(-27)"))
 
 
 # --- what is left in payment accounts: the payer's once confirmed, else the operator's to settle -------
