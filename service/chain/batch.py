@@ -18,7 +18,7 @@ from ..payouts import Payouts
 from .addresses import AddressBook
 from .backends import ChainBackend, ChainError, already_known
 
-__all__ = ["build_batch", "broadcast_batch", "refuse_unbacked", "BatchError"]
+__all__ = ["build_batch", "broadcast_batch", "drop_batch", "refuse_unbacked", "BatchError"]
 
 _VBYTES_OVERHEAD, _VBYTES_IN, _VBYTES_OUT = 11, 68, 31  # p2wpkh
 
@@ -125,6 +125,21 @@ def _final_hex(signed: str) -> str:
     if tx is None:
         raise BatchError("the PSBT is not fully signed")
     return tx.serialize().hex()
+
+
+async def drop_batch(payouts: Payouts, backend: ChainBackend, txid: str) -> list[str]:
+    """Forget a built batch and queue its withdrawals again, only once the node says the network does not
+    have it: a broadcast killed before its captures leaves a built batch that is already paid (dropping
+    it would pay its withdrawals twice and leave the coins it sent never booked out)."""
+    try:
+        known = await backend.tx_confirmations(txid) is not None
+    except ChainError as exc:
+        raise BatchError(f"batch {txid} not dropped: the node cannot say whether the network has it "
+                         f"({exc.reason})") from None
+    if known:
+        raise BatchError(f"batch {txid} is on the network, not dropped: run `withdrawals broadcast` with its "
+                         "signed PSBT again to book it out")
+    return await payouts.drop(txid)
 
 
 async def broadcast_batch(payouts: Payouts, backend: ChainBackend, signed: str) -> dict[str, Any]:
