@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
+from .keys import BITCOIN, GRANTS, NONE, REVENUE, UNCLAIMED, Keys, onchain_account, user_account
 from .redis_client import ScriptBatcher
 from .scripts import register
 
@@ -28,15 +28,6 @@ __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
     "user_account", "route_allows", "coin_id", "onchain_account", "MAX_COUNTER", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
-
-REVENUE = "sys:revenue"
-GRANTS = "sys:grants"
-BITCOIN = "sys:bitcoin"  # the chain boundary: deposits come from it, withdrawals go to it
-UNCLAIMED = "sys:unclaimed"  # on-chain payments for calls that then failed, kept for the operator to refund
-
-
-def user_account(username: str) -> str:
-    return f"u:{username}"
 
 
 def route_allows(prefix: str, path: str) -> bool:
@@ -49,12 +40,6 @@ def coin_id(txid: str, vout: int) -> str:
     """The one id space for coins entering the ledger (call payments, deposits, anything later): an
     outpoint is booked once, whichever path sees it first."""
     return f"coin:{txid.lower()}:{int(vout)}"
-
-
-def onchain_account(txid: str) -> str:
-    """The account one on-chain call payment's coins enter (escrow kind): the call's price is held from
-    it; what is left (overpayment, a failed call) waits there for its payer or the operator."""
-    return f"onchain:{txid.lower()}"
 
 
 class AccountKind(str, enum.Enum):
@@ -184,7 +169,8 @@ class Ledger:
 
     def __init__(self, redis: aioredis.Redis, prefix: str = "mt", timeout: float = 5.0) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
+        self.tag = self.keys.tag
         self._open = register(redis, "ledger_open")
         self._transfer = register(redis, "ledger_transfer")
         self._resolve = register(redis, "ledger_resolve")
@@ -194,39 +180,9 @@ class Ledger:
         self._create_token = register(redis, "token_create")
         self._batch = ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
 
-    # keys ------------------------------------------------------------------------------------------
-    def _acct(self, name: str) -> str:
-        return f"{self.tag}:acct:{name}"
-
-    def _xfer(self, transfer_id: str) -> str:
-        return f"{self.tag}:xfer:{transfer_id}"
-
-    def _idem(self, payer: str, key: str) -> str:
-        return f"{self.tag}:idem:{payer}:{hashlib.sha256(key.encode()).hexdigest()}"
-
-    def _resp(self, transfer_id: str) -> str:
-        return f"{self.tag}:resp:{transfer_id}"
-
-    def _hist(self, name: str) -> str:
-        return f"{self.tag}:hist:{name}"
-
-    def _token(self, token_id: str) -> str:
-        return f"{self.tag}:token:{token_id}"
-
-    def _tokens_of(self, owner: str) -> str:
-        return f"{self.tag}:tokens:{owner}"
-
     @property
     def journal_key(self) -> str:
-        return f"{self.tag}:journal"
-
-    @property
-    def _accounts(self) -> str:
-        return f"{self.tag}:accounts"
-
-    @property
-    def _pending(self) -> str:
-        return f"{self.tag}:pending"
+        return self.keys.journal
 
     # accounts --------------------------------------------------------------------------------------
     async def open_account(self, name: str, kind: AccountKind, **meta: str) -> Outcome:
@@ -235,7 +191,7 @@ class Ledger:
         args: list[Any] = [name, kind.value, nonneg]
         for key, value in meta.items():
             args += [key, value]
-        res = await self._open(keys=[self._acct(name), self._accounts, self.journal_key], args=args)
+        res = await self._open(keys=[self.keys.account(name), self.keys.accounts, self.keys.journal], args=args)
         return Outcome(_s(res[0]))
 
     async def ensure_system_accounts(self) -> None:
@@ -245,11 +201,11 @@ class Ledger:
         await self.open_account(UNCLAIMED, AccountKind.ESCROW)
 
     async def account_meta(self, name: str, key: str) -> str | None:
-        value = await self.redis.hget(self._acct(name), f"meta:{key}")
+        value = await self.redis.hget(self.keys.account(name), f"meta:{key}")
         return _s(value) if value is not None else None
 
     async def balance(self, name: str) -> Balance | None:
-        v = await self.redis.hmget(self._acct(name), "kind", "dp", "cp", "dpend", "cpend")
+        v = await self.redis.hmget(self.keys.account(name), "kind", "dp", "cp", "dpend", "cpend")
         if v[0] is None:
             return None
         dp, cp, dpend, cpend = (int(x) for x in v[1:])
@@ -257,17 +213,17 @@ class Ledger:
 
     async def history(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
         """The account's most recent transfers, newest first (one pipeline round trip after the index)."""
-        ids = await self.redis.lrange(self._hist(name), 0, limit - 1)
+        ids = await self.redis.lrange(self.keys.history(name), 0, limit - 1)
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for transfer_id in ids:
-                pipe.hgetall(self._xfer(_s(transfer_id)))
+                pipe.hgetall(self.keys.transfer(_s(transfer_id)))
             rows = await pipe.execute()
         return [_decode_transfer(row) for row in rows if row]
 
     async def transfer(self, transfer_id: str) -> dict[str, Any] | None:
-        row = await self.redis.hgetall(self._xfer(transfer_id))
+        row = await self.redis.hgetall(self.keys.transfer(transfer_id))
         return _decode_transfer(row) if row else None
 
     # transfers -------------------------------------------------------------------------------------
@@ -309,12 +265,12 @@ class Ledger:
                            guard.forbid if guard else "", guard.claim if guard else "", guard.value if guard else "",
                            open_credit.value if open_credit else "", "1" if idempotency else "",
                            max(1, int(idempotency[2])) if idempotency else 0]
+        k = self.keys
         res = await self._batch.call(
             self._transfer,
-            [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending,
-             self.journal_key, self._hist(debit), self._hist(credit), self._token(token.token_id if token else "-"),
-             guard.key if guard else f"{self.tag}:guard:-", self._accounts,
-             self._idem(*idempotency[:2]) if idempotency else f"{self.tag}:idem:-"],
+            [k.transfer(transfer_id), k.account(debit), k.account(credit), k.pending, k.journal, k.history(debit),
+             k.history(credit), k.token(token.token_id if token else NONE), guard.key if guard else k.guard(NONE),
+             k.accounts, k.idempotency(*idempotency[:2]) if idempotency else k.of("idem", NONE)],
             args,
         )
         outcome = Outcome(_s(res[0]))
@@ -333,12 +289,13 @@ class Ledger:
         are in `transfer`. Missing credit accounts are opened with `open_credit`."""
         if not transfers:
             raise ValueError("post_all needs at least one transfer")
-        keys: list[str] = [self.journal_key, self._accounts]
+        keys: list[str] = [self.keys.journal, self.keys.accounts]
         args: list[Any] = [open_credit.value if open_credit else ""]
         for transfer_id, debit, credit, amount, meta in transfers:
             if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
                 raise ValueError(f"amount must be a positive integer of satoshis, got {amount!r}")
-            keys += [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._hist(debit), self._hist(credit)]
+            keys += [self.keys.transfer(transfer_id), self.keys.account(debit), self.keys.account(credit),
+                     self.keys.history(debit), self.keys.history(credit)]
             args += [transfer_id, debit, credit, amount, json.dumps(meta)]
         res = await self._batch.call(self._post_all, keys, args)
         outcome = Outcome(_s(res[0]))
@@ -359,8 +316,8 @@ class Ledger:
                       response: str = "", ttl: int = 0) -> Result:
         res = await self._batch.call(
             self._resolve,
-            [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending, self.journal_key,
-             self._token(token or "-"), self._resp(transfer_id if response else "-")],
+            [self.keys.transfer(transfer_id), self.keys.account(debit), self.keys.account(credit), self.keys.pending,
+             self.keys.journal, self.keys.token(token or NONE), self.keys.response(transfer_id if response else NONE)],
             [transfer_id, action, reason, response, max(1, int(ttl))],
         )
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
@@ -375,8 +332,8 @@ class Ledger:
         return await self._lock_call(transfer_id, "unlock", owner, timeout)
 
     async def _lock_call(self, transfer_id: str, action: str, owner: str, timeout: int) -> Result:
-        res = await self._batch.call(self._lock, [self._xfer(transfer_id), self._pending, self.journal_key],
-                                     [transfer_id, action, owner, timeout])
+        res = await self._batch.call(self._lock, [self.keys.transfer(transfer_id), self.keys.pending,
+                                                  self.keys.journal], [transfer_id, action, owner, timeout])
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
 
     async def state_of(self, transfer_id: str) -> str | None:
@@ -384,7 +341,7 @@ class Ledger:
         timeout (raises RedisError): how an ambiguous outcome is resolved before answering."""
         try:
             async with asyncio.timeout(self._batch.timeout):
-                value = await self.redis.hget(self._xfer(transfer_id), "state")
+                value = await self.redis.hget(self.keys.transfer(transfer_id), "state")
         except TimeoutError:
             raise RedisTimeoutError(f"no reply from Redis within {self._batch.timeout} s") from None
         return _s(value) if value is not None else None
@@ -399,23 +356,23 @@ class Ledger:
 
     async def store_response(self, transfer_id: str, response: str, ttl: int) -> None:
         """Keep a paid response for retries (when the hold was captured before the response existed)."""
-        await self.redis.set(self._resp(transfer_id), response, ex=max(1, int(ttl)))
+        await self.redis.set(self.keys.response(transfer_id), response, ex=max(1, int(ttl)))
 
     async def response(self, transfer_id: str) -> str | None:
         """The response kept for a captured transfer, if any."""
-        value = await self.redis.get(self._resp(transfer_id))
+        value = await self.redis.get(self.keys.response(transfer_id))
         return _s(value) if value is not None else None
 
     async def sweep_expired(self, limit: int = 500) -> int:
         """Void every hold whose timeout has passed; safe to run from many processes at once."""
         now_ms = int(time.time() * 1000)
-        ids = await self.redis.zrangebyscore(self._pending, 0, now_ms, start=0, num=limit)
+        ids = await self.redis.zrangebyscore(self.keys.pending, 0, now_ms, start=0, num=limit)
         voided = 0
         for raw in ids:
             transfer_id = _s(raw)
-            debit, credit, token = await self.redis.hmget(self._xfer(transfer_id), "debit", "credit", "token")
+            debit, credit, token = await self.redis.hmget(self.keys.transfer(transfer_id), "debit", "credit", "token")
             if debit is None:
-                await self.redis.zrem(self._pending, transfer_id)
+                await self.redis.zrem(self.keys.pending, transfer_id)
                 continue
             res = await self._finish(transfer_id, _s(debit), _s(credit), _s(token or ""), "void", "expired")
             voided += res.ok
@@ -423,12 +380,12 @@ class Ledger:
 
     async def pending_summary(self) -> tuple[int, float]:
         """(holds pending, age in seconds of the oldest one by its creation): for /metrics."""
-        count = await self.redis.zcard(self._pending)
+        count = await self.redis.zcard(self.keys.pending)
         if not count:
             return 0, 0.0
         created = []
-        for raw in await self.redis.zrange(self._pending, 0, 9):  # the ten nearest deadlines
-            value = await self.redis.hget(self._xfer(_s(raw)), "created")
+        for raw in await self.redis.zrange(self.keys.pending, 0, 9):  # the ten nearest deadlines
+            value = await self.redis.hget(self.keys.transfer(_s(raw)), "created")
             if value is not None:
                 created.append(int(value))
         return count, max(0.0, time.time() - min(created) / 1000) if created else 0.0
@@ -441,14 +398,14 @@ class Ledger:
         live (unrevoked, unexpired) tokens (0: no cap): False then. One script: the count and the write."""
         res = await self._batch.call(
             self._create_token,
-            [self._token(token_id), self._tokens_of(owner), self._live_tokens(owner)],
+            [self.keys.token(token_id), self.keys.tokens_of(owner), self.keys.live_tokens_of(owner)],
             [token_id, owner, secret_hash, max_total, max_per_call, expires_at, json.dumps(routes or []), label,
              cap],
         )
         return _s(res) == "ok"
 
     async def token(self, token_id: str) -> dict[str, Any] | None:
-        row = await self.redis.hgetall(self._token(token_id))
+        row = await self.redis.hgetall(self.keys.token(token_id))
         if not row:
             return None
         out: dict[str, Any] = {_s(k): _s(v) for k, v in row.items()}
@@ -459,28 +416,24 @@ class Ledger:
         return out
 
     async def tokens_of(self, owner: str) -> list[dict[str, Any]]:
-        ids = sorted(_s(i) for i in await self.redis.smembers(self._tokens_of(owner)))
+        ids = sorted(_s(i) for i in await self.redis.smembers(self.keys.tokens_of(owner)))
         return [t for t in [await self.token(i) for i in ids] if t]
 
     async def revoke_token(self, token_id: str) -> None:
         """Revoked tokens refuse new holds at once; holds already taken settle normally. A revoked token
         no longer counts against its owner's cap."""
-        owner = await self.redis.hget(self._token(token_id), "owner")  # immutable once issued
+        owner = await self.redis.hget(self.keys.token(token_id), "owner")  # immutable once issued
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._token(token_id), "revoked", 1)
+            pipe.hset(self.keys.token(token_id), "revoked", 1)
             if owner is not None:
-                pipe.zrem(self._live_tokens(_s(owner)), token_id)
+                pipe.zrem(self.keys.live_tokens_of(_s(owner)), token_id)
             await pipe.execute()
-
-    def _live_tokens(self, owner: str) -> str:
-        """Owner's unrevoked tokens, scored by expiry (+inf: none): what the cap counts."""
-        return f"{self.tag}:tokens-live:{owner}"
 
 
     # audit -----------------------------------------------------------------------------------------
     async def reconcile(self, batch: int = 5000) -> ReconcileReport:
         """Replay the journal up to an atomic snapshot of all balances and compare (read-only)."""
-        snap = await self._snapshot(keys=[self._accounts, self.journal_key], args=[self._acct("")])
+        snap = await self._snapshot(keys=[self.keys.accounts, self.keys.journal], args=[self.keys.account_prefix])
         last_id = _s(snap[0])
         stored: dict[str, tuple[int, int, int, int]] = {}
         for i in range(1, len(snap), 5):
@@ -490,7 +443,7 @@ class Ledger:
         opened: set[str] = set()
         start = "-"
         while last_id != "0-0":
-            entries = await self.redis.xrange(self.journal_key, start, last_id, count=batch)
+            entries = await self.redis.xrange(self.keys.journal, start, last_id, count=batch)
             for _, raw in entries:
                 report.journal_entries += 1
                 e = {_s(k): _s(v) for k, v in raw.items()}
@@ -523,7 +476,7 @@ class Ledger:
         for i in range(0, len(names), 1000):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name in names[i:i + 1000]:
-                    pipe.hget(self._acct(name), "nonneg")
+                    pipe.hget(self.keys.account(name), "nonneg")
                 flags = await pipe.execute()
             for name, flag in zip(names[i:i + 1000], flags):
                 dp, cp, dpend, _ = stored[name]

@@ -12,9 +12,10 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import TooManyRequests
+from .keys import Keys
 from .redis_client import ScriptBatcher
-from .state import HEALTH, LIMITER, SETTINGS
 from .scripts import register
+from .state import HEALTH, LIMITER, SETTINGS
 
 __all__ = ["RateLimiter", "rate_limit_middleware", "client_ip"]
 
@@ -24,7 +25,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis, prefix: str, timeout: float) -> None:
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self._hit = register(redis, "ratelimit_hit")
         self._batch = ScriptBatcher(redis, timeout)  # pipelined with the other calls of the moment
 
@@ -33,7 +34,7 @@ class RateLimiter:
         if per_minute <= 0:
             return
         window = int(time.time() // 60)
-        count, ttl = await self._batch.call(self._hit, [f"{self.tag}:rl:{scope}:{key}:{window}"], [60_000])
+        count, ttl = await self._batch.call(self._hit, [self.keys.rate(scope, key, window)], [60_000])
         if int(count) > per_minute:
             retry = max(1, int(ttl) // 1000 + 1)
             who = "from this IP address" if scope == "ip" else "for this account"

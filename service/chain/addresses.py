@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..bitcoin import BITCOINLIB_NETWORK
+from ..keys import Keys
 from ..scripts import register
 
 __all__ = ["AddressBook", "AddressConflict", "derive", "fingerprint", "REGISTRY_TAG"]
@@ -75,7 +76,7 @@ class AddressBook:
         self.redis, self.xpub, self.network, self.branch, self.pool = redis, xpub, network, branch, pool
         self.per_client = per_client  # invoice addresses one client IP may hold leased at once (0: no cap)
         self.prefix = prefix
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self._lease = register(redis, "address_lease")
         self._claim = register(redis, "address_claim")
         _chain(xpub, network, branch)  # fail at startup on a bad key
@@ -101,7 +102,7 @@ class AddressBook:
         await self.redis.set(self._k("branch"), self.branch)
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "addr", *parts])
+        return self.keys.of("addr", *parts)
 
     async def _new(self, purpose: str, **fields: Any) -> str:
         index = await self.redis.incr(self._k("next")) - 1

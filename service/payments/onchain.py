@@ -39,15 +39,16 @@ from aiohttp import web
 from .. import protocol as P
 from ..auth import authenticate
 from ..chain.addresses import AddressBook
-from ..chain.backends import ChainBackend, ChainError
+from ..chain.backends import ChainBackend, ChainError, already_known
 from ..config import Settings
 from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
 from ..invoices import Invoice, Invoices
-from ..ledger import ALL, BITCOIN, REVENUE, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
+from ..keys import BITCOIN, REVENUE, Keys, onchain_account, user_account
+from ..ledger import ALL, AccountKind, Ledger, Outcome, Result, coin_id
 from ..pricing import Quote, route_rule
+from ..scripts import register
 from . import PaidBefore, Payment
 from . import btc_rules as R
-from ..scripts import register
 
 __all__ = ["OnChain", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
            "unclaimed", "settle_unclaimed"]
@@ -69,12 +70,12 @@ class OnChainRecords:
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self._claim = register(redis, "onchain_claim")
         self._release = register(redis, "onchain_release")
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "onchain", *parts])
+        return self.keys.of("onchain", *parts)
 
     def _keys(self, txid: str, address: str) -> list[str]:
         return [self._k("tx", txid), self._k("paid", address), self._k("open")]
@@ -255,7 +256,7 @@ class OnChain:
             if exc.transient:  # it may have reached the network: keep the claim, a retry is recognised
                 raise ServiceUnavailable("chain_unavailable", f"could not broadcast: {exc.reason}",
                                          headers={"Retry-After": "5"}) from None
-            if not _already_known(exc.reason):  # (we claimed it: a node that knows it got it from us)
+            if not already_known(exc.reason):  # fine only because we claimed it for this invoice first
                 await self.records.release(txid, invoice_id, address)
                 raise BadRequest("broadcast_rejected", exc.reason) from None
         await self.records.set_state(txid, "broadcast")
@@ -284,13 +285,6 @@ def _error(refusal: R.Refusal) -> Exception:
     if refusal.status == 409:
         return Conflict(refusal.code, refusal.detail)
     return PaymentRequired(refusal.code, refusal.detail)
-
-
-def _already_known(reason: str) -> bool:
-    """The node has this tx already: fine only because we claimed it for this invoice before broadcasting."""
-    reason = reason.lower()
-    return any(s in reason for s in ("already in block chain", "already-known", "already-in-mempool",
-                                     "already in the mempool", "(-27)"))
 
 
 # --- what is left in payment accounts: the payer's once confirmed, else the operator's to settle -------

@@ -32,10 +32,11 @@ import redis.asyncio as aioredis
 
 from .. import metrics
 from ..errors import Conflict, NotFound, PaymentRequired
-from ..ledger import ALL, REVENUE, AccountKind, Guard, Ledger, Outcome, user_account
+from ..keys import REVENUE, Keys, job_escrow, stake_escrow, user_account
+from ..ledger import ALL, AccountKind, Guard, Ledger, Outcome
+from ..scripts import register
 from . import manifests as k8s_manifests
 from .junit import check_evidence
-from ..scripts import register
 
 __all__ = ["Crowd"]
 
@@ -71,7 +72,7 @@ class Crowd:
                  dispute_seconds: int = 86_400, stake_percent: int = 20) -> None:
         self.redis, self.ledger, self.lease_seconds = redis, ledger, lease_seconds
         self.dispute_seconds, self.stake_percent = dispute_seconds, stake_percent
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self._claim = register(redis, "crowd_claim")
         self._unclaim = register(redis, "crowd_unclaim")
         self._submit = register(redis, "crowd_submit")
@@ -79,18 +80,13 @@ class Crowd:
         self._mark = register(redis, "crowd_mark")
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "crowd", *parts])
+        return self.keys.of("crowd", *parts)
 
     async def open_jobs(self) -> int:
         return int(await self.redis.zcard(self._k("open")))
 
-    @staticmethod
-    def escrow(job_id: str) -> str:
-        return f"escrow:job:{job_id}"
-
-    @staticmethod
-    def stake_escrow(job_id: str) -> str:
-        return f"escrow:stake:{job_id}"
+    escrow = staticmethod(job_escrow)
+    stake_escrow = staticmethod(stake_escrow)
 
     def stake_for(self, reward: int) -> int:
         """What a claim stakes: CROWD_STAKE_PERCENT of the reward, at least 1 sat (0 when the setting is 0)."""

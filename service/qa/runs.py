@@ -25,10 +25,11 @@ from redis.exceptions import ResponseError
 
 from .. import metrics, tasks, webhooks
 from ..errors import NotFound
-from ..ledger import REVENUE, Guard, Ledger, Outcome, user_account
+from ..keys import REVENUE, Keys, user_account
+from ..ledger import Guard, Ledger, Outcome
+from ..scripts import register
 from . import manifests, suites
 from .junit import to_junit
-from ..scripts import register
 
 __all__ = ["RunStore", "Worker", "DONE", "GROUP"]
 
@@ -60,7 +61,7 @@ class RunStore:
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self._finish = register(redis, "run_finish")
         self._start = register(redis, "run_start")
         self._renew = register(redis, "run_renew")
@@ -70,20 +71,20 @@ class RunStore:
         return self._run(run_id)
 
     def _run(self, run_id: str) -> str:
-        return f"{self.tag}:qa:run:{run_id}"
+        return self.keys.of("qa", "run", run_id)
 
     def _body(self, run_id: str) -> str:
-        return f"{self.tag}:qa:body:{run_id}"
+        return self.keys.of("qa", "body", run_id)
 
     def _result(self, run_id: str) -> str:
-        return f"{self.tag}:qa:result:{run_id}"
+        return self.keys.of("qa", "result", run_id)
 
     def _active(self, owner: str) -> str:
-        return f"{self.tag}:qa:active:{owner}"
+        return self.keys.of("qa", "active", owner)
 
     @property
     def queue(self) -> str:
-        return f"{self.tag}:qa:queue"
+        return self.keys.of("qa", "queue")
 
     async def active(self, owner: str) -> int:
         return int(await self.redis.get(self._active(owner)) or 0)
