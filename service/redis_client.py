@@ -10,6 +10,7 @@ runs unchanged on a cluster.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -20,6 +21,11 @@ from redis.commands.core import AsyncScript
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, TimeoutError as RedisTimeoutError
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py's own packer then
+    hiredis = None
 
 __all__ = ["connect", "safe_url", "ScriptBatcher"]
 
@@ -56,12 +62,35 @@ def connect(url: str, *, timeout: float | None = None, max_connections: int = 25
             raise ValueError("redis+sentinel:// URLs name the master: redis+sentinel://host:26379/mymaster[/db]")
         sentinel = Sentinel(nodes, sentinel_kwargs={"password": password, "socket_connect_timeout": timeout},
                             password=password, db=int(path[1]) if len(path) > 1 else 0, **common)
-        return sentinel.master_for(path[0], max_connections=max_connections)
+        return _hiredis_packing(sentinel.master_for(path[0], max_connections=max_connections))
     if scheme == "redis+cluster":
         password, nodes = _hosts(urlsplit(url).netloc, 6379)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], password=password,
                             max_connections=max_connections, **common)
-    return aioredis.Redis.from_url(url, max_connections=max_connections, **common)
+    return _hiredis_packing(aioredis.Redis.from_url(url, max_connections=max_connections, **common))
+
+
+def _hiredis_packing(client: aioredis.Redis) -> aioredis.Redis:
+    """redis-py's asyncio connections parse replies with hiredis but pack commands in Python (~38 us for a
+    hold's EVALSHA here); hiredis packs the same bytes in ~5 us. Anything hiredis refuses (a bool, None)
+    goes to redis-py's packer, which raises its usual error."""
+    pool = client.connection_pool
+    if hiredis is not None:
+        pool.connection_class = _packed_by_hiredis(pool.connection_class)
+    return client
+
+
+@functools.cache
+def _packed_by_hiredis(cls: type) -> type:
+    def pack_command(self: Any, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " not in args[0]:
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        return cls.pack_command(self, *args)
+
+    return type(f"Hiredis{cls.__name__}", (cls,), {"pack_command": pack_command})
 
 
 def safe_url(url: str) -> str:
