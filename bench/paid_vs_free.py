@@ -188,7 +188,8 @@ class Books:
         last = self.r.xrevrange(self.journal, count=1)
         return (last[0][0] if last else "0-0"), int(self.r.hget(self.revenue, "cp") or 0)
 
-    def check(self, run: Run, since: tuple[str, int], connections: int) -> bool:
+    def check(self, run: Run, since: tuple[str, int], connections: int, journal: bool = True) -> bool:
+        """journal=False when entries may have moved to the archive meanwhile: revenue and reconcile only."""
         for _ in range(50):  # calls still in flight when the client stopped finish within a moment
             if not self.r.zcard(self.pending):
                 break
@@ -197,7 +198,7 @@ class Books:
         captured: set[str] = set()
         captures = 0
         start = "(" + since[0]
-        while True:
+        while journal:
             rows = self.r.xrange(self.journal, start, "+", count=5000)
             for entry_id, e in rows:
                 ops[e["op"]] = ops.get(e["op"], 0) + 1
@@ -208,6 +209,9 @@ class Books:
                 break
             start = "(" + rows[-1][0]
         revenue = int(self.r.hget(self.revenue, "cp") or 0) - since[1]
+        if not journal:
+            captures = revenue // self.price
+            captured = set(range(captures))
         rec = subprocess.run([sys.executable, "-m", "service", "reconcile"], cwd=ROOT, env=self.env,
                              capture_output=True, text=True)
         reconcile = json.loads(rec.stdout)
@@ -241,7 +245,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--python-load", action="store_true", help="use bench/load.py even when wrk is installed")
     p.add_argument("--memory", type=float, metavar="SECONDS", help="memory mode: a steady paid run this long")
-    p.add_argument("--rate", type=int, default=500, help="memory mode: paid calls/s")
+    p.add_argument("--rate", type=int, default=200, help="memory mode: paid calls/s")
     args = p.parse_args()
     py = args.python_load or not WRK
     tmp = Path(tempfile.mkdtemp(prefix="microtasks-bench-"))
@@ -251,7 +255,7 @@ def main() -> None:
            "REDIS_PREFIX": PREFIX, "QA_WORKERS": "0",
            # limits stay on (their Redis call is part of the cost) but one loopback client must not hit them
            "RATE_LIMIT_IP_PER_MINUTE": "100000000", "RATE_LIMIT_ACCOUNT_PER_MINUTE": "100000000",
-           "MICROTASKS_VAR": str(tmp / "var")}
+           "MICROTASKS_VAR": str(tmp / "var"), **(MEMORY_ENV if args.memory else {})}
     ports = {m: free_port() for m in ("bare", "verify", "floor", "app", "app2")}
     procs = {m: [start(m, ports[m], env)] for m in ("bare", "verify", "floor", "app")}
     procs["app2"] = [start("app", ports["app2"], env, reuse=True) for _ in range(2)]
@@ -264,14 +268,14 @@ def main() -> None:
         for m in ("app", "app2"):
             asyncio.run(wait_up(f"{url[m]}/readyz"))
         asyncio.run(wait_up(f"{url['floor']}/"))
-        wallets, price, payee, address = asyncio.run(prepare_payers(url["app"], accounts=50, funds=10**12))
+        wallets, price, payee, address = asyncio.run(prepare_payers(url["app"], accounts=5 if args.memory else 50,
+                                                                    funds=10**12))
         for w in wallets:  # the floor's own balances, in its own keys
             r.hset(f"benchfloor:bal:{w.username}", "b", 10**12)
         transfers = Transfers(tmp / "transfers.tsv", wallets, price, payee, address, f"{url['app']}/bench/paid")
         books = Books(r, price, env)
         if args.memory:
-            memory_mode(args, r, url["app"], pids["app"], transfers, books)
-            return
+            sys.exit(0 if memory_mode(args, r, url["app"], transfers, books) else 1)
         t0 = time.perf_counter()
         first = transfers.take(int(secs * 7000))  # more than the floor or the paid route serves here
         print(f"pre-signed {transfers.signed} transfers in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -345,9 +349,61 @@ def report(runs: list[Run], c: int, secs: float, ok: bool) -> None:
     print("RESULT: " + ("books exact after every paid run" if ok else "MISMATCH in the books"))
 
 
-def memory_mode(args: argparse.Namespace, r: sync_redis.Redis, url: str, pids: list[int], transfers: Transfers,
-                books: Books) -> None:
-    raise SystemExit("memory mode: not implemented yet")
+MEMORY_ENV = {"TRANSFER_WINDOW": "15", "HOLD_TIMEOUT": "15", "JOURNAL_ARCHIVE_AFTER": "10"}
+
+
+def memory_mode(args: argparse.Namespace, r: sync_redis.Redis, url: str, transfers: Transfers, books: Books) -> bool:
+    """A steady paid run at --rate calls/s for --memory seconds (signed on the fly, paced open loop), with
+    short windows (MEMORY_ENV) so that every per-call record reaches its steady state within ~90 s: replay
+    records expire (window + margin), kept responses expire (hold timeout), the journal moves to the archive
+    (JOURNAL_ARCHIVE_AFTER), per-user histories stay at their last 1000. Prints used_memory over time and
+    its growth over the second half of the run (the first half is the warm-up)."""
+    samples: list[tuple[float, int]] = []
+    statuses: dict[int, int] = {}
+
+    async def run() -> None:
+        started = time.monotonic()
+        interval = 1 / args.rate
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+            async def one(i: int) -> None:
+                w = transfers.wallets[i % len(transfers.wallets)]
+                h = transfer_headers(w, amount=transfers.price, payee_username=transfers.payee,
+                                     payee_address=transfers.address, url=transfers.url)
+                async with http.get(f"{url}/bench/paid", headers=h) as resp:
+                    await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+            pending: set[asyncio.Task] = set()
+            i, next_sample = 0, 0.0
+            while (now := time.monotonic() - started) < args.memory:
+                if now >= next_sample:
+                    samples.append((now, int(r.info("memory")["used_memory"])))
+                    next_sample += 5
+                task = asyncio.create_task(one(i))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                i += 1
+                await asyncio.sleep(max(0.0, started + i * interval - time.monotonic()))
+            await asyncio.gather(*pending)
+            samples.append((time.monotonic() - started, int(r.info("memory")["used_memory"])))
+
+    mark = books.mark()
+    asyncio.run(run())
+    served = statuses.get(200, 0)
+    run_ = Run("memory", requests=sum(statuses.values()), ok=served, non2xx=sum(statuses.values()) - served)
+    ok = books.check(run_, mark, 0, journal=False)
+    print(f"memory mode: {args.rate} paid calls/s for {args.memory:g} s (Python open-loop generator signing each "
+          f"transfer), {len(transfers.wallets)} payers, {MEMORY_ENV}; statuses {statuses}")
+    for t, used in samples:
+        print(f"  t={t:6.1f} s  used_memory={used / 1e6:8.3f} MB")
+    half = [used for t, used in samples if t >= args.memory / 2]
+    growth = (half[-1] - half[0]) / half[0] if len(half) > 1 else 0.0
+    keys = r.dbsize()
+    print(f"growth over the second half (after warm-up): {growth:+.1%} ({'flat' if abs(growth) < 0.05 else 'NOT flat'}"
+          f", limit 5 %); {keys} keys, journal stream {r.xlen('{' + PREFIX + '}:journal')} entries")
+    for note in run_.notes:
+        print(note)
+    return ok and abs(growth) < 0.05
 
 
 if __name__ == "__main__":

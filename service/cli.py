@@ -165,6 +165,7 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
     backend = backend_from_settings(settings.chain, settings.chain_url or "", settings.chain_cookie)
     try:
         ledger = Ledger(redis, settings.redis_prefix)
+        ledger.archive_dir = settings.archive_dir
         await ledger.ensure_system_accounts()
         book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network, settings.payee_branch)
         try:
@@ -281,6 +282,7 @@ async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, 
     report = await ledger.reconcile()
     body: dict[str, Any] = {
         "ok": report.ok, "accounts": report.accounts, "journal_entries": report.journal_entries,
+        "archived_entries": report.archived_entries,
         "sum_of_balances": report.sum_posted, "sum_of_pending": report.sum_pending,
         "mismatches": report.mismatches,
     }

@@ -49,6 +49,7 @@ __all__ = ["paywall_middleware", "commit", "PAYMENT", "HOLD", "REPLAYED_HEADER"]
 PAYMENT = web.RequestKey("payment", Payment)  # the verified Payment, for handlers that need the payer
 HOLD = web.RequestKey("hold", Hold)  # the hold the paywall will capture if the handler succeeds
 REPLAYED_HEADER = "Idempotent-Replayed"
+REPLAY_MARGIN = 60  # s a replay record outlives its payment's last valid moment (clock skew between hosts)
 log = structlog.get_logger("paywall")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -171,12 +172,15 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
         raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
     # a signed transfer is its own key; with Idempotency-Key, a re-signed retry finds the first one too
     bind = (payment.payer, key, settings.idempotency_ttl) if key and payment.payer and payment.token is None else None
+    # the record outlives every replay of the payment (REPLAY_MARGIN for clocks), and its key's binding
+    keep_until = payment.replay_until and max(payment.replay_until + REPLAY_MARGIN,
+                                              time.time() + settings.idempotency_ttl if bind else 0)
     try:
         result = await ledger.hold(
             hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
             require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
             open_credit=AccountKind.ESCROW if is_escrow(hold.credit) else None,
-            method=payment.method, request_hash=quote.request_hash, idempotency=bind,
+            method=payment.method, request_hash=quote.request_hash, idempotency=bind, keep_until=keep_until,
         )
     except RedisError as exc:  # the hold may still apply, but nothing captures it: the sweeper voids it
         log.error("hold_ambiguous", transfer=hold.id, error=str(exc))

@@ -9,7 +9,9 @@
 --     [9] token secret hash ('' = not paid by token), [10] resource path (the token's route caveat),
 --     [11] guard: field that must be absent, [12] guard: field to claim, [13] claim value,
 --     [14] kind to open the credit account with when it does not exist ('' = it must exist),
---     [15] '1' = bind KEYS[11] to this transfer when it applies ('' = no key), [16] the binding's TTL in s
+--     [15] '1' = bind KEYS[11] to this transfer when it applies ('' = no key), [16] the binding's TTL in s,
+--     [17] unix ms until which the record must outlive any replay of this payment ('0' = kept forever):
+--     a posted transfer expires then; a hold expires then (or a minute after it resolves, if later)
 -- Returns {'ok', state, amount} | {'replayed', field, value, ...} (the first transfer) |
 --     {'key_used', first transfer id} (KEYS[11] names another transfer) | {outcome}: one of
 --     same_account, token_invalid, token_revoked, token_expired, token_max_per_call, token_route,
@@ -97,6 +99,11 @@ else
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3], 'amount', amount,
   'state', state, 'created', now_ms, 'expires', expires, 'meta', ARGV[8], 'token', token)
+local keep = tonumber(ARGV[17] or '0') or 0
+if keep > 0 then
+  redis.call('HSET', KEYS[1], 'keep_until', keep)
+  if state == 'posted' then redis.call('PEXPIREAT', KEYS[1], math.max(keep, now_ms + 60000)) end
+end
 if token ~= '' then redis.call('HINCRBY', KEYS[8], 'spent', amount) end
 redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3],
   'amount', amount, 'ts', now_ms)

@@ -187,6 +187,7 @@ class BitTransfer:
         return Payment(
             method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
             amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
+            replay_until=t["timestamp"] + s.transfer_window,  # later, verify refuses it as stale
         )
 
     def _check_resource(self, request: web.Request, description: str | None, invoice: str | None) -> None:
