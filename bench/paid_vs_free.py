@@ -245,7 +245,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--python-load", action="store_true", help="use bench/load.py even when wrk is installed")
     p.add_argument("--memory", type=float, metavar="SECONDS", help="memory mode: a steady paid run this long")
-    p.add_argument("--rate", type=int, default=200, help="memory mode: paid calls/s")
+    p.add_argument("--rate", type=int, default=50, help="memory mode: paid calls/s")
     args = p.parse_args()
     py = args.python_load or not WRK
     tmp = Path(tempfile.mkdtemp(prefix="microtasks-bench-"))
@@ -340,6 +340,10 @@ def report(runs: list[Run], c: int, secs: float, ok: bool) -> None:
     print(f"server CPU per paid call: {us[paid.name]:.0f} us = HTTP (aiohttp, bare) {http:.0f} + verify {ver:.0f} "
           f"+ Redis client (floor - verify) {flo:.0f} + ours (paid - floor) {app:.0f}; Redis server "
           f"{paid.us_per_call(paid.redis_cpu):.0f} us per paid call (floor: {floor.us_per_call(floor.redis_cpu):.0f})")
+    redis_us = paid.us_per_call(paid.redis_cpu)
+    if redis_us:
+        print(f"one Redis (single-threaded) saturates at ~1e6 / {redis_us:.0f} us = {1e6 / redis_us:,.0f} paid calls/s "
+              f"at this run's Redis CPU per paid call (floor's one script: {1e6 / max(1.0, floor.us_per_call(floor.redis_cpu)):,.0f}/s)")
     print(f"2 processes: {two.rps:.0f} req/s = {two.rps / paid.rps:.2f}x one; during it the load generator used "
           f"{two.share(two.gen_cpu):.0%}, the servers {two.share(two.server_cpu):.0%}, Redis "
           f"{two.share(two.redis_cpu):.0%} of the {CORES} cores")
@@ -396,10 +400,13 @@ def memory_mode(args: argparse.Namespace, r: sync_redis.Redis, url: str, transfe
           f"transfer), {len(transfers.wallets)} payers, {MEMORY_ENV}; statuses {statuses}")
     for t, used in samples:
         print(f"  t={t:6.1f} s  used_memory={used / 1e6:8.3f} MB")
-    half = [used for t, used in samples if t >= args.memory / 2]
-    growth = (half[-1] - half[0]) / half[0] if len(half) > 1 else 0.0
+    # steady state: the mean of the third quarter against the mean of the last (the final sample, taken
+    # after the load stopped, is left out); single samples jitter with the allocator and the archive's batches
+    third = [used for t, used in samples[:-1] if args.memory / 2 <= t < args.memory * 3 / 4]
+    last = [used for t, used in samples[:-1] if t >= args.memory * 3 / 4]
+    growth = (sum(last) / len(last) - sum(third) / len(third)) / (sum(third) / len(third)) if third and last else 0.0
     keys = r.dbsize()
-    print(f"growth over the second half (after warm-up): {growth:+.1%} ({'flat' if abs(growth) < 0.05 else 'NOT flat'}"
+    print(f"growth, mean of the last quarter against the third (the first half is the warm-up): {growth:+.1%} ({'flat' if abs(growth) < 0.05 else 'NOT flat'}"
           f", limit 5 %); {keys} keys, journal stream {r.xlen('{' + PREFIX + '}:journal')} entries")
     for note in run_.notes:
         print(note)

@@ -57,3 +57,31 @@ async def test_entries_younger_than_the_limit_stay_in_redis(ledger, tmp_path):
     await _traffic(ledger, "w")
     assert await archive_once(ledger, JournalArchive(tmp_path / "j"), older_than=3600) == 0
     assert (await ledger.reconcile()).archived_entries == 0
+
+
+async def test_the_reconcile_command_checks_the_archive_files(ledger, settings, tmp_path):
+    """`python -m service reconcile` counts archived entries and fails when a file no longer adds up."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    var = tmp_path / "var"
+    await _traffic(ledger, "c")
+    await asyncio.sleep(0.01)
+    assert await archive_once(ledger, JournalArchive(var / "journal"), older_than=0) > 0
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "REDIS_PREFIX": settings.redis_prefix,
+           "MICROTASKS_VAR": str(var)}
+
+    def reconcile() -> tuple[int, dict]:
+        out = subprocess.run([sys.executable, "-m", "service", "reconcile"], env=env, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent, timeout=60)
+        return out.returncode, json.loads(out.stdout)
+
+    rc, report = reconcile()
+    assert rc == 0 and report["ok"] and report["archived_entries"] > 0, report
+    path = next((var / "journal").glob("journal-*.jsonl"))
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # the last entry lost
+    rc, report = reconcile()
+    assert rc == 1 and "do not add up to the checkpoint" in report["mismatches"][0], report
