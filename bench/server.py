@@ -65,12 +65,12 @@ async def verify_only(request: web.Request) -> web.Response:
 def floor_app() -> web.Application:
     import hashlib
 
-    from service.redis_client import connect
+    import redis.asyncio as aioredis
 
     app = web.Application()
 
-    async def redis_ctx(app: web.Application):
-        redis = connect(os.environ["REDIS_URL"])
+    async def redis_ctx(app: web.Application):  # plain redis-py (hiredis parser): a fixed reference
+        redis = aioredis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
         app["script"] = redis.register_script(FLOOR_LUA)
         yield
         await redis.aclose()
