@@ -185,21 +185,33 @@ class Books:
         self.pending = "{" + PREFIX + "}:pending"
 
     def mark(self) -> tuple[str, int]:
-        last = self.r.xrevrange(self.journal, count=1)
-        return (last[0][0] if last else "0-0"), int(self.r.hget(self.revenue, "cp") or 0)
+        """(journal's last id, revenue) read atomically (one MULTI)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            last, revenue = pipe.xrevrange(self.journal, count=1).hget(self.revenue, "cp").execute()
+        return (last[0][0] if last else "0-0"), int(revenue or 0)
+
+    def settled(self) -> tuple[str, int]:
+        """Wait (up to 10 s) until no hold is pending and nothing moved for 0.5 s: calls the client gave up
+        on may still be queued in the server; then the mark."""
+        seen, quiet = self.mark(), 0.0
+        for _ in range(100):
+            time.sleep(0.1)
+            now = self.mark()
+            quiet = quiet + 0.1 if now == seen and not self.r.zcard(self.pending) else 0.0
+            if quiet >= 0.5:
+                break
+            seen = now
+        return seen
 
     def check(self, run: Run, since: tuple[str, int], connections: int, journal: bool = True) -> bool:
         """journal=False when entries may have moved to the archive meanwhile: revenue and reconcile only."""
-        for _ in range(50):  # calls still in flight when the client stopped finish within a moment
-            if not self.r.zcard(self.pending):
-                break
-            time.sleep(0.1)
+        until = self.settled()
         ops: dict[str, int] = {}
         captured: set[str] = set()
         captures = 0
         start = "(" + since[0]
         while journal:
-            rows = self.r.xrange(self.journal, start, "+", count=5000)
+            rows = self.r.xrange(self.journal, start, until[0], count=5000)
             for entry_id, e in rows:
                 ops[e["op"]] = ops.get(e["op"], 0) + 1
                 if e["op"] == "capture":
@@ -208,7 +220,7 @@ class Books:
             if len(rows) < 5000:
                 break
             start = "(" + rows[-1][0]
-        revenue = int(self.r.hget(self.revenue, "cp") or 0) - since[1]
+        revenue = until[1] - since[1]
         if not journal:
             captures = revenue // self.price
             captured = set(range(captures))
