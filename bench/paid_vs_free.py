@@ -336,14 +336,14 @@ def report(runs: list[Run], c: int, secs: float, ok: bool) -> None:
     print(f"load generator: {bare.generator}, {c} connections, {secs:g} s per target; {CORES} cores; one run, "
           f"same Redis. srv/rds us = server/Redis CPU per OK answer; gen/srv/rds = share of all cores")
     if bare.generator.startswith("python"):
-        print("NOTE: Python load generator (wrk not installed): it, not the server, may be the limit")
+        print("NOTE: Python load generator (wrk not installed, or --python-load): it, not the server, may be the limit")
     print(HEADER)
     for run in runs:
         print(row(run, bare.rps))
     print(f"ratios: paid/floor {paid.rps / floor.rps:.2f}  paid/bare {paid.rps / bare.rps:.2f}  "
           f"free/bare {free.rps / bare.rps:.2f}  verify/bare {verify.rps / bare.rps:.2f}  "
           f"floor/bare {floor.rps / bare.rps:.2f}  2 processes/1 {two.rps / paid.rps:.2f}")
-    print(f"paced run (wrk: fixed {paced.name.split('~')[-1]} over 16 connections, each waits its delay "
+    print(f"paced run ({paced.generator}: fixed {paced.name.split('~')[-1]} over 16 connections, each waits its delay "
           f"before each request; closed loop per connection, so not corrected for coordinated omission): "
           f"p50 {paced.p50_ms:.2f} ms, p99 {paced.p99_ms:.2f} ms")
     us = {run.name: run.us_per_call(run.server_cpu) for run in runs}
