@@ -75,6 +75,7 @@ class Outcome(str, enum.Enum):
     LOCKED = "locked"                  # the hold is locked by another owner (e.g. a withdrawal batch)
     KEY_USED = "key_used"              # the payer's Idempotency-Key is bound to another transfer
     LIMIT = "counter_limit"            # a lifetime counter would pass MAX_COUNTER (2^53 - 1): refused, exact
+    RATE_LIMITED = "rate_limited"      # the payer's calls this window are used up (hold(limit=...)): nothing moved
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ class Ledger:
     async def hold(
         self, transfer_id: str, debit: str, credit: str, amount: int, *, timeout: int,
         require_pubkey: str = "", token: TokenSpend | None = None, open_credit: AccountKind | None = None,
-        idempotency: tuple[str, str, int] | None = None, keep_until: float = 0, **meta: str,
+        idempotency: tuple[str, str, int] | None = None, keep_until: float = 0,
+        limit: tuple[str, int, int] | None = None, **meta: str,
     ) -> Result:
         """Reserve `amount` as a pending transfer (atomic, idempotent by id).
 
@@ -255,16 +257,18 @@ class Ledger:
         the key is bound to this transfer when it applies; a key bound to another transfer is KEY_USED
         (`transfer["id"]` names the first). With `keep_until` (unix s: after it the payment can no longer be
         presented), the transfer's record expires then, or a minute after it resolves if later (0: kept).
+        With `limit` (the payer's rate-limit counter key, calls allowed, the window in ms), the counter is hit in
+        the same script, first: RATE_LIMITED (`transfer["retry_ms"]`) once it is over, nothing held.
         """
         return await self._run_transfer(transfer_id, debit, credit, amount, "pend", timeout, require_pubkey,
                                         token, meta, open_credit=open_credit, idempotency=idempotency,
-                                        keep_until=keep_until)
+                                        keep_until=keep_until, limit=limit)
 
     async def _run_transfer(
         self, transfer_id: str, debit: str, credit: str, amount: int | str, mode: str, timeout: int,
         require_pubkey: str, token: TokenSpend | None, meta: dict[str, str], guard: Guard | None = None,
         open_credit: AccountKind | None = None, idempotency: tuple[str, str, int] | None = None,
-        keep_until: float = 0,
+        keep_until: float = 0, limit: tuple[str, int, int] | None = None,
     ) -> Result:
         valid = amount == ALL and mode == "post" and token is None
         if not valid and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
@@ -275,18 +279,24 @@ class Ledger:
                            token.secret_hash if token else "", token.path if token else "",
                            guard.forbid if guard else "", guard.claim if guard else "", guard.value if guard else "",
                            open_credit.value if open_credit else "", "1" if idempotency else "",
-                           max(1, int(idempotency[2])) if idempotency else 0, int(keep_until * 1000)]
+                           max(1, int(idempotency[2])) if idempotency else 0, int(keep_until * 1000),
+                           limit[1] if limit else 0, limit[2] if limit else 0]
+        if limit is not None and not limit[0].startswith(self.tag + ":"):
+            raise ValueError("a rate-limit key must carry the ledger's hash tag (one Redis Cluster slot)")
         k = self.keys
         res = await self._batch.call(
             self._transfer,
             [k.transfer(transfer_id), k.account(debit), k.account(credit), k.pending, k.journal, k.history(debit),
              k.history(credit), k.token(token.token_id if token else NONE), guard.key if guard else k.guard(NONE),
-             k.accounts, k.idempotency(*idempotency[:2]) if idempotency else k.of("idem", NONE)],
+             k.accounts, k.idempotency(*idempotency[:2]) if idempotency else k.of("idem", NONE),
+             limit[0] if limit else k.of("rl", NONE)],
             args,
         )
         outcome = Outcome(_s(res[0]))
         if outcome is Outcome.REPLAYED:
             return Result(outcome, _decode_transfer(_pairs(res[1:])))
+        if outcome is Outcome.RATE_LIMITED:
+            return Result(outcome, {"retry_ms": int(res[1])})
         if outcome is Outcome.KEY_USED:
             return Result(outcome, {"id": _s(res[1])})
         if len(res) > 2:
