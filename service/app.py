@@ -14,6 +14,7 @@ from endpoints import routes as endpoint_routes
 from .config import Settings
 from .deployment import deployment_id
 from .invoices import Invoices, load_secret
+from .journal_archive import JournalArchive, archive_once
 from .ledger import Ledger
 from .logs import request_context_middleware
 from .payments import PaymentMethods
@@ -82,6 +83,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = connect(s.redis_url, timeout=s.redis_timeout)
     app[REDIS] = redis
     ledger = Ledger(redis, s.redis_prefix, timeout=s.redis_timeout)
+    ledger.archive_dir = s.archive_dir
     app[LEDGER] = ledger
     app[INVOICES] = Invoices(s.invoice_secret.encode() if s.invoice_secret else None,
                              ttl=s.invoice_ttl, payee=s.payee_username, address=s.payee_address,
@@ -176,6 +178,11 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 if voided:
                     EXPIRED.inc(voided)
                     log.info("holds_expired", voided=voided)
+                if app[SETTINGS].journal_archive_after > 0:
+                    archived = await archive_once(ledger, JournalArchive(app[SETTINGS].archive_dir),
+                                                  app[SETTINGS].journal_archive_after)
+                    if archived:
+                        log.info("journal_archived", entries=archived)
                 closed = await app[CROWD].expire_jobs()
                 if closed:
                     log.info("crowd_jobs_expired", closed=closed)

@@ -165,6 +165,7 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
     backend = backend_from_settings(settings.chain, settings.chain_url or "", settings.chain_cookie)
     try:
         ledger = Ledger(redis, settings.redis_prefix)
+        ledger.archive_dir = settings.archive_dir
         await ledger.ensure_system_accounts()
         book = AddressBook(redis, settings.redis_prefix, settings.payee_xpub, settings.network, settings.payee_branch)
         try:
@@ -279,8 +280,12 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, Any] | None = None) -> int:
     report = await ledger.reconcile()
+    if report.archived_entries and ledger.archive_dir:  # the archived files must add up to their checkpoint
+        from .journal_archive import JournalArchive, verify_archive  # noqa: PLC0415
+        report.mismatches += await verify_archive(ledger, JournalArchive(ledger.archive_dir))
     body: dict[str, Any] = {
         "ok": report.ok, "accounts": report.accounts, "journal_entries": report.journal_entries,
+        "archived_entries": report.archived_entries,
         "sum_of_balances": report.sum_posted, "sum_of_pending": report.sum_pending,
         "mismatches": report.mismatches,
     }
@@ -411,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run(url: str) -> int:
         async with open_ledger(url, settings.redis_prefix) as ledger:
+            ledger.archive_dir = settings.archive_dir
             return await action(ledger, args)
 
     try:

@@ -73,6 +73,8 @@ class Settings:
     auth_window: int = 300
     hold_timeout: int = 120
     idempotency_ttl: int = 86400      # how long a paid response is kept for retries with an Idempotency-Key
+    journal_archive_after: int = 86400  # s a journal entry stays in Redis before it moves to the archive (0: never)
+    journal_archive_dir: Path | None = None  # the archive's files (default: <var_dir>/journal)
     max_body: int = 1024 * 1024
     validate_base_price: int = 100
     validate_per_document: int = 20
@@ -143,6 +145,8 @@ class Settings:
             auth_window=_int(env, "AUTH_WINDOW", 300),
             hold_timeout=_int(env, "HOLD_TIMEOUT", 120),
             idempotency_ttl=_int(env, "IDEMPOTENCY_TTL", 86400),
+            journal_archive_after=_int(env, "JOURNAL_ARCHIVE_AFTER", 86400),
+            journal_archive_dir=Path(env["JOURNAL_ARCHIVE_DIR"]) if env.get("JOURNAL_ARCHIVE_DIR") else None,
             max_body=_int(env, "MAX_BODY", 1024 * 1024),
             validate_base_price=_int(env, "PRICE_VALIDATE_BASE", 100),
             validate_per_document=_int(env, "PRICE_VALIDATE_PER_DOCUMENT", 20),
@@ -204,6 +208,11 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+    @property
+    def archive_dir(self) -> Path:
+        """Where journal entries archived out of Redis are kept (journal_archive.py)."""
+        return self.journal_archive_dir or self.var_dir / "journal"
 
     @property
     def caip2(self) -> str:

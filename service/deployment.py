@@ -7,6 +7,7 @@ that port is accepted; production sets `PUBLIC_URL` (required on mainnet).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -43,16 +44,27 @@ def absolute_url(settings: Settings, request: web.Request, path_qs: str | None =
 
 def names_this_deployment(settings: Settings, request: web.Request, url: str) -> bool:
     """Is `url`'s origin this deployment's?"""
+    parts = _origin_parts(url)
+    if parts is None:
+        return False
+    theirs, scheme, hostname, port = parts
+    if settings.public_url:
+        return theirs == settings.public_url
+    hosts = _LOOPBACK | ({settings.host} - _WILDCARD)
+    return scheme == "http" and hostname in hosts and port == _local_port(request, settings)
+
+
+@lru_cache(maxsize=4096)
+def _origin_parts(url: str) -> tuple[str | None, str, str, int | None] | None:
+    """(canonical origin, scheme, hostname, port) of `url`, None if it has none; cached: every paid call
+    of a route names the same URL (a bounded cache, so odd URLs cost only their own parse)."""
     try:
         parts = urlsplit(url)
         theirs = public_origin(f"{parts.scheme}://{parts.netloc}")
+        canonical = urlsplit(theirs or "")
+        return theirs, canonical.scheme, canonical.hostname or "", canonical.port
     except (ValueError, ConfigError):
-        return False
-    if settings.public_url:
-        return theirs == settings.public_url
-    parts = urlsplit(theirs or "")
-    hosts = _LOOPBACK | ({settings.host} - _WILDCARD)
-    return parts.scheme == "http" and (parts.hostname or "") in hosts and parts.port == _local_port(request, settings)
+        return None
 
 
 def deployment_id(settings: Settings) -> str:

@@ -116,6 +116,11 @@ class Keys:
         return self.of("journal")
 
     @property
+    def journal_checkpoint(self) -> str:
+        """What the journal entries archived out of Redis add up to (journal_archive.py)."""
+        return self.of("journal", "checkpoint")
+
+    @property
     def accounts(self) -> str:
         return self.of("accounts")
 

@@ -15,6 +15,7 @@ import enum
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -74,6 +75,7 @@ class Outcome(str, enum.Enum):
     LOCKED = "locked"                  # the hold is locked by another owner (e.g. a withdrawal batch)
     KEY_USED = "key_used"              # the payer's Idempotency-Key is bound to another transfer
     LIMIT = "counter_limit"            # a lifetime counter would pass MAX_COUNTER (2^53 - 1): refused, exact
+    RATE_LIMITED = "rate_limited"      # the payer's calls this window are used up (hold(limit=...)): nothing moved
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ class Balance:
 @dataclass
 class ReconcileReport:
     accounts: int = 0
-    journal_entries: int = 0
+    journal_entries: int = 0  # in the live stream
+    archived_entries: int = 0  # archived out of Redis, counted through the checkpoint
     sum_posted: int = 0
     sum_pending: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -171,6 +174,7 @@ class Ledger:
         self.redis = redis
         self.keys = Keys(prefix)
         self.tag = self.keys.tag
+        self.archive_dir: Path | None = None  # the journal's archived entries (journal_archive.py), if known
         self._open = register(redis, "ledger_open")
         self._transfer = register(redis, "ledger_transfer")
         self._resolve = register(redis, "ledger_resolve")
@@ -183,6 +187,11 @@ class Ledger:
     @property
     def journal_key(self) -> str:
         return self.keys.journal
+
+    @property
+    def checkpoint_key(self) -> str:
+        """What the journal entries archived out of Redis add up to (journal_archive.py)."""
+        return self.keys.journal_checkpoint
 
     # accounts --------------------------------------------------------------------------------------
     async def open_account(self, name: str, kind: AccountKind, **meta: str) -> Outcome:
@@ -236,7 +245,8 @@ class Ledger:
     async def hold(
         self, transfer_id: str, debit: str, credit: str, amount: int, *, timeout: int,
         require_pubkey: str = "", token: TokenSpend | None = None, open_credit: AccountKind | None = None,
-        idempotency: tuple[str, str, int] | None = None, **meta: str,
+        idempotency: tuple[str, str, int] | None = None, keep_until: float = 0,
+        limit: tuple[str, int, int] | None = None, **meta: str,
     ) -> Result:
         """Reserve `amount` as a pending transfer (atomic, idempotent by id).
 
@@ -245,15 +255,20 @@ class Ledger:
         `amount` left under max_total. All checked in the same script as the balance, so concurrent
         payments can never overspend a token or race a key change. With `idempotency` (payer, key, ttl)
         the key is bound to this transfer when it applies; a key bound to another transfer is KEY_USED
-        (`transfer["id"]` names the first).
+        (`transfer["id"]` names the first). With `keep_until` (unix s: after it the payment can no longer be
+        presented), the transfer's record expires then, or a minute after it resolves if later (0: kept).
+        With `limit` (the payer's rate-limit counter key, calls allowed, the window in ms), the counter is hit in
+        the same script, first: RATE_LIMITED (`transfer["retry_ms"]`) once it is over, nothing held.
         """
         return await self._run_transfer(transfer_id, debit, credit, amount, "pend", timeout, require_pubkey,
-                                        token, meta, open_credit=open_credit, idempotency=idempotency)
+                                        token, meta, open_credit=open_credit, idempotency=idempotency,
+                                        keep_until=keep_until, limit=limit)
 
     async def _run_transfer(
         self, transfer_id: str, debit: str, credit: str, amount: int | str, mode: str, timeout: int,
         require_pubkey: str, token: TokenSpend | None, meta: dict[str, str], guard: Guard | None = None,
         open_credit: AccountKind | None = None, idempotency: tuple[str, str, int] | None = None,
+        keep_until: float = 0, limit: tuple[str, int, int] | None = None,
     ) -> Result:
         valid = amount == ALL and mode == "post" and token is None
         if not valid and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
@@ -264,18 +279,24 @@ class Ledger:
                            token.secret_hash if token else "", token.path if token else "",
                            guard.forbid if guard else "", guard.claim if guard else "", guard.value if guard else "",
                            open_credit.value if open_credit else "", "1" if idempotency else "",
-                           max(1, int(idempotency[2])) if idempotency else 0]
+                           max(1, int(idempotency[2])) if idempotency else 0, int(keep_until * 1000),
+                           limit[1] if limit else 0, limit[2] if limit else 0]
+        if limit is not None and not limit[0].startswith(self.tag + ":"):
+            raise ValueError("a rate-limit key must carry the ledger's hash tag (one Redis Cluster slot)")
         k = self.keys
         res = await self._batch.call(
             self._transfer,
             [k.transfer(transfer_id), k.account(debit), k.account(credit), k.pending, k.journal, k.history(debit),
              k.history(credit), k.token(token.token_id if token else NONE), guard.key if guard else k.guard(NONE),
-             k.accounts, k.idempotency(*idempotency[:2]) if idempotency else k.of("idem", NONE)],
+             k.accounts, k.idempotency(*idempotency[:2]) if idempotency else k.of("idem", NONE),
+             limit[0] if limit else k.of("rl", NONE)],
             args,
         )
         outcome = Outcome(_s(res[0]))
         if outcome is Outcome.REPLAYED:
             return Result(outcome, _decode_transfer(_pairs(res[1:])))
+        if outcome is Outcome.RATE_LIMITED:
+            return Result(outcome, {"retry_ms": int(res[1])})
         if outcome is Outcome.KEY_USED:
             return Result(outcome, {"id": _s(res[1])})
         if len(res) > 2:
@@ -433,15 +454,18 @@ class Ledger:
     # audit -----------------------------------------------------------------------------------------
     async def reconcile(self, batch: int = 5000) -> ReconcileReport:
         """Replay the journal up to an atomic snapshot of all balances and compare (read-only)."""
-        snap = await self._snapshot(keys=[self.keys.accounts, self.keys.journal], args=[self.keys.account_prefix])
-        last_id = _s(snap[0])
+        snap = await self._snapshot(keys=[self.keys.accounts, self.keys.journal, self.keys.journal_checkpoint],
+                                    args=[self.keys.account_prefix])
+        last_id, checkpoint = _s(snap[0]), _s(snap[1])
         stored: dict[str, tuple[int, int, int, int]] = {}
-        for i in range(1, len(snap), 5):
+        for i in range(5, len(snap), 5):
             stored[_s(snap[i])] = tuple(int(x) for x in snap[i + 1:i + 5])  # type: ignore[assignment]
+        # entries archived out of Redis (journal_archive.py) count through their checkpoint's sums
         replayed: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in stored}
-        report = ReconcileReport(accounts=len(stored))
-        opened: set[str] = set()
-        start = "-"
+        replayed.update(json.loads(_s(snap[2])))
+        opened: set[str] = set(json.loads(_s(snap[3])))
+        report = ReconcileReport(accounts=len(stored), archived_entries=int(snap[4]))
+        start = "-" if checkpoint == "0-0" else "(" + checkpoint
         while last_id != "0-0":
             entries = await self.redis.xrange(self.keys.journal, start, last_id, count=batch)
             for _, raw in entries:

@@ -51,6 +51,9 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+_CHILDREN: dict[tuple[str, str, int], tuple] = {}  # (route, method, status) -> (request counter, duration)
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request,
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -65,6 +68,10 @@ async def metrics_middleware(request: web.Request,
         status = exc.status
         raise
     finally:
-        route = route_of(request)
-        REQUESTS.labels(route, request.method, str(status)).inc()
-        DURATION.labels(route).observe(time.perf_counter() - started)
+        key = (route_of(request), request.method, status)
+        children = _CHILDREN.get(key)
+        if children is None:  # prometheus' labels() costs ~5 us a call: each child is looked up once
+            children = _CHILDREN[key] = (REQUESTS.labels(key[0], key[1], str(status)), DURATION.labels(key[0]))
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+

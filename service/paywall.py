@@ -43,7 +43,7 @@ from .payment_auth import encode_receipt
 from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod
 from .payments.mpp import www_authenticate
 from .pricing import Quote, quote_request, route_rule
-from .ratelimit import client_ip
+from .ratelimit import WINDOW_MS, client_ip, over_limit
 from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
 
 __all__ = ["paywall_middleware", "commit", "PAYMENT", "HOLD", "REPLAYED_HEADER"]
@@ -51,6 +51,7 @@ __all__ = ["paywall_middleware", "commit", "PAYMENT", "HOLD", "REPLAYED_HEADER"]
 PAYMENT = web.RequestKey("payment", Payment)  # the verified Payment, for handlers that need the payer
 HOLD = web.RequestKey("hold", Hold)  # the hold the paywall will capture if the handler succeeds
 REPLAYED_HEADER = "Idempotent-Replayed"
+REPLAY_MARGIN = 60  # s a replay record outlives its payment's last valid moment (clock skew between hosts)
 log = structlog.get_logger("paywall")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -132,11 +133,14 @@ def paywall_middleware() -> Callable:
             return await _challenge(request, quote)
         try:
             payment = await method.verify(request, quote)
-            if payment.payer:
+            limit = None
+            if payment.payer and marker.payer_check is not None:
                 await app[LIMITER].check("account", payment.payer, settings.rate_limit_account)
-                if marker.payer_check is not None:  # e.g. nobody to answer this payer: refused before the hold
-                    await marker.payer_check(request, payment.payer)
-            paid = await _hold(request, method, payment, quote)
+                # e.g. nobody to answer this payer: refused before the hold
+                await marker.payer_check(request, payment.payer)
+            elif payment.payer and settings.rate_limit_account > 0:  # counted in the hold's own script
+                limit = (app[LIMITER].counter("account", payment.payer), settings.rate_limit_account, WINDOW_MS)
+            paid = await _hold(request, method, payment, quote, limit)
         except PaymentRequired as exc:
             log.info("payment_refused", reason=exc.code, method=method.name)
             return await _challenge(request, quote, exc.code, exc.detail)
@@ -165,7 +169,8 @@ async def commit(request: web.Request) -> None:
         raise
 
 
-async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, quote: Quote) -> Settlement:
+async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, quote: Quote,
+                limit: tuple[str, int, int] | None = None) -> Settlement:
     settings, ledger = request.app[SETTINGS], request.app[LEDGER]
     token_id = payment.token.token_id if payment.token else ""
     debit = payment.debit or user_account(payment.payer)
@@ -176,12 +181,15 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
         raise BadRequest("malformed_idempotency_key", "Idempotency-Key: 1-128 printable ASCII characters")
     # a signed transfer is its own key; with Idempotency-Key, a re-signed retry finds the first one too
     bind = (payment.payer, key, settings.idempotency_ttl) if key and payment.payer and payment.token is None else None
+    # the record outlives every replay of the payment (REPLAY_MARGIN for clocks), and its key's binding
+    keep_until = payment.replay_until and max(payment.replay_until + REPLAY_MARGIN,
+                                              time.time() + settings.idempotency_ttl if bind else 0)
     try:
         result = await ledger.hold(
             hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
             require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
             open_credit=AccountKind.ESCROW if is_escrow(hold.credit) else None,
-            method=payment.method, request_hash=quote.request_hash, idempotency=bind,
+            method=payment.method, request_hash=quote.request_hash, idempotency=bind, keep_until=keep_until, limit=limit,
         )
     except RedisError as exc:  # the hold may still apply, but nothing captures it: the sweeper voids it
         log.error("hold_ambiguous", transfer=hold.id, error=str(exc))
@@ -192,6 +200,8 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
         replayable = payment.token is None or key is not None
         keep_for = settings.idempotency_ttl if key is not None else settings.hold_timeout
         return Settlement(payment, hold, method, deadline, replayable, keep_for)
+    if result.outcome is Outcome.RATE_LIMITED:
+        raise over_limit("account", limit[1] if limit else 0, result.transfer["retry_ms"])
     if result.outcome is Outcome.REPLAYED:
         raise _Replayed(result.transfer)
     if result.outcome is Outcome.KEY_USED:

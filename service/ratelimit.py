@@ -17,8 +17,9 @@ from .redis_client import ScriptBatcher
 from .scripts import register
 from .state import HEALTH, LIMITER, SETTINGS
 
-__all__ = ["RateLimiter", "rate_limit_middleware", "client_ip"]
+__all__ = ["RateLimiter", "rate_limit_middleware", "client_ip", "over_limit", "WINDOW_MS"]
 
+WINDOW_MS = 60_000  # fixed one-minute windows
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -29,17 +30,25 @@ class RateLimiter:
         self._hit = register(redis, "ratelimit_hit")
         self._batch = ScriptBatcher(redis, timeout)  # pipelined with the other calls of the moment
 
+    def counter(self, scope: str, key: str) -> str:
+        """The key counting (scope, key)'s hits in this minute's window (also hit inside the hold's script)."""
+        return self.keys.rate(scope, key, int(time.time() // 60))
+
     async def check(self, scope: str, key: str, per_minute: int) -> None:
         """One more hit for (scope, key); TooManyRequests once the window's allowance is used up."""
         if per_minute <= 0:
             return
-        window = int(time.time() // 60)
-        count, ttl = await self._batch.call(self._hit, [self.keys.rate(scope, key, window)], [60_000])
+        count, ttl = await self._batch.call(self._hit, [self.counter(scope, key)], [WINDOW_MS])
         if int(count) > per_minute:
-            retry = max(1, int(ttl) // 1000 + 1)
-            who = "from this IP address" if scope == "ip" else "for this account"
-            raise TooManyRequests("rate_limited", f"more than {per_minute} requests per minute {who}; retry in {retry} s",
-                                  headers={"Retry-After": str(retry)})
+            raise over_limit(scope, per_minute, int(ttl))
+
+
+def over_limit(scope: str, per_minute: int, ttl_ms: int) -> TooManyRequests:
+    """The 429 of a used-up window, `ttl_ms` before it ends."""
+    retry = max(1, ttl_ms // 1000 + 1)
+    who = "from this IP address" if scope == "ip" else "for this account"
+    return TooManyRequests("rate_limited", f"more than {per_minute} requests per minute {who}; retry in {retry} s",
+                           headers={"Retry-After": str(retry)})
 
 
 def _ip(text: str | None) -> IPAddress | None:

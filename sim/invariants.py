@@ -110,8 +110,9 @@ async def compare(sim: "Sim", full: bool) -> None:
         # One atomic read of every account: servers and workers move money in the background (sweeper
         # voids, expiry refunds, QA captures), so a pipelined read can see one leg of a transfer and not
         # the other, a sum that is not zero although the books are (seed 11, op 76,167).
-        snap = await admin.eval(lua("ledger_snapshot"), 2, KEYS.accounts, KEYS.journal, KEYS.account(""))
-        actual = {snap[i]: tuple(int(v) for v in snap[i + 1:i + 5]) for i in range(1, len(snap), 5)}
+        snap = await admin.eval(lua("ledger_snapshot"), 3, KEYS.accounts, KEYS.journal, KEYS.journal_checkpoint,
+                                KEYS.account(""))
+        actual = {snap[i]: tuple(int(v) for v in snap[i + 1:i + 5]) for i in range(5, len(snap), 5)}
         names = sorted(actual)
     else:
         names = sorted(n for n in m.touched | changed if n not in dirty)

@@ -17,6 +17,7 @@ from embit.transaction import Transaction
 from ..ledger import BITCOIN, Ledger
 from ..payouts import Payouts
 from .addresses import AddressBook
+from ..journal_archive import JournalArchive, journal_entries
 from .backends import ChainBackend, ChainError
 
 __all__ = ["audit_in", "audit_out"]
@@ -26,16 +27,9 @@ def _embit_network(network: str) -> dict:
     return NETWORKS[{"mainnet": "main", "testnet": "test", "signet": "signet", "regtest": "regtest"}[network]]
 
 
-async def _journal(ledger: Ledger) -> AsyncIterator[dict[str, str]]:
-    """Every journal entry, oldest first, read in pages."""
-    start = "-"
-    while True:
-        entries = await ledger.redis.xrange(ledger.journal_key, start, "+", count=5000)
-        for _, e in entries:
-            yield e
-        if len(entries) < 5000:
-            return
-        start = "(" + entries[-1][0]
+def _journal(ledger: Ledger) -> AsyncIterator[dict[str, str]]:
+    """Every journal entry, oldest first: the archived ones, then the live stream."""
+    return journal_entries(ledger, JournalArchive(ledger.archive_dir) if ledger.archive_dir else None)
 
 
 async def _booked_out(ledger: Ledger) -> dict[str, int]:

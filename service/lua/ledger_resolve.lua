@@ -5,9 +5,12 @@
 --     capture applies ('' = none), [5] its TTL in seconds
 -- Returns {'ok', state} | {'expired', 'voided'} | {'not_pending', state} | {'not_found'} |
 --     {'locked', owner} (a locked hold is not voided as 'expired' by the sweeper)
+-- A transfer with a 'keep_until' (unix ms: the last moment its payment could be presented again) expires
+-- then, or a minute after this resolution if that is later: a replay record never outlives its use.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token', 'locked')
+local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token', 'locked',
+  'keep_until')
 if not x[1] then return {'not_found'} end
 if x[1] ~= 'pending' then return {'not_pending', x[1]} end
 if x[7] and ARGV[3] == 'expired' then return {'locked', x[7]} end  -- a locked hold never expires
@@ -28,6 +31,7 @@ end
 if state == 'voided' and x[6] and x[6] ~= '' then redis.call('HINCRBY', KEYS[6], 'spent', -amount) end
 redis.call('HSET', KEYS[1], 'state', state, 'resolved', now_ms, 'reason', reason)
 redis.call('ZREM', KEYS[4], ARGV[1])
+if x[8] then redis.call('PEXPIREAT', KEYS[1], math.max(tonumber(x[8]), now_ms + 60000)) end
 redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', x[3], 'credit', x[4],
   'amount', amount, 'ts', now_ms, 'reason', reason)
 return {result, state}

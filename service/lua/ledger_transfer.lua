@@ -3,22 +3,34 @@
 -- KEYS[1] xfer hash, [2] debit acct, [3] credit acct, [4] pending zset, [5] journal, [6] debit history,
 --     [7] credit history, [8] token hash ('{tag}:token:-' when not paid by token), [9] guard hash
 --     ('{tag}:guard:-' without a guard), [10] accounts set (a credit account opened here joins it),
---     [11] idempotency-key record ('{tag}:idem:-' without one)
+--     [11] idempotency-key record ('{tag}:idem:-' without one), [12] the payer's rate-limit counter of this
+--     window ('{tag}:rl:-' without a limit)
 -- ARGV[1] id, [2] debit, [3] credit, [4] amount (integer sat, or '*' = all the debit account has),
 --     [5] mode (post|pend), [6] timeout_s (pend), [7] require_pubkey ('' = any), [8] meta (JSON object),
 --     [9] token secret hash ('' = not paid by token), [10] resource path (the token's route caveat),
 --     [11] guard: field that must be absent, [12] guard: field to claim, [13] claim value,
 --     [14] kind to open the credit account with when it does not exist ('' = it must exist),
---     [15] '1' = bind KEYS[11] to this transfer when it applies ('' = no key), [16] the binding's TTL in s
+--     [15] '1' = bind KEYS[11] to this transfer when it applies ('' = no key), [16] the binding's TTL in s,
+--     [17] unix ms until which the record must outlive any replay of this payment ('0' = kept forever):
+--     a posted transfer expires then; a hold expires then (or a minute after it resolves, if later),
+--     [18] the payer's calls allowed per window ('0' = no limit), [19] the window in ms: the counter is hit
+--     first, whatever the outcome, as ratelimit_hit.lua does; over it: {'rate_limited', ms left}
 -- Returns {'ok', state, amount} | {'replayed', field, value, ...} (the first transfer) |
 --     {'key_used', first transfer id} (KEYS[11] names another transfer) | {outcome}: one of
 --     same_account, token_invalid, token_revoked, token_expired, token_max_per_call, token_route,
 --     token_max_total, no_debit_account, pubkey_mismatch, no_credit_account, nothing, guarded, claimed,
---     insufficient, counter_limit (a counter would pass 2^53 - 1: amounts stay exact integers in Lua's doubles)
+--     insufficient, counter_limit (a counter would pass 2^53 - 1: amounts stay exact integers in Lua's doubles),
+--     rate_limited (with the ms left in the window)
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local MAX = 9007199254740991
 local function over(a, b, c) return a + b + c > MAX end  -- exact: a true sum above MAX rounds to >= 2^53
+local limit = tonumber(ARGV[18] or '0') or 0
+if limit > 0 then
+  local n = redis.call('INCR', KEYS[12])
+  if n == 1 then redis.call('PEXPIRE', KEYS[12], ARGV[19]) end
+  if n > limit then return {'rate_limited', redis.call('PTTL', KEYS[12])} end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'replayed', unpack(redis.call('HGETALL', KEYS[1]))}
 end
@@ -97,6 +109,11 @@ else
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3], 'amount', amount,
   'state', state, 'created', now_ms, 'expires', expires, 'meta', ARGV[8], 'token', token)
+local keep = tonumber(ARGV[17] or '0') or 0
+if keep > 0 then
+  redis.call('HSET', KEYS[1], 'keep_until', keep)
+  if state == 'posted' then redis.call('PEXPIREAT', KEYS[1], math.max(keep, now_ms + 60000)) end
+end
 if token ~= '' then redis.call('HINCRBY', KEYS[8], 'spent', amount) end
 redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3],
   'amount', amount, 'ts', now_ms)

@@ -27,6 +27,7 @@ class Payment:
     token: TokenSpend | None = None  # paid with a spending token: its caveats are checked in the hold
     debit: str = ""            # the account paying ("" = the payer's user account; on-chain: the chain account)
     settle_data: dict[str, str] = field(default_factory=dict)  # method-specific facts (txid, amount paid)
+    replay_until: float = 0.0  # unix s after which this payment is refused anyway (0: it may always come back)
 
 
 @runtime_checkable
