@@ -21,7 +21,7 @@ from typing import IO, AsyncIterator, Iterator
 from .ledger import Ledger, ReconcileReport
 from .scripts import register
 
-__all__ = ["JournalArchive", "Checkpoint", "ArchiveCorrupt", "load_checkpoint", "archive_once", "journal_entries",
+__all__ = ["JournalArchive", "Checkpoint", "ArchiveCorrupt", "entry_key", "load_checkpoint", "archive_once", "journal_entries",
            "verify_archive"]
 
 
@@ -29,7 +29,8 @@ class ArchiveCorrupt(Exception):
     """A line whose checksum does not match, or an archive that does not add up to the checkpoint."""
 
 
-def _key(entry_id: str) -> tuple[int, int]:
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream id as a comparable (ms, seq) pair."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -61,7 +62,7 @@ class JournalArchive:
         self.directory.mkdir(parents=True, exist_ok=True)
         by_day: dict[str, list[str]] = {}
         for entry_id, e in entries:
-            day = time.strftime("%Y%m%d", time.gmtime(_key(entry_id)[0] / 1000))
+            day = time.strftime("%Y%m%d", time.gmtime(entry_key(entry_id)[0] / 1000))
             line = json.dumps({"id": entry_id, "e": e}, sort_keys=True, separators=(",", ":"))
             by_day.setdefault(day, []).append(f"{line}\t{zlib.crc32(line.encode()):08x}\n")
         for day, lines in by_day.items():
@@ -78,7 +79,7 @@ class JournalArchive:
     def read(self, until: str | None = None) -> Iterator[tuple[str, dict[str, str]]]:
         """Every archived entry once, oldest first, up to stream id `until`; ArchiveCorrupt on a bad line."""
         seen = (0, -1)
-        stop = _key(until) if until else None
+        stop = entry_key(until) if until else None
         for path in sorted(self.directory.glob("journal-*.jsonl")):
             with open(path, encoding="utf-8") as f:
                 for n, raw in enumerate(f, 1):
@@ -86,7 +87,7 @@ class JournalArchive:
                     if f"{zlib.crc32(line.encode()):08x}" != crc:
                         raise ArchiveCorrupt(f"{path.name}:{n}: checksum mismatch")
                     item = json.loads(line)
-                    key = _key(item["id"])
+                    key = entry_key(item["id"])
                     if key <= seen:  # written twice (a batch retried after a crash or a lost race)
                         continue
                     if stop is not None and key > stop:
@@ -145,7 +146,7 @@ async def _archive_batch(ledger: Ledger, archive: JournalArchive, older_than: fl
     report = ReconcileReport()
     for _, e in entries:
         Ledger._apply_entry(e, cp.counters, cp.opened, report)
-    ms, seq = _key(entries[-1][0])
+    ms, seq = entry_key(entries[-1][0])
     outcome = await register(ledger.redis, "journal_checkpoint")(
         keys=[ledger.checkpoint_key, ledger.journal_key],
         args=[previous, entries[-1][0], json.dumps(cp.counters), json.dumps(sorted(cp.opened)),

@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 import structlog
 
 from ..keys import BITCOIN, REVENUE, Keys, is_onchain_account, is_user_account
+from ..journal_archive import ArchiveCorrupt, JournalArchive, load_checkpoint
+from ..journal_archive import entry_key as _entry_key
 from ..ledger import Ledger, Outcome
 from ..metrics import ONCHAIN_VANISHED, REORGS
 from ..payouts import Payouts
@@ -65,27 +67,41 @@ async def recheck_deposits(ledger: Ledger, backend: ChainBackend, payouts: Payou
         await redis.eval(lua("reorg_unlock"), 1, _k(prefix, "lock"), token)
 
 
+def _watch(entry_id: str, e: dict[str, str]) -> tuple[str, str, dict[str, Any]] | None:
+    """The watch list (hash, outpoint, record) a journal entry adds, if it is a coin credit we must watch."""
+    if e.get("op") != "post" or not e.get("id", "").startswith("coin:") or e.get("debit") != BITCOIN:
+        return None
+    _, txid, vout = e["id"].split(":")
+    if is_user_account(e.get("credit", "")):
+        return "watch", f"{txid}:{vout}", {"account": e["credit"], "amount": int(e["amount"]), "state": "credited",
+                                           "gen": 0, "taken": 0, "debt": 0}
+    if is_onchain_account(e.get("credit", "")):
+        return "payments", f"{txid}:{vout}", {"account": e["credit"], "amount": int(e["amount"]), "state": "booked",
+                                              "from_account": 0, "from_revenue": 0}
+    return None
+
+
 async def _discover(ledger: Ledger, prefix: str) -> int:
-    """Add every user credit of a coin journaled since the cursor to the watch list."""
+    """Add every user credit of a coin journaled since the cursor to the watch list, reading the archive
+    first when the journal was archived past the cursor (chainwatch down longer than JOURNAL_ARCHIVE_AFTER)."""
     redis, found = ledger.redis, 0
     cursor = await redis.get(_k(prefix, "cursor")) or "0-0"
+    checkpoint = (await load_checkpoint(ledger)).last
+    if _entry_key(cursor) < _entry_key(checkpoint):
+        if not ledger.archive_dir:
+            raise ArchiveCorrupt(f"the journal was archived up to {checkpoint}: configure JOURNAL_ARCHIVE_DIR")
+        for entry_id, e in JournalArchive(ledger.archive_dir).read(checkpoint):
+            if _entry_key(entry_id) > _entry_key(cursor) and (hit := _watch(entry_id, e)):
+                found += await redis.hsetnx(_k(prefix, hit[0]), hit[1], json.dumps(hit[2]))
+        cursor = checkpoint
+        await redis.set(_k(prefix, "cursor"), cursor)
     while True:
         entries = await redis.xrange(ledger.journal_key, f"({cursor}", "+", count=1000)
         if not entries:
             return found
         for entry_id, e in entries:
-            if (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
-                    and is_user_account(e.get("credit", ""))):
-                _, txid, vout = e["id"].split(":")
-                rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "credited", "gen": 0,
-                       "taken": 0, "debt": 0}
-                found += await redis.hsetnx(_k(prefix, "watch"), f"{txid}:{vout}", json.dumps(rec))
-            elif (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
-                    and is_onchain_account(e.get("credit", ""))):
-                _, txid, vout = e["id"].split(":")
-                rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "booked", "from_account": 0,
-                       "from_revenue": 0}
-                found += await redis.hsetnx(_k(prefix, "payments"), f"{txid}:{vout}", json.dumps(rec))
+            if hit := _watch(entry_id, e):
+                found += await redis.hsetnx(_k(prefix, hit[0]), hit[1], json.dumps(hit[2]))
             cursor = entry_id
         await redis.set(_k(prefix, "cursor"), cursor)
 

@@ -120,3 +120,25 @@ async def test_deposits_are_rechecked_only_until_the_safe_depth_and_an_outage_re
         await backend.close()
     assert stats["reversed"] == 1
     assert REGISTRY.get_sample_value("microtasks_deposits_reorged_total") == before + 1
+
+
+async def test_a_deposit_archived_while_chainwatch_was_down_is_still_watched(chain_rig, tmp_path):
+    """The journal archiver may move a coin credit out of Redis before chainwatch's next pass: the reorg
+    watch reads the archive first, so that deposit is still reversed if the chain drops it."""
+    from service.journal_archive import JournalArchive, archive_once
+    rig = await chain_rig(minimum_withdrawal=1000, deposit_confirmations=3, reorg_safe_depth=6)
+    alice = await rig.user(0)
+    address, txid = await deposit(rig, alice, 25_000)
+    got, _ = await chainwatch(rig)                       # credits the first deposit, the cursor moves past it
+    assert got["credited"] == 1
+    address2, txid2 = await deposit(rig, alice, 7_000)
+    account = user_account(alice.username)
+    # the credit a pass wrote just before chainwatch died, then archived out of Redis while it was down
+    await rig.ledger.post(f"coin:{txid2}:1", BITCOIN, account, 7_000)
+    rig.ledger.archive_dir = tmp_path / "var" / "journal"
+    assert await archive_once(rig.ledger, JournalArchive(rig.ledger.archive_dir), older_than=0) > 0
+    assert await rig.ledger.redis.xlen(rig.ledger.journal_key) == 0
+    reorg_away(rig, address2)
+    got, err = await chainwatch(rig)
+    assert got["reorg"]["new"] == 1 and got["reorg"]["reversed"] == 1, (got, err)
+    assert (await rig.ledger.balance(account)).posted == 25_000
