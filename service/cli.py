@@ -1,4 +1,5 @@
-"""`python -m service`: serve, and the operator's commands (reconcile, credit, account create, sweep)."""
+"""`python -m service`: serve the API, and the operator's commands: worker (QA run queue), reconcile, credit,
+account create, sweep, chainwatch, withdrawals, unclaimed. Without REDIS_URL, one private Redis per data dir."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from typing import Any, AsyncIterator, Iterator
 
 import structlog
@@ -17,7 +19,7 @@ from .errors import ApiError
 from .ledger import Ledger
 from .logs import configure_logging
 from .redis_client import connect
-from .redis_server import PrivateRedis
+from .redis_server import DirOwned, PrivateRedis, PrivateRedisError
 
 __all__ = ["main"]
 
@@ -25,18 +27,31 @@ log = structlog.get_logger("cli")
 
 
 @contextlib.contextmanager
-def redis_url_for(settings: Settings, *, for_server: bool) -> Iterator[str]:
-    """REDIS_URL if set; else the private Redis under var/redis: reused if running, started otherwise."""
+def redis_url_for(settings: Settings, *, long_running: bool) -> Iterator[str]:
+    """REDIS_URL if set; else the private Redis of var/redis, one per dir: the process that owns the dir
+    (its lock file) is reused when it is a long-running one; a one-shot owner is waited for (up to 30 s)."""
     if settings.redis_url:
         yield settings.redis_url
         return
-    private = PrivateRedis(settings.var_dir / "redis")
-    if not for_server and private.ping():
-        yield private.url
-        return
-    private.start()
-    log.info("private_redis_started", binary=private.binary, source=private.source, url=private.url,
-             dir=str(private.directory), appendonly=True)
+    private = PrivateRedis(settings.var_dir / "redis", owner={"long_running": long_running})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            private.start()
+            break
+        except DirOwned as owned:
+            if (owned.owner.get("long_running") or time.monotonic() > deadline) and private.ping():
+                log.info("private_redis_reused", url=private.url, dir=str(private.directory),
+                         owner_pid=owned.owner.get("pid"), owner_command=owned.owner.get("command"),
+                         note="this process loses its Redis when the owner stops")
+                yield private.url
+                return
+            if owned.owner.get("long_running") or time.monotonic() > deadline:
+                raise PrivateRedisError(f"{owned}, but its Redis does not answer on {private.socket_path}: "
+                                        "wait for it to finish starting, or stop it") from None
+            time.sleep(0.2)
+    log.info("private_redis_started", binary=private.binary, source=private.source, version=private.version,
+             url=private.url, dir=str(private.directory), appendonly=True)
     try:
         yield private.url
     finally:
@@ -63,7 +78,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = settings.with_(host=args.host or settings.host, port=args.port or settings.port)
     if args.workers > 1:
         return _serve_workers(settings, args.workers)
-    with redis_url_for(settings, for_server=True) as url:
+    with redis_url_for(settings, long_running=True) as url:
         app = create_app(settings.with_(redis_url=url))
         log.info("serving", host=settings.host, port=settings.port, network=settings.network,
                  payee=settings.payee_username, admin_api=bool(settings.admin_token))
@@ -80,7 +95,7 @@ def _serve_workers(settings: Settings, workers: int) -> int:
     import subprocess  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    with redis_url_for(settings, for_server=True) as url:
+    with redis_url_for(settings, long_running=True) as url:
         env = {**os.environ, "REDIS_URL": url, "HOST": settings.host, "PORT": str(settings.port), "WEB_WORKERS": "1"}
         if "PROMETHEUS_MULTIPROC_DIR" not in env:  # /metrics then merges every worker's counters
             metrics_dir = settings.var_dir / f"metrics-{os.getpid()}"
@@ -144,7 +159,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         log.info("worker_stopped")
         return 0
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=True) as url:
         loop = _event_loop()
         try:
             return loop.run_until_complete(work(url))
@@ -205,7 +220,7 @@ def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
                         return 1
                 await asyncio.sleep(args.interval)
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=not args.once) as url:
         return asyncio.run(watch(url))
 
 
@@ -241,7 +256,7 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
         return 0
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=False) as url:
         return asyncio.run(run(url))
 
 
@@ -264,7 +279,7 @@ def cmd_unclaimed(settings: Settings, args: argparse.Namespace) -> int:
             print(json.dumps({"txid": args.txid, "to": to, "outcome": result.outcome.value, **result.transfer}))
             return 0 if result.outcome.value in ("ok", "nothing") else 1
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=False) as url:
         return asyncio.run(run(url))
 
 
@@ -301,7 +316,7 @@ def cmd_reconcile_chain(settings: Settings, args: argparse.Namespace) -> int:
                 "in": await audit_in(ledger, book, backend, settings.deposit_confirmations),
                 "out": await audit_out(ledger, payouts, settings.network, backend)})
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=False) as url:
         return asyncio.run(run(url))
 
 
@@ -395,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, stream=sys.stderr if args.command != "serve" else None)
+    try:
+        return _dispatch(settings, args)
+    except PrivateRedisError as exc:  # the data dir is someone else's, or its redis-server is gone
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
         return cmd_serve(settings, args)
     if args.command == "worker":
@@ -414,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             return await action(ledger, args)
 
     try:
-        with redis_url_for(settings, for_server=False) as url:
+        with redis_url_for(settings, long_running=False) as url:
             return asyncio.run(run(url))
     except ApiError as exc:
         print(json.dumps(exc.body()), file=sys.stderr)
