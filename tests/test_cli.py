@@ -63,7 +63,7 @@ class Server:
 
 
 def test_help_lists_the_subcommands(cli_env):
-    from service.cli import build_parser
+    from service.cli.operator import build_parser
 
     out = run_cli("--help", env=cli_env)
     assert out.returncode == 0

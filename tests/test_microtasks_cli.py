@@ -34,7 +34,7 @@ def cli(tmp_path, base_url):
 
     async def run(*args: str, extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.microtasks_cli", *args, env={**env, **(extra_env or {})},
+            sys.executable, "-m", "service.cli", *args, env={**env, **(extra_env or {})},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, out.decode(), err.decode()
@@ -64,7 +64,7 @@ async def test_wallet_is_private_and_register_and_balance_work(cli, admin_post, 
     await registered(cli, admin_post, "cli-alice", 700)
     wallet = tmp_path / "config" / "wallet.json"
     assert stat.S_IMODE(wallet.stat().st_mode) == 0o600
-    code, out, _ = await cli("balance")
+    code, out, _ = await cli("balance", "--json")
     assert code == 0 and json.loads(out)["balance"] == 700
     code, _, err = await cli("wallet", "init", "cli-alice")
     assert code == 2 and "exists" in err
@@ -112,7 +112,7 @@ async def test_usage_errors_exit_2(cli, tmp_path):
 
 async def test_ci_job_pays_with_a_token_without_the_wallet(cli, admin_post, manifests, tmp_path, ledger):
     await registered(cli, admin_post, "cli-erin", 1000)
-    code, out, err = await cli("token", "create", "--max-total", "300", "--route", "/v1/qa/", "--expires-in", "1d",
+    code, out, err = await cli("--json", "token", "create", "--max-total", "300", "--route", "/v1/qa/", "--expires-in", "1d",
                                "--label", "github-actions")
     assert code == 0, err
     token = json.loads(out)["token"]
@@ -146,5 +146,5 @@ async def test_ask_an_expert_pays_into_escrow_and_shows_the_reply(cli, admin_pos
     assert (await ledger.balance(user_account("cli-asker"))).posted == 700
     async with PaidSession(expert, session=http) as s:
         await s.signed("POST", f"{base_url}/v1/questions/{qid}/reply", {"text": "Cilium"})
-    code, out, _ = await cli("question", qid)
+    code, out, _ = await cli("question", "show", qid, "--json")
     assert code == 0 and json.loads(out)["replies"][0]["text"] == "Cilium"

@@ -13,13 +13,13 @@ from typing import Any, AsyncIterator, Iterator
 
 import structlog
 
-from . import accounts, crypto
-from .config import ConfigError, Settings
-from .errors import ApiError
-from .ledger import Ledger
-from .logs import configure_logging
-from .redis_client import connect
-from .redis_server import DirOwned, PrivateRedis, PrivateRedisError
+from .. import accounts, crypto
+from ..config import ConfigError, Settings
+from ..errors import ApiError
+from ..ledger import Ledger
+from ..logs import configure_logging
+from ..redis_client import connect
+from ..redis_server import DirOwned, PrivateRedis, PrivateRedisError
 
 __all__ = ["main"]
 
@@ -73,7 +73,7 @@ async def open_ledger(url: str, prefix: str) -> AsyncIterator[Ledger]:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web  # noqa: PLC0415
 
-    from .app import create_app  # noqa: PLC0415
+    from ..app import create_app  # noqa: PLC0415
 
     settings = settings.with_(host=args.host or settings.host, port=args.port or settings.port)
     if args.workers > 1:
@@ -136,12 +136,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     """QA run workers reading the run queue (a Redis Stream consumer group) until SIGTERM/SIGINT."""
     import signal  # noqa: PLC0415
 
-    from .app import qa_limits  # noqa: PLC0415
-    from . import tasks as background  # noqa: PLC0415
-    from .qa.runs import RunStore, Worker  # noqa: PLC0415
+    from ..app import qa_limits  # noqa: PLC0415
+    from .. import tasks as background  # noqa: PLC0415
+    from ..qa.runs import RunStore, Worker  # noqa: PLC0415
 
     async def work(url: str) -> int:
-        from . import webhooks  # noqa: PLC0415
+        from .. import webhooks  # noqa: PLC0415
 
         webhooks.configure(settings.webhook_allow_http, settings.webhook_allow)
         redis = connect(url)
@@ -170,9 +170,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Ledger, Any, Any, Any]]:
     """Ledger, address book, chain backend and payouts for the operator's chain commands."""
-    from .chain.addresses import AddressBook, AddressConflict  # noqa: PLC0415
-    from .chain.backends import backend_from_settings  # noqa: PLC0415
-    from .payouts import Payouts  # noqa: PLC0415
+    from ..chain.addresses import AddressBook, AddressConflict  # noqa: PLC0415
+    from ..chain.backends import backend_from_settings  # noqa: PLC0415
+    from ..payouts import Payouts  # noqa: PLC0415
 
     if not settings.payee_xpub or not settings.chain:
         raise SystemExit("configure PAYEE_XPUB and CHAIN (esplora|bitcoind) with CHAIN_URL first")
@@ -196,9 +196,9 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
 
 
 def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
-    from .chain.reorgs import recheck_deposits  # noqa: PLC0415
-    from .chain.watcher import credit_deposits  # noqa: PLC0415
-    from .payments.onchain import OnChainRecords, book_strays, settle_payments  # noqa: PLC0415
+    from ..chain.reorgs import recheck_deposits  # noqa: PLC0415
+    from ..chain.watcher import credit_deposits  # noqa: PLC0415
+    from ..payments.onchain import OnChainRecords, book_strays, settle_payments  # noqa: PLC0415
 
     async def watch(url: str) -> int:
         async with chain_context(url, settings) as (ledger, book, backend, payouts):
@@ -225,7 +225,7 @@ def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
-    from .chain.batch import BatchError, broadcast_batch, build_batch, drop_batch  # noqa: PLC0415
+    from ..chain.batch import BatchError, broadcast_batch, build_batch, drop_batch  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with chain_context(url, settings) as (_, book, backend, payouts):
@@ -262,8 +262,8 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_unclaimed(settings: Settings, args: argparse.Namespace) -> int:
     """What on-chain payments left in their accounts, and settling one to an account (or revenue)."""
-    from .ledger import REVENUE, user_account  # noqa: PLC0415
-    from .payments.onchain import OnChainRecords, settle_unclaimed, unclaimed  # noqa: PLC0415
+    from ..ledger import REVENUE, user_account  # noqa: PLC0415
+    from ..payments.onchain import OnChainRecords, settle_unclaimed, unclaimed  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with open_ledger(url, settings.redis_prefix) as ledger:
@@ -308,7 +308,7 @@ async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, 
 
 def cmd_reconcile_chain(settings: Settings, args: argparse.Namespace) -> int:
     """`reconcile --chain`: the ledger's own check, plus its chain boundary against the chain."""
-    from .chain.audit import audit_in, audit_out  # noqa: PLC0415
+    from ..chain.audit import audit_in, audit_out  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with chain_context(url, settings) as (ledger, book, backend, payouts):
