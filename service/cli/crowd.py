@@ -45,7 +45,7 @@ async def cmd_runner(args: argparse.Namespace, cfg: Config, out: Out) -> int:
             if status == 200 and args.manifests and body.get("manifests"):
                 Path(args.manifests).write_text(body["manifests"])
             return reply(out, status, body, lambda: out.fields(body, [
-                "id", "title", "reward", "stake", "lease_expires", "instructions"]))
+                "job", "title", "reward", "stake", "lease_expires_at", "instructions"]))
         status, body = await s.signed("POST", f"{server}/v1/qa/jobs/{args.job}/result", {
             "runner": args.runner, "status": args.status, "junit": _read(args.junit), "log": _read(args.log)})
     return reply(out, status, body)

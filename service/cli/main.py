@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TextIO
 
 import aiohttp
 
 from ..client import PaymentError
 from . import account, asker, crowd, developer, expert, lists, surveyor
 from .config import Config
-from .output import EXIT_OK, EXIT_USAGE, Out, UsageError, safe
+from .output import EXIT_OK, EXIT_USAGE, Out, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -41,24 +42,25 @@ def _names(module: object) -> list[str]:
     return list(scratch.choices)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Runs one command; `stdout`/`stderr` default to the process's (tests pass their own)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
-    out = Out(json_mode=args.json)
+    out = Out(json_mode=args.json, stream=stdout, errors=stderr)
     try:
         result = args.func(args, Config.resolve(args), out)
         return asyncio.run(result) if asyncio.iscoroutine(result) else result
     except UsageError as exc:
-        print(safe(f"error: {exc}"), file=sys.stderr)
+        out.error(f"error: {exc}")
         return EXIT_USAGE
     except PaymentError as exc:
-        print(safe(f"payment error: {exc}"), file=sys.stderr)
+        out.error(f"payment error: {exc}")
         return EXIT_USAGE
     except (OSError, aiohttp.ClientError) as exc:
-        print(safe(f"error: {exc}"), file=sys.stderr)
+        out.error(f"error: {exc}")
         return EXIT_USAGE
 
 

@@ -35,8 +35,9 @@ def _cell(value: object) -> str:
 class Out:
     """Where a command prints: `json` mode writes the data as JSON; otherwise lines and tables."""
 
-    def __init__(self, json_mode: bool = False, stream: Any = None) -> None:
+    def __init__(self, json_mode: bool = False, stream: Any = None, errors: Any = None) -> None:
         self.stream = stream or sys.stdout
+        self.errors = errors or sys.stderr
         self.tty = self.stream.isatty()
         self.json_mode = json_mode
 
@@ -47,7 +48,7 @@ class Out:
 
     def error(self, text: str) -> None:
         """What went wrong, on stderr in both modes."""
-        print(safe(text), file=sys.stderr, flush=True)
+        print(safe(text), file=self.errors, flush=True)
 
     def data(self, obj: Any, human: Callable[[], None] | None = None) -> None:
         """The result: as JSON with --json, else as `human` prints it (key: value lines by default)."""
