@@ -148,3 +148,58 @@ async def test_ask_an_expert_pays_into_escrow_and_shows_the_reply(cli, admin_pos
         await s.signed("POST", f"{base_url}/v1/questions/{qid}/reply", {"text": "Cilium"})
     code, out, _ = await cli("question", "show", qid, "--json")
     assert code == 0 and json.loads(out)["replies"][0]["text"] == "Cilium"
+
+
+async def test_one_output_contract_lines_by_default_json_with_the_flag(cli, admin_post):
+    """Finding 4: wallet, register, balance and token printed indented JSON whatever the README said."""
+    code, out, _ = await cli("wallet", "init", "cli-gina")
+    assert code == 0 and out.startswith("username: cli-gina\n") and not out.lstrip().startswith("{")
+    code, out, _ = await cli("register")
+    assert code == 0 and out.startswith("registered cli-gina at http")
+    await admin_post("/v1/admin/credits", {"username": "cli-gina", "amount": 500, "reason": "t"})
+    code, out, _ = await cli("balance")
+    assert code == 0 and out.startswith("cli-gina: balance 500 sat, available 500, pending 0\n")
+    assert out.splitlines()[1].split()[:3] == ["WHEN", "(UTC)", "AMOUNT"]
+    code, out, _ = await cli("token", "create", "--max-total", "100", "--label", "ci")
+    assert code == 0 and "token: " in out and not out.startswith("{")
+    code, out, _ = await cli("token", "list")
+    assert code == 0 and out.startswith("ID") and "ci" in out
+    for args in (("--json", "wallet", "show"), ("wallet", "show", "--json"), ("balance", "--json"),
+                 ("token", "list", "--json"), ("catalog", "--json")):
+        code, out, err = await cli(*args)
+        assert code == 0 and json.loads(out), (args, out, err)
+
+
+async def test_catalog_shows_who_sets_a_price_and_keeps_its_columns(cli):
+    """Finding 5: expert-priced routes showed price 0; long rows pushed the description out of line."""
+    code, out, _ = await cli("catalog")
+    lines = out.splitlines()
+    start = lines[0].index("DESCRIPTION")
+    ask = next(line for line in lines if "/v1/experts/{username}/questions" in line)
+    assert "set by the expert" in ask and " 0 " not in ask
+    for line in lines[1:]:
+        assert line[start - 2:start] == "  " and line[start] != " ", line
+    code, out, _ = await cli("catalog", "--json")
+    rule = next(op for op in json.loads(out) if op["path"] == "/v1/experts/{username}/questions")["price"]
+    assert rule["formula"].startswith("set by the expert's profile price")
+
+
+async def test_an_unsupported_kubernetes_version_is_an_http_error_exit_1(cli, admin_post, manifests):
+    await registered(cli, admin_post, "cli-hal", 1000)
+    code, out, err = await cli("qa", "run", str(manifests), "--k8s", "9.99", "--max-price", "500")
+    assert code == 1 and "unsupported_kubernetes_version" in err, out + err
+
+
+async def test_the_quick_buy_command_in_openapi_works(cli, admin_post, manifests, base_url, tmp_path, project_root):
+    import shlex
+
+    import yaml
+
+    spec = yaml.safe_load((project_root / "openapi.yaml").read_text())
+    argv = shlex.split(spec["info"]["x-21-quick-buy"])
+    assert argv[0] == "microtasks"
+    await registered(cli, admin_post, "cli-ivy", 1000)
+    argv = [a.replace("http://127.0.0.1:8402", base_url).replace("@deployment.yaml", f"@{manifests / 'web.yaml'}")
+            for a in argv[1:]]
+    code, out, err = await cli(*argv)
+    assert code == 0 and out.startswith("paid ") and '"valid": true' in out, out + err
