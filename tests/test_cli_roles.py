@@ -203,7 +203,7 @@ async def test_account_holder(people, ledger):
     assert code == 0 and "state: queued" in out, out + err
     assert (await ledger.balance(user_account(holder.name))).available == 20_000
     code, out, _ = await holder("account")
-    assert code == 0 and f"payout: {{'mode': 'address:{ADDRESS}', 'minimum': 40000}}" in out and "queued" in out
+    assert code == 0 and f'payout: {{"mode":"address:{ADDRESS}","minimum":40000}}' in out and "queued" in out
     code, _, err = await holder("withdraw", "30000", ADDRESS)
     assert code == 1 and "insufficient_funds" in err
     code, _, err = await holder("deposit-address")  # this server has no PAYEE_XPUB

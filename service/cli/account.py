@@ -82,8 +82,7 @@ async def cmd_account(args: argparse.Namespace, cfg: Config, out: Out) -> int:
 
     def human() -> None:
         _journal(out, body)
-        out.line(f"payout: {body.get('payout')}")
-        out.line(f"earnings: {body.get('earnings')}")
+        out.fields(body, ["payout", "earnings"])
         if body.get("withdrawals"):
             out.table(body["withdrawals"], [("ID", "id"), ("AMOUNT", "amount"), ("STATE", "state"),
                                             ("ADDRESS", "address")])

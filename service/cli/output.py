@@ -27,6 +27,8 @@ def safe(text: object) -> str:
 
 
 def _cell(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
     return "" if value is None else safe(value).replace("\n", " ")
@@ -90,7 +92,7 @@ def reply(out: Out, status: int, body: Any, human: Callable[[], None] | None = N
     if out.json_mode:
         out.data(body)
     code = body.get("error") if isinstance(body, dict) else ""
-    detail = body.get("detail") if isinstance(body, dict) else body
+    detail = _cell(body.get("detail")) if isinstance(body, dict) else body
     out.error(f"error: HTTP {status} {code}: {detail}")
     return EXIT_FINDINGS
 
