@@ -61,14 +61,19 @@ async def cmd_job(args: argparse.Namespace, cfg: Config, out: Out) -> int:
                 "expires_in": args.expires_in, "auto_accept": args.auto_accept})
         elif args.action == "show":
             status, body = await s.signed_get(f"{server}/v1/qa/jobs/{args.id}")
-            return reply(out, status, body, lambda: (out.fields(body, [k for k in body if k != "results"]),
-                                                     out.table(body["results"], [("RESULT", "id"), ("RUNNER", "runner"),
-                                                                                 ("STATUS", "status"), ("STATE", "state")])))
         elif args.action == "close":
             status, body = await s.signed("POST", f"{server}/v1/qa/jobs/{args.id}/close")
         else:
             status, body = await s.signed("POST", f"{server}/v1/qa/jobs/{args.id}/results/{args.result}/{args.action}")
-    return reply(out, status, body)
+            return reply(out, status, body)
+    return reply(out, status, body, lambda: _show_job(out, body))
+
+
+def _show_job(out: Out, job: dict[str, Any]) -> None:
+    """A job's fields, then its results as a table."""
+    out.fields(job, [k for k in job if k != "results"])
+    if job.get("results"):
+        out.table(job["results"], [("RESULT", "id"), ("RUNNER", "runner"), ("STATUS", "status"), ("STATE", "state")])
 
 
 def add_commands(sub: Any) -> None:
