@@ -119,7 +119,7 @@ def main() -> None:
         app.router.add_get("/bench/free", trivial)
         app[PRICES]["bench.paid"] = PriceRule("bench.paid", 10, description="benchmark")
         app.router.add_get("/bench/paid", priced("bench.paid")(trivial_paid))
-    from service.cli import _event_loop
+    from service.cli.operator import _event_loop
 
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, loop=_event_loop(),
                 reuse_port=args.reuse_port)

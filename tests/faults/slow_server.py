@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from aiohttp import web  # noqa: E402
 
 from service import app as app_module  # noqa: E402
-from service.cli import main  # noqa: E402
+from service.cli.operator import main  # noqa: E402
 from service.pricing import priced  # noqa: E402
 
 

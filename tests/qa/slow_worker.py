@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.cli import main  # noqa: E402
+from service.cli.operator import main  # noqa: E402
 from service.qa import suites  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""`python -m service`: serve, and the operator's commands (reconcile, credit, account create, sweep)."""
+"""`python -m service`: serve the API, and the operator's commands: worker (QA run queue), reconcile, credit,
+account create, sweep, chainwatch, withdrawals, unclaimed. Without REDIS_URL, one private Redis per data dir."""
 from __future__ import annotations
 
 import argparse
@@ -7,17 +8,18 @@ import contextlib
 import json
 import os
 import sys
+import time
 from typing import Any, AsyncIterator, Iterator
 
 import structlog
 
-from . import accounts, crypto
-from .config import ConfigError, Settings
-from .errors import ApiError
-from .ledger import Ledger
-from .logs import configure_logging
-from .redis_client import connect
-from .redis_server import PrivateRedis
+from .. import accounts, crypto
+from ..config import ConfigError, Settings
+from ..errors import ApiError
+from ..ledger import Ledger
+from ..logs import configure_logging
+from ..redis_client import connect
+from ..redis_server import DirOwned, PrivateRedis, PrivateRedisError
 
 __all__ = ["main"]
 
@@ -25,18 +27,31 @@ log = structlog.get_logger("cli")
 
 
 @contextlib.contextmanager
-def redis_url_for(settings: Settings, *, for_server: bool) -> Iterator[str]:
-    """REDIS_URL if set; else the private Redis under var/redis: reused if running, started otherwise."""
+def redis_url_for(settings: Settings, *, long_running: bool) -> Iterator[str]:
+    """REDIS_URL if set; else the private Redis of var/redis, one per dir: the process that owns the dir
+    (its lock file) is reused when it is a long-running one; a one-shot owner is waited for (up to 30 s)."""
     if settings.redis_url:
         yield settings.redis_url
         return
-    private = PrivateRedis(settings.var_dir / "redis")
-    if not for_server and private.ping():
-        yield private.url
-        return
-    private.start()
-    log.info("private_redis_started", binary=private.binary, source=private.source, url=private.url,
-             dir=str(private.directory), appendonly=True)
+    private = PrivateRedis(settings.var_dir / "redis", owner={"long_running": long_running})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            private.start()
+            break
+        except DirOwned as owned:
+            if (owned.owner.get("long_running") or time.monotonic() > deadline) and private.ping():
+                log.info("private_redis_reused", url=private.url, dir=str(private.directory),
+                         owner_pid=owned.owner.get("pid"), owner_command=owned.owner.get("command"),
+                         note="this process loses its Redis when the owner stops")
+                yield private.url
+                return
+            if owned.owner.get("long_running") or time.monotonic() > deadline:
+                raise PrivateRedisError(f"{owned}, but its Redis does not answer on {private.socket_path}: "
+                                        "wait for it to finish starting, or stop it") from None
+            time.sleep(0.2)
+    log.info("private_redis_started", binary=private.binary, source=private.source, version=private.version,
+             url=private.url, dir=str(private.directory), appendonly=True)
     try:
         yield private.url
     finally:
@@ -58,12 +73,12 @@ async def open_ledger(url: str, prefix: str) -> AsyncIterator[Ledger]:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web  # noqa: PLC0415
 
-    from .app import create_app  # noqa: PLC0415
+    from ..app import create_app  # noqa: PLC0415
 
     settings = settings.with_(host=args.host or settings.host, port=args.port or settings.port)
     if args.workers > 1:
         return _serve_workers(settings, args.workers)
-    with redis_url_for(settings, for_server=True) as url:
+    with redis_url_for(settings, long_running=True) as url:
         app = create_app(settings.with_(redis_url=url))
         log.info("serving", host=settings.host, port=settings.port, network=settings.network,
                  payee=settings.payee_username, admin_api=bool(settings.admin_token))
@@ -80,7 +95,7 @@ def _serve_workers(settings: Settings, workers: int) -> int:
     import subprocess  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    with redis_url_for(settings, for_server=True) as url:
+    with redis_url_for(settings, long_running=True) as url:
         env = {**os.environ, "REDIS_URL": url, "HOST": settings.host, "PORT": str(settings.port), "WEB_WORKERS": "1"}
         if "PROMETHEUS_MULTIPROC_DIR" not in env:  # /metrics then merges every worker's counters
             metrics_dir = settings.var_dir / f"metrics-{os.getpid()}"
@@ -121,12 +136,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     """QA run workers reading the run queue (a Redis Stream consumer group) until SIGTERM/SIGINT."""
     import signal  # noqa: PLC0415
 
-    from .app import qa_limits  # noqa: PLC0415
-    from . import tasks as background  # noqa: PLC0415
-    from .qa.runs import RunStore, Worker  # noqa: PLC0415
+    from ..app import qa_limits  # noqa: PLC0415
+    from .. import tasks as background  # noqa: PLC0415
+    from ..qa.runs import RunStore, Worker  # noqa: PLC0415
 
     async def work(url: str) -> int:
-        from . import webhooks  # noqa: PLC0415
+        from .. import webhooks  # noqa: PLC0415
 
         webhooks.configure(settings.webhook_allow_http, settings.webhook_allow)
         redis = connect(url)
@@ -144,7 +159,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         log.info("worker_stopped")
         return 0
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=True) as url:
         loop = _event_loop()
         try:
             return loop.run_until_complete(work(url))
@@ -155,9 +170,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Ledger, Any, Any, Any]]:
     """Ledger, address book, chain backend and payouts for the operator's chain commands."""
-    from .chain.addresses import AddressBook, AddressConflict  # noqa: PLC0415
-    from .chain.backends import backend_from_settings  # noqa: PLC0415
-    from .payouts import Payouts  # noqa: PLC0415
+    from ..chain.addresses import AddressBook, AddressConflict  # noqa: PLC0415
+    from ..chain.backends import backend_from_settings  # noqa: PLC0415
+    from ..payouts import Payouts  # noqa: PLC0415
 
     if not settings.payee_xpub or not settings.chain:
         raise SystemExit("configure PAYEE_XPUB and CHAIN (esplora|bitcoind) with CHAIN_URL first")
@@ -182,9 +197,9 @@ async def chain_context(url: str, settings: Settings) -> AsyncIterator[tuple[Led
 
 
 def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
-    from .chain.reorgs import recheck_deposits  # noqa: PLC0415
-    from .chain.watcher import credit_deposits  # noqa: PLC0415
-    from .payments.onchain import OnChainRecords, book_strays, settle_payments  # noqa: PLC0415
+    from ..chain.reorgs import recheck_deposits  # noqa: PLC0415
+    from ..chain.watcher import credit_deposits  # noqa: PLC0415
+    from ..payments.onchain import OnChainRecords, book_strays, settle_payments  # noqa: PLC0415
 
     async def watch(url: str) -> int:
         async with chain_context(url, settings) as (ledger, book, backend, payouts):
@@ -206,12 +221,12 @@ def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
                         return 1
                 await asyncio.sleep(args.interval)
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=not args.once) as url:
         return asyncio.run(watch(url))
 
 
 def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
-    from .chain.batch import BatchError, broadcast_batch, build_batch, drop_batch  # noqa: PLC0415
+    from ..chain.batch import BatchError, broadcast_batch, build_batch, drop_batch  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with chain_context(url, settings) as (_, book, backend, payouts):
@@ -242,14 +257,14 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
         return 0
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=False) as url:
         return asyncio.run(run(url))
 
 
 def cmd_unclaimed(settings: Settings, args: argparse.Namespace) -> int:
     """What on-chain payments left in their accounts, and settling one to an account (or revenue)."""
-    from .ledger import REVENUE, user_account  # noqa: PLC0415
-    from .payments.onchain import OnChainRecords, settle_unclaimed, unclaimed  # noqa: PLC0415
+    from ..ledger import REVENUE, user_account  # noqa: PLC0415
+    from ..payments.onchain import OnChainRecords, settle_unclaimed, unclaimed  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with open_ledger(url, settings.redis_prefix) as ledger:
@@ -265,7 +280,7 @@ def cmd_unclaimed(settings: Settings, args: argparse.Namespace) -> int:
             print(json.dumps({"txid": args.txid, "to": to, "outcome": result.outcome.value, **result.transfer}))
             return 0 if result.outcome.value in ("ok", "nothing") else 1
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=False) as url:
         return asyncio.run(run(url))
 
 
@@ -298,7 +313,7 @@ async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, 
 
 def cmd_reconcile_chain(settings: Settings, args: argparse.Namespace) -> int:
     """`reconcile --chain`: the ledger's own check, plus its chain boundary against the chain."""
-    from .chain.audit import audit_in, audit_out  # noqa: PLC0415
+    from ..chain.audit import audit_in, audit_out  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with chain_context(url, settings) as (ledger, book, backend, payouts):
@@ -306,7 +321,7 @@ def cmd_reconcile_chain(settings: Settings, args: argparse.Namespace) -> int:
                 "in": await audit_in(ledger, book, backend, settings.deposit_confirmations),
                 "out": await audit_out(ledger, payouts, settings.network, backend)})
 
-    with redis_url_for(settings, for_server=False) as url:
+    with redis_url_for(settings, long_running=False) as url:
         return asyncio.run(run(url))
 
 
@@ -400,6 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, stream=sys.stderr if args.command != "serve" else None)
+    try:
+        return _dispatch(settings, args)
+    except PrivateRedisError as exc:  # the data dir is someone else's, or its redis-server is gone
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
         return cmd_serve(settings, args)
     if args.command == "worker":
@@ -420,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             return await action(ledger, args)
 
     try:
-        with redis_url_for(settings, for_server=False) as url:
+        with redis_url_for(settings, long_running=False) as url:
             return asyncio.run(run(url))
     except ApiError as exc:
         print(json.dumps(exc.body()), file=sys.stderr)
