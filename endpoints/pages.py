@@ -51,16 +51,24 @@ def _page(template: str, *, private: bool = False) -> Callable[[Page], Callable[
         async def render(request: web.Request) -> web.Response:
             try:
                 ctx = await handler(request)
-                response = aiohttp_jinja2.render_template(template, request, {**_base(request), **ctx},
-                                                          status=ctx.get("status_code", 200))
             except ApiError as exc:
-                response = aiohttp_jinja2.render_template("error.html", request, {
-                    **_base(request), "code": exc.code, "detail": exc.detail}, status=exc.status)
+                return render_error(request, exc)
+            response = aiohttp_jinja2.render_template(template, request, {**_base(request), **ctx},
+                                                      status=ctx.get("status_code", 200))
             return _secured(response, private)
 
+        render.render_error = render_error  # type: ignore[attr-defined]  # web_errors: refusals before the handler
         return render
 
     return wrap
+
+
+def render_error(request: web.Request, exc: ApiError) -> web.Response:
+    """An ApiError as an HTML page of its status (its Retry-After and similar headers kept)."""
+    response = aiohttp_jinja2.render_template("error.html", request, {
+        **_base(request), "code": exc.code, "detail": exc.detail}, status=exc.status)
+    response.headers.update(exc.headers or {})
+    return _secured(response, True)
 
 
 def _secured(response: web.StreamResponse, private: bool = False) -> web.StreamResponse:

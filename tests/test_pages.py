@@ -82,8 +82,8 @@ async def test_no_secrets_and_errors_are_html_pages(http, base_url, funded, sett
     missing = await page(http, f"{base_url}/experts/nobody-here", status=404)
     assert "unknown expert" in missing
     await page(http, f"{base_url}/asks/{'A' * 43}", status=404)
-    async with http.get(f"{base_url}/asks/short") as r:  # not a capability's shape: the router's 404, JSON
-        assert r.status == 404
+    async with http.get(f"{base_url}/asks/short") as r:  # not a capability's shape: refused before the handler, in HTML
+        assert r.status == 404 and r.content_type == "text/html"
 
 
 async def test_pages_do_not_shadow_the_json_api_or_the_paywall(http, base_url, funded):

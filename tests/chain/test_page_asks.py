@@ -111,3 +111,18 @@ async def test_the_private_link_is_needed_and_invalid_forms_are_refused(chain_ri
         assert r.status == 422
     async with rig.http.get(f"{rig.url}/asks/{'x' * 43}") as r:
         assert r.status == 404
+
+
+async def test_web_asks_are_rate_limited_per_ip(chain_rig):
+    """Each web ask derives a deposit address: one client cannot make the server derive without bound."""
+    from endpoints.pages import WEB_ASKS_PER_MINUTE
+
+    rig = await chain_rig()
+    expert = await rig.user(0)
+    await rig.signed(expert, "PUT", "/v1/experts/me", {"display_name": "Ex", "price": PRICE})
+    statuses = []
+    for _ in range(WEB_ASKS_PER_MINUTE + 1):
+        async with rig.http.post(f"{rig.url}/experts/{expert.username}/ask", data={"text": "q"},
+                                 allow_redirects=False) as r:
+            statuses.append(r.status)
+    assert statuses == [303] * WEB_ASKS_PER_MINUTE + [429]
