@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench load sim clean browser
+.PHONY: install run test bench load sim clean browser image-test
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ OPS     ?= 10000
 SECONDS ?= 3600
 sim: install
 	$(PY) -m sim --ops $(OPS) --max-seconds $(SECONDS) $(if $(SEED),--seed $(SEED)) $(ARGS)
+
+# Build the Dockerfile with buildah (base image made locally by debootstrap) and run it against a private
+# Redis: /healthz, a 402, a paid call, uid 10001, clean SIGTERM. Prints SKIP where the tools cannot be had.
+image-test: install
+	$(PY) .ci/image_test.py
 
 clean:
 	rm -rf $(VENV) var *.egg-info

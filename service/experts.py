@@ -231,6 +231,9 @@ class Experts:
                                          "price": int(q["price_each"]), "deadline": deadline / 1000}), f"webhook:{qid}")
         return await self.question(qid, asker)
 
+    async def has_question(self, qid: str) -> bool:
+        return bool(await self.redis.exists(self._k("q", qid)))
+
     async def _q(self, qid: str) -> dict[str, Any]:
         raw = await self.redis.hgetall(self._k("q", qid))
         if not raw:

@@ -101,20 +101,23 @@ class PageAsks:
         Every step is idempotent (fixed question id, fixed transfer id), so the sweeper and a page view
         may both run it."""
         asker, price = record["asker"], int(record["price"])
-        balance = await self.ledger.balance(user_account(asker))
-        if balance is None or balance.posted < price:
-            return record
-        qid = f"q_web{record['id']}"
-        profile = await self.experts.profile(record["expert"])
-        await self.experts.prepare_question(qid, asker, kind="expert", target=record["expert"], text=record["text"],
-                                            price_each=price, shares=1, hours=profile["reply_hours"],
-                                            recipients=[record["expert"]], form=None, issue=record["issue"] or None)
-        result = await self.ledger.post_all([(f"pa:{record['id']}:fund", user_account(asker), Experts.escrow(qid),
-                                              price, {"reason": f"web ask {record['id']} paid on chain"})],
-                                            open_credit=AccountKind.ESCROW)
-        if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
-            log.warning("page_ask_not_funded", ask=record["id"], outcome=result.outcome.value)
-            return record
+        qid, fund_id = f"q_web{record['id']}", f"pa:{record['id']}:fund"
+        if not await self.ledger.transfer(fund_id):  # not funded yet (a retry after funding goes on to deliver)
+            balance = await self.ledger.balance(user_account(asker))
+            if balance is None or balance.available < price:
+                return record
+            if not await self.experts.has_question(qid):  # recorded once: a retry keeps its deadline
+                profile = await self.experts.profile(record["expert"])
+                await self.experts.prepare_question(qid, asker, kind="expert", target=record["expert"],
+                                                    text=record["text"], price_each=price, shares=1,
+                                                    hours=profile["reply_hours"], recipients=[record["expert"]],
+                                                    form=None, issue=record["issue"] or None)
+            result = await self.ledger.post_all([(fund_id, user_account(asker), Experts.escrow(qid), price,
+                                                  {"reason": f"web ask {record['id']} paid on chain"})],
+                                                open_credit=AccountKind.ESCROW)
+            if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):
+                log.warning("page_ask_not_funded", ask=record["id"], outcome=result.outcome.value)
+                return record
         await self.experts.publish_question(qid, asker)
         await self.redis.hset(self._k("ask", digest), "question", qid)
         await self.redis.zrem(self._k("waiting"), digest)

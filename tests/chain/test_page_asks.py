@@ -37,7 +37,7 @@ async def _page(rig, link: str) -> str:
         return await r.text()
 
 
-async def _status(html: str) -> str:
+def _status(html: str) -> str:
     return re.search(r'id="status">([^<]+)<', html).group(1)
 
 
@@ -48,13 +48,13 @@ async def test_page_ask_is_delivered_once_the_payment_confirms_then_shows_the_re
     uri = unquote(re.search(r'id="bip21">([^<]+)<', html).group(1).replace("&amp;", "&"))
     address = re.search(r'id="address">([^<]+)<', html).group(1)
     assert uri.startswith(f"bitcoin:{address}?amount=0.000015&label=") and "<svg" in html and "Why &lt;b&gt;is" in html
-    assert await _status(html) == "awaiting payment" and f'href="{issue}"' in html
+    assert _status(html) == "awaiting payment" and f'href="{issue}"' in html
     assert f"microtasks ask {expert.username} &#39;Why &lt;b&gt;is&lt;/b&gt; my pod pending?&#39; --max-price {PRICE}" in html
 
     backend = Esplora(rig.esplora.url, timeout=5, retries=0)
     rig.esplora.deposit(address, PRICE + 100, height=None)  # in the mempool: not accepted for an escrow
     assert await credit_deposits(rig.book, backend, ledger, 2) == 0
-    assert await _status(await _page(rig, link)) == "awaiting payment"
+    assert _status(await _page(rig, link)) == "awaiting payment"
     status, inbox = await rig.signed(expert, "GET", "/v1/experts/me/questions")
     assert inbox["questions"] == []
 
@@ -64,14 +64,14 @@ async def test_page_ask_is_delivered_once_the_payment_confirms_then_shows_the_re
         tx["status"] = rig.esplora.index[txid]["status"]
     assert await credit_deposits(rig.book, backend, ledger, 2) == 1
     html = await _page(rig, link)  # the view advances it (the sweeper does too)
-    assert await _status(html) == "open"
+    assert _status(html) == "open"
     status, inbox = await rig.signed(expert, "GET", "/v1/experts/me/questions")
     [q] = inbox["questions"]
     assert q["text"] == "Why <b>is</b> my pod pending?" and q["issue"] == issue and q["money"]["escrow"] == PRICE
     status, _ = await rig.signed(expert, "POST", f"/v1/questions/{q['id']}/reply", {"text": "Requests > <node>."})
     assert status == 201
     html = await _page(rig, link)
-    assert await _status(html) == "answered" and "Requests &gt; &lt;node&gt;." in html
+    assert _status(html) == "answered" and "Requests &gt; &lt;node&gt;." in html
     assert 'http-equiv="refresh"' not in html
     # the 100 sat paid above the price stay with the ask: the link offers them back
     assert 'id="refund">100 sat' in html
@@ -83,12 +83,12 @@ async def test_unanswered_page_ask_is_refunded_and_withdrawn_from_the_link(chain
     address = re.search(r'id="address">([^<]+)<', html).group(1)
     rig.esplora.deposit(address, PRICE, height=rig.esplora.tip)
     assert await credit_deposits(rig.book, Esplora(rig.esplora.url, timeout=5, retries=0), ledger, 1) == 1
-    assert await _status(await _page(rig, link)) == "open"
+    assert _status(await _page(rig, link)) == "open"
     xp = Experts(ledger.redis, settings.redis_prefix, ledger, rig.payouts)
     [qid] = [q for q in await ledger.redis.zrange(xp._k("open"), 0, -1)]
     await xp.close(qid, "expired")
     html = await _page(rig, link)
-    assert await _status(html) == "expired" and f'id="refund">{PRICE} sat' in html
+    assert _status(html) == "expired" and f'id="refund">{PRICE} sat' in html
     async with rig.http.post(f"{rig.url}{link}/refund", data={"address": "not-an-address"}) as r:
         assert r.status == 422
     payout = "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx"
@@ -126,3 +126,25 @@ async def test_web_asks_are_rate_limited_per_ip(chain_rig):
                                  allow_redirects=False) as r:
             statuses.append(r.status)
     assert statuses == [303] * WEB_ASKS_PER_MINUTE + [429]
+
+
+async def test_concurrent_deliveries_fund_the_escrow_once(chain_rig, ledger, settings):
+    """The sweeper and page views may all advance one ask at once: one question, funded once."""
+    import asyncio
+
+    from service.page_asks import PageAsks
+
+    rig = await chain_rig(deposit_confirmations=1)
+    expert, link, html = await _ask_from_page(rig, "race")
+    address = re.search(r'id="address">([^<]+)<', html).group(1)
+    rig.esplora.deposit(address, PRICE * 3, height=rig.esplora.tip)
+    assert await credit_deposits(rig.book, Esplora(rig.esplora.url, timeout=5, retries=0), ledger, 1) == 1
+    xp = Experts(ledger.redis, settings.redis_prefix, ledger, rig.payouts)
+    asks = PageAsks(ledger.redis, settings.redis_prefix, ledger, xp, rig.payouts, rig.book, confirmations=1)
+    pages = await asyncio.gather(*[_page(rig, link) for _ in range(4)], asks.advance_all(), asks.advance_all())
+    assert all(_status(p) == "open" for p in pages[:4])
+    status, inbox = await rig.signed(expert, "GET", "/v1/experts/me/questions")
+    [q] = inbox["questions"]
+    assert q["money"]["escrow"] == PRICE
+    ask_id = q["id"].removeprefix("q_web")
+    assert (await ledger.balance(user_account(f"~ask-{ask_id}"))).available == PRICE * 2
