@@ -88,7 +88,7 @@ def build() -> None:
         if Path(path).exists():
             mounts += ["-v", f"{path}:{path}:ro"]
     log("buildah bud --pull=never (the unchanged Dockerfile)")
-    run([*BUILDAH, "bud", "--pull=never", "--isolation", "chroot", "--layers=false", *mounts, "-t", IMAGE, str(ROOT)],
+    run([*BUILDAH, "bud", "--pull=never", "--isolation", "chroot", "--layers=false", "--format", "docker", *mounts, "-t", IMAGE, str(ROOT)],
         stdout=subprocess.DEVNULL)
 
 
@@ -100,9 +100,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+MANIFEST = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n"
+
+
+def http(method: str, url: str, body: dict | str | None = None, token: str | None = None) -> tuple[int, dict]:
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode() if body is not None else None
+    kind = "application/yaml" if isinstance(body, str) else "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": kind})
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -139,8 +143,7 @@ async def paid_call(url: str) -> tuple[int, str]:
         status, body = http("POST", f"{url}/v1/admin/credits", {"username": wallet.username, "amount": 5000,
                                                                  "reason": "image test"}, ADMIN)
         assert status == 201, body
-        manifest = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n"
-        status, body, headers = await s.request("POST", f"{url}/v1/qa/validate", data=manifest,
+        status, body, headers = await s.request("POST", f"{url}/v1/qa/validate", data=MANIFEST,
                                                 headers={"Content-Type": "application/yaml"})
         return status, headers.get("Payment-Receipt", "")
 
@@ -186,14 +189,16 @@ def main() -> int:
         else:
             raise SystemExit("image-test: FAIL /healthz never answered 200")
         log("/healthz 200")
-        status, body = http("POST", f"{url}/v1/qa/validate", None)
+        status, body = http("POST", f"{url}/v1/qa/validate", MANIFEST)
         (log if status == 402 else failures.append)(f"unpaid call: {status} {body.get('error', '')}")
         status, receipt = asyncio.run(paid_call(url))
         (log if status == 200 and receipt else failures.append)(f"paid call: {status}, receipt {receipt}")
         procs = [p for p in descendants(server.pid)
-                 if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[:4] == [b"python", b"-m", b"service", b"serve"]]
+                 if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:4] == [b"-m", b"service", b"serve"]]
         uids = {p: int(Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[0]) for p in procs}
         (log if uids and set(uids.values()) == {10001} else failures.append)(f"server uids: {sorted(set(uids.values()))}")
+        if not procs:
+            raise SystemExit("image-test: FAIL no `python -m service serve` process found under buildah run")
         main_pid = min(procs)
         t0 = time.monotonic()
         os.kill(main_pid, signal.SIGTERM)  # what `docker stop` sends to the container's process
