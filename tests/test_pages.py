@@ -2,8 +2,6 @@
 escaped, the CSP header, no secrets, errors as HTML, and no collision with /v1 or the paywall."""
 from __future__ import annotations
 
-import re
-
 from service.client import PaidSession
 
 HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>'
@@ -122,9 +120,13 @@ async def test_question_carries_a_kubernetes_issue_url(http, base_url, funded):
     assert inbox["questions"][0]["issue"] == issue
 
 
-def test_every_page_route_is_outside_v1():
-    from endpoints import pages
+def test_every_page_route_is_outside_v1_and_unpriced(make_app):
+    from service.pricing import route_rule
 
-    for name in ("index", "experts", "expert", "ask", "ask_status", "refund", "lists", "list_page", "catalog"):
-        assert hasattr(pages, name)
-    assert re.search(r"default-src 'none'", pages.CSP)
+    app = make_app()
+    pages = [r for r in app.router.routes() if getattr(r.handler, "__module__", "") == "endpoints.pages"]
+    assert {r.resource.canonical for r in pages} == {"/", "/experts", "/experts/{username}", "/experts/{username}/ask",
+                                                    "/asks/{capability}", "/asks/{capability}/refund", "/lists",
+                                                    "/lists/{name}", "/catalog"}
+    for route in pages:
+        assert not route.resource.canonical.startswith("/v1") and route_rule(route.handler) is None
