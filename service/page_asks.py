@@ -23,7 +23,8 @@ import structlog
 from .chain.addresses import AddressBook
 from .errors import Conflict, NotFound, ServiceUnavailable
 from .experts import Experts
-from .ledger import AccountKind, Ledger, Outcome, user_account
+from .keys import Keys, question_escrow, user_account
+from .ledger import AccountKind, Ledger, Outcome
 from .payouts import Payouts
 
 __all__ = ["PageAsks", "asker_name"]
@@ -47,10 +48,10 @@ class PageAsks:
                  book: AddressBook | None, *, confirmations: int, hours_to_pay: int = 72) -> None:
         self.redis, self.ledger, self.experts, self.payouts, self.book = redis, ledger, experts, payouts, book
         self.confirmations, self.hours_to_pay = confirmations, hours_to_pay
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "pa", *parts])
+        return self.keys.of("pa", *parts)
 
     async def create(self, expert: str, text: str, issue: str | None, price: int) -> str:
         """Record the ask and its payment address; returns the capability (shown once, in the redirect)."""
@@ -112,7 +113,7 @@ class PageAsks:
                                                     text=record["text"], price_each=price, shares=1,
                                                     hours=profile["reply_hours"], recipients=[record["expert"]],
                                                     form=None, issue=record["issue"] or None)
-            result = await self.ledger.post_all([(fund_id, user_account(asker), Experts.escrow(qid), price,
+            result = await self.ledger.post_all([(fund_id, user_account(asker), question_escrow(qid), price,
                                                   {"reason": f"web ask {record['id']} paid on chain"})],
                                                 open_credit=AccountKind.ESCROW)
             if result.outcome not in (Outcome.APPLIED, Outcome.REPLAYED):

@@ -15,7 +15,8 @@ import aiohttp
 
 from . import crypto
 from .errors import ServiceUnavailable, Unprocessable
-from .ledger import Ledger, user_account
+from .keys import user_account
+from .ledger import Ledger
 
 __all__ = ["statement", "accounts_view", "verify_github", "GIST_RE", "HANDLE_RES"]
 
