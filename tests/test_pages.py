@@ -2,6 +2,8 @@
 escaped, the CSP header, no secrets, errors as HTML, and no collision with /v1 or the paywall."""
 from __future__ import annotations
 
+import json
+
 from service.client import PaidSession
 
 HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>'
@@ -109,11 +111,11 @@ async def test_question_carries_a_kubernetes_issue_url(http, base_url, funded):
     await make_expert(http, base_url, expert)
     url = f"{base_url}/v1/experts/{expert.username}/questions"
     async with PaidSession(asker, max_price=1000, session=http) as s:
-        status, q, _ = await s.request("POST", url, data='{"text": "t", "issue": "https://github.com/evil/x/issues/1"}',
-                                       headers={"Content-Type": "application/json"})
+        evil = json.dumps({"text": "t", "issue": "https://github.com/evil/x/issues/1"})
+        status, q, _ = await s.request("POST", url, data=evil, headers={"Content-Type": "application/json"})
         assert status == 422 and "issue" in q["detail"]
         issue = "https://github.com/kubernetes-sigs/kind/pull/3456"
-        status, q, _ = await s.request("POST", url, data=f'{{"text": "t", "issue": "{issue}"}}',
+        status, q, _ = await s.request("POST", url, data=json.dumps({"text": "t", "issue": issue}),
                                        headers={"Content-Type": "application/json"})
     assert status == 201 and q["issue"] == issue
     status, inbox = await signed(http, expert, "GET", f"{base_url}/v1/experts/me/questions")
