@@ -10,16 +10,17 @@ from aiohttp import web
 from service.auth import authenticate
 from service.errors import BadRequest, Forbidden, Unprocessable
 from service.inputs import identifier
-from service.experts import Experts
+from service.experts import Experts, ask_price
 from service.paywall import PAYMENT, commit
 from service.pricing import priced
-from service.schemas import (TAG_RE, ListQuestionSchema, ListSchema, ProfileSchema, QuestionSchema, ReplySchema,
+from service.profile_links import verify_github
+from service.schemas import (TAG_RE, GithubProofSchema, ListQuestionSchema, ListSchema, ProfileSchema, QuestionSchema, ReplySchema,
                              load_json)
-from service.rates import FiatAmount, parse_usd, usd_to_sats
 from service.state import EXPERTS, LEDGER, RATES, SETTINGS
 
 _profile, _question, _list_q, _list, _reply = (ProfileSchema(), QuestionSchema(), ListQuestionSchema(),
                                                ListSchema(), ReplySchema())
+_proof = GithubProofSchema()
 _ASK = web.RequestKey("xp_ask", dict)
 _TAG = re.compile(TAG_RE)
 
@@ -40,6 +41,18 @@ async def put_profile(request: web.Request) -> web.Response:
     username = await _me(request)
     data = await load_json(request, _profile)
     return web.json_response(await _xp(request).put_profile(username, data))
+
+
+async def github_proof(request: web.Request) -> web.Response:
+    """Link the profile's GitHub handle for good: the gist's signed statement is checked (profile_links)."""
+    username = await _me(request)
+    data = await load_json(request, _proof)
+    github = (await _xp(request).profile(username))["accounts"].get("github")
+    if not github:
+        raise Unprocessable("validation_error", {"github": ["set a GitHub handle on your profile first"]})
+    gist_id = await verify_github(request.app[SETTINGS].github_api_url, request.app[LEDGER], username,
+                                  github["handle"], data["gist"])
+    return web.json_response(await _xp(request).set_github_proof(username, github["handle"], gist_id))
 
 
 async def list_experts(request: web.Request) -> web.Response:
@@ -77,14 +90,10 @@ async def _ask(request: web.Request) -> dict[str, Any]:
             hire = request.path.endswith("/hire-requests")
             if hire and not profile["available_for_hire"]:
                 raise BadRequest("not_for_hire", f"{profile['username']} is not available for hire")
-            price = profile["price"]
-            if profile["price_usd"]:  # dollars → sats at the current rate, rounded up; the invoice shows the rate
-                rate = await request.app[RATES].current()
-                usd = parse_usd(profile["price_usd"])
-                price = FiatAmount(usd_to_sats(usd, rate), str(usd), rate)
+            price = await ask_price(profile, request.app[RATES])  # dollars → sats now; the invoice shows the rate
             ctx = {"kind": "hire" if hire else "expert", "target": profile["username"], "price_each": price,
                    "shares": 1, "hours": profile["reply_hours"], "form": None, "recipients": [profile["username"]]}
-        ctx["text"], ctx["id"] = data["text"], f"q_{secrets.token_hex(10)}"
+        ctx["text"], ctx["id"], ctx["issue"] = data["text"], f"q_{secrets.token_hex(10)}", data.get("issue")
         request[_ASK] = ctx
     return request[_ASK]
 
@@ -117,7 +126,7 @@ async def _store(request: web.Request) -> web.Response:
     # paid, then delivered: no path leaves the price in an escrow nobody can release
     await _xp(request).prepare_question(ctx["id"], asker, kind=ctx["kind"], target=ctx["target"], text=ctx["text"],
                                         price_each=int(ctx["price_each"]), shares=ctx["shares"], hours=ctx["hours"],
-                                        recipients=recipients, form=ctx["form"])
+                                        recipients=recipients, form=ctx["form"], issue=ctx["issue"])
     await commit(request)
     q = await _xp(request).publish_question(ctx["id"], asker)
     return web.json_response(q, status=201, headers={"Location": f"/v1/questions/{q['id']}"})

@@ -46,6 +46,7 @@ def setup(app: web.Application) -> None:
         web.get("/v1/experts", experts.list_experts),
         web.put("/v1/experts/me", experts.put_profile),
         web.get("/v1/experts/me/questions", experts.my_questions),
+        web.post("/v1/experts/me/github", experts.github_proof),
         web.get("/v1/experts/{username}", experts.show_expert),
         web.post("/v1/experts/{username}/questions", experts.ask_expert),
         web.post("/v1/experts/{username}/hire-requests", experts.hire_request),

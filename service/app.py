@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from endpoints import routes as endpoint_routes
+from endpoints import pages, routes as endpoint_routes
 
 from .config import Settings
 from .deployment import deployment_id
@@ -34,7 +34,8 @@ from .rates import FixedRate, HttpRate
 from .metrics import EXPIRED, REDIS_LATENCY, metrics_middleware
 from .redis_client import connect, safe_url
 from .ratelimit import RateLimiter, rate_limit_middleware
-from .state import LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
+from .page_asks import PageAsks
+from .state import PAGE_ASKS, LIMITER, HEALTH, RATES, ADDRESSES, CHAIN, CROWD, EXPERTS, INVOICES, PAYOUTS, LEDGER, METHODS, PRICES, REDIS, RUNS, SETTINGS
 from .web_errors import error_middleware
 from .inputs import input_middleware
 from . import tasks, webhooks
@@ -62,6 +63,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_sweeper_ctx)
     app.cleanup_ctx.append(_workers_ctx)
     endpoint_routes.setup(app)
+    pages.setup(app)
     return app
 
 
@@ -102,6 +104,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
                                      pool=s.invoice_address_pool, per_client=s.invoice_addresses_per_client)
         owns = app[ADDRESSES].owns
         app[PAYOUTS].owns = owns  # our own addresses never receive a withdrawal (fee drain)
+    app[PAGE_ASKS] = PageAsks(redis, s.redis_prefix, ledger, app[EXPERTS], app[PAYOUTS], app.get(ADDRESSES),
+                              confirmations=s.deposit_confirmations)
     if s.chain:
         app[CHAIN] = backend_from_settings(s.chain, s.chain_url or "", s.chain_cookie)
     if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
@@ -189,6 +193,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 expired = await app[EXPERTS].expire_questions()
                 if expired:
                     log.info("questions_expired", closed=expired)
+                delivered = await app[PAGE_ASKS].advance_all()
+                if delivered:
+                    log.info("web_asks_delivered", count=delivered)
                 queued = await app[PAYOUTS].auto_withdraw()
                 if queued:
                     log.info("auto_withdrawals_queued", count=queued)

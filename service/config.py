@@ -108,6 +108,7 @@ class Settings:
     webhook_allow_http: bool = False   # webhooks may use http:// (else https only)
     webhook_allow: tuple = ()          # networks / host names webhooks may reach though not public
     withdrawal_hold_days: int = 14
+    github_api_url: str = "https://api.github.com"  # where GitHub proofs (gists) are read; tests use a stand-in
     minimum_withdrawal: int = 10_000
     log_level: str = "info"
     extra: dict = field(default_factory=dict)
@@ -180,6 +181,7 @@ class Settings:
             webhook_allow_http=env.get("WEBHOOK_ALLOW_HTTP", "") in ("1", "true", "yes"),
             webhook_allow=tuple(e.strip() for e in env.get("WEBHOOK_ALLOW", "").split(",") if e.strip()),
             withdrawal_hold_days=_int(env, "WITHDRAWAL_HOLD_DAYS", 14),
+            github_api_url=env.get("GITHUB_API_URL", "https://api.github.com"),
             minimum_withdrawal=_int(env, "MINIMUM_WITHDRAWAL", 10_000),
             log_level=env.get("LOG_LEVEL", "info"),
         )

@@ -31,8 +31,10 @@ from .inputs import identifier
 from .keys import Keys, charity_account, question_escrow, user_account
 from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, Result
 from .payouts import Payouts
+from .profile_links import HANDLE_RES, accounts_view
+from .rates import FiatAmount, RateSource, parse_usd, usd_to_sats
 
-__all__ = ["Experts", "CHARITIES"]
+__all__ = ["Experts", "CHARITIES", "ask_price"]
 
 log = structlog.get_logger("experts")
 _CHARITY_ID = re.compile(r"[a-z0-9-]{1,64}")
@@ -43,6 +45,16 @@ CHARITIES = {
     "folding-at-home": "Folding@home",
     "code-to-inspire": "Code to Inspire",
 }
+
+
+async def ask_price(profile: dict[str, Any], rates: RateSource) -> int:
+    """The expert's price in sat now: fixed, or their dollar price at the current rate (rounded up; a
+    FiatAmount, which carries the rate for the invoice)."""
+    if not profile["price_usd"]:
+        return int(profile["price"])
+    rate = await rates.current()
+    usd = parse_usd(profile["price_usd"])
+    return FiatAmount(usd_to_sats(usd, rate), str(usd), rate)
 
 
 class Experts:
@@ -91,6 +103,7 @@ class Experts:
             "tags": json.dumps(sorted(set(data["tags"]))), "price": data["price"] or 0,
             "price_usd": data["price_usd"].removeprefix("$") if data["price_usd"] else "", "reply_hours": data["reply_hours"],
             "links": json.dumps(data["links"]), "available_for_hire": int(data["available_for_hire"]),
+            "handles": json.dumps({site: data.get(site) or "" for site in HANDLE_RES}),
             "webhook": data["webhook"] or "", "webhook_secret": secret,
             "created": old.get("created") or int(time.time()),
         }
@@ -115,9 +128,15 @@ class Experts:
             "price": int(p["price"]) or None, "price_usd": p.get("price_usd") or None, "reply_hours": int(p["reply_hours"]),
             "payout": (await self.payouts.preference(username))["mode"],
             "links": json.loads(p["links"]), "available_for_hire": p["available_for_hire"] == "1",
+            "accounts": accounts_view(json.loads(p.get("handles") or "{}"), p.get("github_proof", "")),
             "stats": {"answered": int(p.get("answered", 0)), "expired": int(p.get("expired", 0)),
                       "median_reply_seconds": statistics.median(times) if times else None},
         }
+
+    async def set_github_proof(self, username: str, handle: str, gist_id: str) -> dict[str, Any]:
+        """Record a verified proof (profile_links.verify_github) for the handle it names."""
+        await self.redis.hset(self._k("profile", username), "github_proof", f"{handle.lower()} {gist_id}")
+        return await self.profile(username)
 
     async def list_experts(self, tag: str | None) -> list[dict[str, Any]]:
         names = await self.redis.smembers(self._k("tag", tag) if tag else self._k("experts"))
@@ -171,7 +190,8 @@ class Experts:
     escrow = staticmethod(question_escrow)
 
     async def prepare_question(self, qid: str, asker: str, *, kind: str, target: str, text: str, price_each: int,
-                               shares: int, hours: int, recipients: list[str], form: list | None) -> None:
+                               shares: int, hours: int, recipients: list[str], form: list | None,
+                               issue: str | None = None) -> None:
         """Record a question before its payment is captured: unpublished (nobody sees or answers it) but
         with its deadline in the sweeper's set, so whatever fails later its escrow is refunded at the latest
         then (before the capture, a failure here voids the hold: nothing charged)."""
@@ -179,7 +199,7 @@ class Experts:
         deadline = now + hours * 3600 * 1000
         record = {"id": qid, "asker": asker, "kind": kind, "target": target, "text": text,
                   "price_each": price_each, "shares": shares, "created": now, "deadline": deadline,
-                  "form": json.dumps(form) if form else "", "unpublished": 1}
+                  "form": json.dumps(form) if form else "", "issue": issue or "", "unpublished": 1}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._k("q", qid), mapping=record)
             pipe.sadd(self._k("recipients", qid), *recipients)
@@ -211,6 +231,9 @@ class Experts:
                                          "price": int(q["price_each"]), "deadline": deadline / 1000}), f"webhook:{qid}")
         return await self.question(qid, asker)
 
+    async def has_question(self, qid: str) -> bool:
+        return bool(await self.redis.exists(self._k("q", qid)))
+
     async def _q(self, qid: str) -> dict[str, Any]:
         raw = await self.redis.hgetall(self._k("q", qid))
         if not raw:
@@ -231,7 +254,7 @@ class Experts:
             status = "expiring"
         return {
             "id": qid, "kind": q["kind"], "to": q["target"], "asker": q["asker"], "text": q["text"],
-            "form": json.loads(q["form"]) if q.get("form") else None, "status": status,
+            "form": json.loads(q["form"]) if q.get("form") else None, "issue": q.get("issue") or None, "status": status,
             "deadline": int(q["deadline"]) / 1000, "created": int(q["created"]) / 1000,
             "replies": replies if viewer == q["asker"] else [r for r in replies if r["by"] == viewer],
             "money": {"price_each": int(q["price_each"]), "shares": int(q["shares"]), "paid": len(replies),

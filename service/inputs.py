@@ -18,17 +18,19 @@ from . import protocol as P
 from .errors import BadRequest, NotFound, Unauthorized, Unprocessable
 
 __all__ = ["ascii_int", "has_controls", "undecodable", "query_int", "identifier", "input_middleware",
-           "CONTROLS", "USERNAME_RE", "LIST_NAME_RE", "RESOURCE_ID_RE", "PATH_PARAMS", "IDEMPOTENCY_KEY_RE"]
+           "CONTROLS", "USERNAME_RE", "LIST_NAME_RE", "RESOURCE_ID_RE", "PATH_PARAMS", "IDEMPOTENCY_KEY_RE", "CAPABILITY_RE"]
 
 # Identifiers: matched whole (fullmatch) after canonicalisation (identifier()), never with `$`
 USERNAME_RE = r"[a-z0-9][a-z0-9_.-]{1,38}"
 LIST_NAME_RE = r"[a-z0-9][a-z0-9-]{1,39}"
 RESOURCE_ID_RE = r"[A-Za-z0-9_.:-]{1,128}"  # question, run, job, result, token and receipt ids
+CAPABILITY_RE = r"[A-Za-z0-9_-]{43}"  # a web ask's private link: secrets.token_urlsafe(32) (page_asks.py)
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,128}")  # Idempotency-Key: printable ASCII, used with fullmatch
 # every path parameter of the route table, by name: checked before a handler turns it into a key
 PATH_PARAMS: dict[str, tuple[re.Pattern[str], bool]] = {
     "username": (re.compile(USERNAME_RE), True), "name": (re.compile(LIST_NAME_RE), True),
     "id": (re.compile(RESOURCE_ID_RE), False), "rid": (re.compile(RESOURCE_ID_RE), False),
+    "capability": (re.compile(CAPABILITY_RE), False),
 }
 
 _DIGITS = {n: re.compile(rf"[0-9]{{1,{n}}}") for n in (10, 12, 16, 19)}

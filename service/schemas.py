@@ -13,10 +13,11 @@ from . import crypto, webhooks
 from .errors import BadRequest, Unprocessable
 from .rates import parse_usd
 from .state import SETTINGS
+from .profile_links import HANDLE_RES
 from .inputs import LIST_NAME_RE, USERNAME_RE, has_controls, identifier, undecodable
 
 __all__ = ["RegisterSchema", "CreditSchema", "TokenSchema", "RunSchema", "RunnerSchema", "CrowdJobSchema", "ClaimSchema",
-           "ResultSchema", "ProfileSchema", "QuestionSchema", "ListQuestionSchema", "ListSchema", "ReplySchema", "PayoutSchema", "WithdrawalSchema",
+           "ResultSchema", "ProfileSchema", "QuestionSchema", "GithubProofSchema", "ListQuestionSchema", "ListSchema", "ReplySchema", "PayoutSchema", "WithdrawalSchema",
            "load_json", "USERNAME_RE", "MAX_AMOUNT"]
 
 # Identifiers: matched whole (fullmatch) after canonicalisation (inputs.identifier), never with `$`
@@ -159,6 +160,9 @@ class ResultSchema(Schema):
     log = fields.String(load_default="", validate=validate.Length(max=64 * 1024))
 
 
+ISSUE_URL_RE = r"https://github\.com/kubernetes(?:-[a-z0-9]+)*/[A-Za-z0-9_.-]{1,100}/(?:issues|pull)/[1-9][0-9]{0,9}"
+
+
 class ProfileSchema(Schema):
     display_name = Text(required=True, validate=validate.Length(1, 100))
     bio = Text(load_default="", multiline=True, validate=validate.Length(max=4000))
@@ -172,6 +176,9 @@ class ProfileSchema(Schema):
                         validate=validate.Length(max=10))
     available_for_hire = fields.Boolean(load_default=False)
     webhook = WebhookUrl(load_default=None)
+    github = Identifier(HANDLE_RES["github"], "GitHub handle", lower=False, load_default=None)
+    twitter = Identifier(HANDLE_RES["twitter"], "Twitter/X handle", lower=False, load_default=None)
+    linkedin = Identifier(HANDLE_RES["linkedin"], "LinkedIn handle", lower=False, load_default=None)
 
     @validates("price_usd")
     def _usd(self, value: str | None, data_key: str) -> None:
@@ -190,6 +197,13 @@ class ProfileSchema(Schema):
 
 class QuestionSchema(Schema):
     text = fields.String(required=True, validate=validate.Length(1, 5000))
+    issue = Identifier(ISSUE_URL_RE, "issue", lower=False, load_default=None,
+                       error="a Kubernetes GitHub issue or pull request URL, "
+                             "https://github.com/kubernetes*/<repo>/(issues|pull)/<number>")
+
+
+class GithubProofSchema(Schema):
+    gist = fields.String(required=True, validate=validate.Length(1, 200))
 
 
 class FormFieldSchema(Schema):

@@ -9,6 +9,7 @@ from .chain.backends import ChainBackend
 from .config import Settings
 from .experts import Experts
 from .invoices import Invoices
+from .page_asks import PageAsks
 from .payouts import Payouts
 from .ledger import Ledger
 from .payments import PaymentMethods
@@ -17,7 +18,7 @@ from .qa.crowd import Crowd
 from .rates import RateSource
 from .qa.runs import RunStore
 
-__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN", "RATES", "HEALTH", "LIMITER"]
+__all__ = ["SETTINGS", "REDIS", "LEDGER", "INVOICES", "PRICES", "METHODS", "RUNS", "CROWD", "EXPERTS", "PAYOUTS", "ADDRESSES", "CHAIN", "RATES", "HEALTH", "LIMITER", "PAGE_ASKS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -34,3 +35,4 @@ CHAIN = web.AppKey("chain", ChainBackend)  # only with CHAIN set
 RATES = web.AppKey("rates", RateSource)
 HEALTH = web.AppKey("health", object)  # service.app.RedisHealth
 LIMITER = web.AppKey("limiter", object)  # service.ratelimit.RateLimiter
+PAGE_ASKS = web.AppKey("page_asks", PageAsks)  # asks from the web pages, paid by a confirmed deposit

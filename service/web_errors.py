@@ -33,6 +33,9 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
+        render = getattr(request.match_info.handler, "render_error", None)  # an HTML page answers in HTML
+        if render is not None:
+            return render(request, exc)
         return json_error(exc.status, exc.code, exc.detail, exc.headers)
     except web.HTTPRequestEntityTooLarge as exc:
         return json_error(413, "payload_too_large", exc.text)

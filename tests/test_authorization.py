@@ -92,6 +92,18 @@ MATRIX: list[tuple[str, str, Any, dict[str, Any], bool]] = [
     ("POST", "/v1/lists/{list}/members/{other}/approve", None,
      {"anonymous": 401, "other": 403, "owner": 200, "admin": 401}, True),
     ("DELETE", "/v1/lists/{list}/members/me", None, {"anonymous": 401, "other": ANY_OK, "owner": (200, 204, 409), "admin": 401}, True),
+    ("POST", "/v1/experts/me/github", {"gist": "aa5a315d61ae9438b18d"},
+     {"anonymous": 401, "other": 422, "owner": 422, "admin": 401}, True),
+    # the web pages: public, and a web ask is read only through its private link (a capability)
+    ("GET", "/", None, dict.fromkeys(ROLES, 200), True),
+    ("GET", "/experts", None, dict.fromkeys(ROLES, 200), True),
+    ("GET", "/experts/{expert}", None, dict.fromkeys(ROLES, 200), True),
+    ("POST", "/experts/{expert}/ask", {"text": "q"}, dict.fromkeys(ROLES, 422), True),  # a form, not JSON
+    ("GET", "/asks/{capability}", None, dict.fromkeys(ROLES, NF), True),
+    ("POST", "/asks/{capability}/refund", None, dict.fromkeys(ROLES, NF), True),
+    ("GET", "/lists", None, dict.fromkeys(ROLES, 200), True),
+    ("GET", "/lists/{list}", None, dict.fromkeys(ROLES, 200), True),
+    ("GET", "/catalog", None, dict.fromkeys(ROLES, 200), True),
 ]
 
 
@@ -144,6 +156,7 @@ async def world(http, base_url, funded) -> dict[str, Any]:
 def fill(template: Any, w: dict[str, Any]) -> Any:
     if isinstance(template, str):
         out = template.replace("{fresh}", f"l{uuid.uuid4().hex[:12]}")
+        out = out.replace("{capability}", "A" * 43)  # the shape of a private link, not one that exists
         for key in ("owner", "other", "expert", "token", "run", "receipt", "job", "question", "list", "runner", "result"):
             out = out.replace("{" + key + "}", str(w[key]))
         return out
