@@ -8,7 +8,9 @@ import base64
 import json
 import time
 
+from service.keys import GRANTS, REVENUE
 from service.ledger import AccountKind, Hold, user_account
+from service.payment_auth import receipt_reference
 from service.paywall import REPLAY_MARGIN
 
 WINDOW = 6
@@ -42,8 +44,8 @@ async def test_a_replay_just_inside_the_window_is_409_and_the_record_expires_aft
     headers = _signed(wallet, settings, url, stamp, price)
     async with http.post(url, data=manifest, headers=headers) as r:
         assert r.status == 200, await r.text()
-        receipt = r.headers["Payment-Receipt"]
-    ttl_ms = await ledger.redis.pttl(f"{ledger.tag}:xfer:{receipt}")
+        receipt = receipt_reference(r.headers["Payment-Receipt"])
+    ttl_ms = await ledger.redis.pttl(ledger.keys.transfer(receipt))
     # expires REPLAY_MARGIN after the transfer's last valid moment: never before, and not kept forever
     last_valid_ms = (stamp + WINDOW - time.time()) * 1000
     assert last_valid_ms + REPLAY_MARGIN * 1000 - 2000 <= ttl_ms <= last_valid_ms + REPLAY_MARGIN * 1000 + 1000
@@ -61,9 +63,9 @@ async def test_a_replay_just_inside_the_window_is_409_and_the_record_expires_aft
 async def test_a_hold_keeps_its_record_while_pending(ledger):
     """A record past its keep_until while its hold is still pending is kept until it resolves, then a minute."""
     await ledger.open_account(user_account("p"), AccountKind.USER)
-    await ledger.post("grant-1", "sys:grants", user_account("p"), 100)
-    result = await ledger.hold("bt_x", user_account("p"), "sys:revenue", 10, timeout=30, keep_until=time.time() - 5)
+    await ledger.post("grant-1", GRANTS, user_account("p"), 100)
+    result = await ledger.hold("bt_x", user_account("p"), REVENUE, 10, timeout=30, keep_until=time.time() - 5)
     assert result.ok
-    assert await ledger.redis.pttl(f"{ledger.tag}:xfer:bt_x") == -1  # pending: no expiry
-    await ledger.capture(Hold("bt_x", user_account("p"), "sys:revenue", 10))
-    assert 55_000 <= await ledger.redis.pttl(f"{ledger.tag}:xfer:bt_x") <= 60_000
+    assert await ledger.redis.pttl(ledger.keys.transfer("bt_x")) == -1  # pending: no expiry
+    await ledger.capture(Hold("bt_x", user_account("p"), REVENUE, 10))
+    assert 55_000 <= await ledger.redis.pttl(ledger.keys.transfer("bt_x")) <= 60_000
