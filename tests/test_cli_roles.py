@@ -90,8 +90,9 @@ async def test_expert_and_asker(people, ledger):
     await expert("profile", "set", "--bio", "CNI and Services")  # one flag: the rest is kept
     shown = await asker.json("profile", "show", expert.name)
     assert shown["price"] == 300 and shown["bio"] == "CNI and Services" and shown["available_for_hire"]
-    assert shown["links"] == {"github": "https://github.com/octocat", "twitter": "https://x.com/kube",
-                              "linkedin": "https://www.linkedin.com/in/kexpert"}
+    assert {site: (a["handle"], a["verified"]) for site, a in shown["accounts"].items()} == \
+        {"github": ("octocat", False), "twitter": ("kube", False), "linkedin": ("kexpert", False)}
+    assert shown["accounts"]["github"]["url"] == "https://github.com/octocat"
     code, out, _ = await asker("experts", "--tag", "networking")
     assert code == 0 and expert.name in out and out.splitlines()[0].startswith("USERNAME")
 

@@ -12,7 +12,7 @@ from .output import EXIT_OK, Out, UsageError, command, reply
 
 __all__ = ["add_commands"]
 
-HANDLES = {"github": "https://github.com/{}", "twitter": "https://x.com/{}", "linkedin": "https://www.linkedin.com/in/{}"}
+HANDLES = ("github", "twitter", "linkedin")  # profile fields; the server shows each with its URL (GitHub verifiable)
 _KEPT = ("display_name", "bio", "tags", "price", "price_usd", "reply_hours", "links", "available_for_hire")
 
 
@@ -36,10 +36,11 @@ def _profile_body(current: dict[str, Any], args: argparse.Namespace) -> dict[str
         if not sep:
             raise UsageError(f"--link wants NAME=URL, got {item!r}")
         links[name] = url
-    for name, template in HANDLES.items():
-        if getattr(args, name):
-            links[name] = template.format(getattr(args, name).lstrip("@"))
     body["links"] = links
+    for name in HANDLES:  # the handles kept from the current profile, or the flag's
+        handle = getattr(args, name) or (current.get("accounts") or {}).get(name, {}).get("handle")
+        if handle:
+            body[name] = handle.lstrip("@")
     if "display_name" not in body:
         raise UsageError("a new profile needs --display-name")
     return body
@@ -52,6 +53,10 @@ async def cmd_profile(args: argparse.Namespace, cfg: Config, out: Out) -> int:
         status, current, _ = await anonymous.request("GET", f"{server}/v1/experts/{username}")
     if args.action == "show":
         return reply(out, status, current, lambda: _show(out, current))
+    if args.action == "verify-github":
+        async with cfg.signer() as s:
+            status, body = await s.signed("POST", f"{server}/v1/experts/me/github", {"gist": args.gist})
+        return reply(out, status, body, lambda: _show(out, body))
     if status not in (200, 404):
         return reply(out, status, current)
     async with cfg.signer() as s:
@@ -63,7 +68,7 @@ async def cmd_profile(args: argparse.Namespace, cfg: Config, out: Out) -> int:
 def _show(out: Out, p: dict[str, Any]) -> None:
     price = f"${p['price_usd']}" if p.get("price_usd") else f"{p.get('price')} sat"
     out.line(f"{p['username']}: {p['display_name']}, {price} per question, replies within {p['reply_hours']} h")
-    out.fields(p, ["bio", "tags", "links", "available_for_hire", "payout", "stats", "webhook_secret"])
+    out.fields(p, ["bio", "tags", "accounts", "links", "available_for_hire", "payout", "stats", "webhook_secret"])
 
 
 async def cmd_inbox(args: argparse.Namespace, cfg: Config, out: Out) -> int:
@@ -111,8 +116,12 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--reply-hours", type=int, help="hours you promise to reply within (the refund deadline)")
     s.add_argument("--payout", help="keep | charity:<id> (see `microtasks charities`)")
     s.add_argument("--link", action="append", help="NAME=URL shown on the profile (repeatable)")
-    for name, template in HANDLES.items():
-        s.add_argument(f"--{name}", metavar="HANDLE", help=f"shown as {template.format('HANDLE')} (not verified)")
+    for name in HANDLES:
+        s.add_argument(f"--{name}", metavar="HANDLE", help=f"your {name} handle, shown on your profile and page"
+                                                           + (" (verify it: profile verify-github)" if name == "github" else ""))
+    v = command(psub, "verify-github", cmd_profile, "prove your GitHub handle: publish a public gist with the "
+                                                    "statement signed by your key (see the README), then give its URL")
+    v.add_argument("gist", help="the gist's URL or id")
     s.add_argument("--hire", dest="hire", action="store_true", default=None, help="available for hire")
     s.add_argument("--no-hire", dest="hire", action="store_false")
     s.add_argument("--webhook", help="https URL told of each question and reply")
