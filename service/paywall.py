@@ -104,7 +104,8 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
         await book.bind(address, invoice.id)
     metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
-    return render_402(absolute_url(request.app[SETTINGS], request), quote, invoice, request.app[METHODS].offers(quote, invoice), error, detail)
+    offers = await request.app[METHODS].challenge(quote, invoice)
+    return render_402(absolute_url(settings, request), quote, invoice, offers, error, detail)
 
 
 def paywall_middleware() -> Callable:

@@ -1,6 +1,10 @@
-"""Payment methods behind one small interface; `PaymentMethods` picks the one a request uses and merges
-every method's offer into the 402 (like aperture's MultiAuthenticator)."""
+"""Payment methods split as aperture does: each is a challenger (what it asks for in a 402: an `Offer`)
+and a verifier (does this request pay?), with optional abilities (settle after the handler, keep failed
+payments). `PaymentMethods` picks the verifier a request uses and gathers every challenger's offer;
+service/challenge.py merges them into the one 402."""
 from __future__ import annotations
+
+import asyncio
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -11,7 +15,17 @@ from ..invoices import Invoice
 from ..ledger import TokenSpend
 from ..pricing import Quote
 
-__all__ = ["Payment", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments", "PaidBefore"]
+__all__ = ["Payment", "Offer", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments", "Settles", "PaidBefore"]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One method's part of a 402: its x402 `accepts` entry (None: not offered to x402 clients) and the
+    headers of its own dialect (21's Price/Bitcoin-Address/Username), merged by service/challenge.py."""
+
+    method: str
+    accepts: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,7 @@ class Payment:
     amount: int
     payer_pubkey: str = ""     # hex; the ledger checks it is the payer's registered key, atomically
     x402: bool = False         # paid through PAYMENT-SIGNATURE: answer with PAYMENT-RESPONSE
+    payer_id: str = ""         # x402 SettleResponse.payer: the payer's address or key (the username goes aside)
     token: TokenSpend | None = None  # paid with a spending token: its caveats are checked in the hold
     debit: str = ""            # the account paying ("" = the payer's user account; on-chain: the chain account)
     settle_data: dict[str, str] = field(default_factory=dict)  # method-specific facts (txid, amount paid)
@@ -36,11 +51,11 @@ class PaymentMethod(Protocol):
     def present(self, request: web.Request) -> bool:
         """Does this request carry this method's payment headers?"""
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
-        """This method's entry in the 402's x402 `accepts` list (None: not for this price)."""
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer | None:
+        """What this method asks for in the 402 of `quote` (None: it cannot take this price)."""
 
-    def offer_template(self, amount: int) -> dict[str, Any]:
-        """The same entry without an invoice, for discovery documents."""
+    def offer_template(self, amount: int) -> dict[str, Any] | None:
+        """Its x402 `accepts` entry without an invoice, for discovery documents (None: not an x402 scheme)."""
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
         """Check the payment against the quote without touching money; raise an ApiError with the reason."""
@@ -63,6 +78,14 @@ class KeepsFailedPayments(Protocol):
     async def on_void(self, ledger: Any, payment: Payment) -> None: ...
 
 
+@runtime_checkable
+class Settles(Protocol):
+    """A method whose money moves only once the call succeeded (x402 exact-BTC broadcasts then): called
+    after the handler's 2xx, before the capture; raising refuses the response (fail closed, not charged)."""
+
+    async def settle(self, ledger: Any, payment: Payment) -> None: ...
+
+
 class PaymentMethods:
     def __init__(self, *methods: PaymentMethod) -> None:
         self.methods = methods
@@ -73,6 +96,7 @@ class PaymentMethods:
                 return method
         return None
 
-    def offers(self, quote: Quote, invoice: Invoice) -> list[dict[str, Any]]:
+    async def challenge(self, quote: Quote, invoice: Invoice) -> list[Offer]:
         """Every method's offer; a method returns None when it cannot take this price (on-chain limits)."""
-        return [offer for method in self.methods if (offer := method.offer(quote, invoice)) is not None]
+        offers = await asyncio.gather(*[method.challenge(quote, invoice) for method in self.methods])
+        return [offer for offer in offers if offer is not None]

@@ -25,9 +25,9 @@ from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice, Invoices
 from ..ledger import Ledger, user_account
 from ..pricing import Quote
-from . import Payment
+from . import Offer, Payment
 
-__all__ = ["BitTransfer", "BitTransferSchema", "transfer_id_of"]
+__all__ = ["BitTransfer", "BitTransferSchema", "transfer_id_of", "two1_headers"]
 
 
 class BitTransferSchema(Schema):
@@ -60,6 +60,11 @@ _transfer_schema = BitTransferSchema()
 _x402_schema = X402PayloadSchema()
 
 
+def two1_headers(quote: Quote, invoice: Invoice) -> dict[str, str]:
+    """21's 402 headers (two1.bitrequests reads them): the price and where to pay it."""
+    return {P.PRICE: str(quote.amount), P.BITCOIN_ADDRESS: invoice.address, P.USERNAME: invoice.payee}
+
+
 def transfer_id_of(transfer_json: str) -> str:
     return "bt_" + hashlib.sha256(transfer_json.encode()).hexdigest()
 
@@ -78,11 +83,12 @@ class BitTransfer:
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer:
+        """Its x402 entry, and 21's headers two1 pays a BitTransfer from."""
         entry = self.offer_template(quote.amount)
         entry["payTo"] = invoice.address
         entry["extra"]["invoice"] = invoice.id
-        return entry
+        return Offer(self.name, entry, two1_headers(quote, invoice))
 
     def offer_template(self, amount: int) -> dict[str, Any]:
         s = self.settings

@@ -45,7 +45,8 @@ from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, 
 from ..invoices import Invoice, Invoices
 from ..ledger import ALL, BITCOIN, REVENUE, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
 from ..pricing import Quote, route_rule
-from . import PaidBefore, Payment
+from . import Offer, PaidBefore, Payment
+from .bittransfer import two1_headers
 from . import btc_rules as R
 
 __all__ = ["OnChain", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
@@ -150,7 +151,7 @@ class OnChain:
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSACTION in request.headers
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer | None:
         """None above the zero-conf limit, and when no invoice address of our own was free (the invoice
         then names the static payee address, which never pays a call)."""
         if (quote.amount > self.settings.onchain_max_zeroconf or invoice.address == self.settings.payee_address
@@ -159,7 +160,7 @@ class OnChain:
         entry = self.offer_template(quote.amount)
         entry["payTo"] = invoice.address
         entry["extra"]["invoice"] = invoice.id
-        return entry
+        return Offer(self.name, entry, two1_headers(quote, invoice))
 
     def offer_template(self, amount: int) -> dict[str, Any]:
         s = self.settings

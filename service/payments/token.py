@@ -24,7 +24,7 @@ from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice
 from ..ledger import Ledger, TokenSpend
 from ..pricing import Quote
-from . import Payment
+from . import Offer, Payment
 
 __all__ = ["TokenPayment", "new_token", "secret_hash", "TOKEN_RE"]
 
@@ -51,8 +51,8 @@ class TokenPayment:
     def present(self, request: web.Request) -> bool:
         return request.headers.get(P.AUTHORIZATION, "").startswith(P.TOKEN_SCHEME + " ")
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
-        return self.offer_template(quote.amount)
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer:
+        return Offer(self.name, self.offer_template(quote.amount))
 
     def offer_template(self, amount: int) -> dict[str, Any]:
         s = self.settings
