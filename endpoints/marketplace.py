@@ -72,8 +72,9 @@ async def x402_discovery(request: web.Request) -> web.Response:
                 if (marker := route_rule(r.handler)) is not None and marker.credit is not None}
     for op in priced_operations(request.app):
         amount = op["price"].get("amount", min((v["amount"] for v in op["price"].get("variants", {}).values()), default=0))
-        accepts = [m.offer_template(amount) for m in request.app[METHODS].methods  # an escrow takes no 0-conf coins
-                   if not (m.name == P.METHOD_ONCHAIN and (op["method"], op["path"]) in escrowed)]
+        accepts = [entry for m in request.app[METHODS].methods  # an escrow takes no 0-conf coins
+                   if not (m.name in (P.METHOD_ONCHAIN, P.METHOD_EXACT_BTC) and (op["method"], op["path"]) in escrowed)
+                   and (entry := m.offer_template(amount)) is not None]
         items.append({
             "resource": base + op["path"], "type": "http", "x402Version": 2, "accepts": accepts,
             "lastUpdated": int(time.time()),

@@ -16,7 +16,7 @@ from .invoices import Invoice
 from .payments import Offer
 from .pricing import Quote
 
-__all__ = ["Challenge", "HEADER_FAMILIES", "payment_required_body", "render_402", "render_refusal"]
+__all__ = ["Challenge", "HEADER_FAMILIES", "payment_required_body", "render_402", "render_refusal", "settle_response"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,17 @@ def render_refusal(url: str, code: str, detail: Any, headers: dict[str, str] | N
             "resource": {"url": url, "description": "", "mimeType": "application/json"},
             "accepts": [], "detail": detail}
     return _render(Challenge(url, body, []), headers)
+
+
+def settle_response(success: bool, transaction: str, network: str, payer: str = "", username: str = "",
+                    error: str = "") -> str:
+    """x402's PAYMENT-RESPONSE (a SettleResponse, base64): `payer` is the payer's address or key as the spec
+    expects; our account name, when there is one, goes in `extensions.username`."""
+    body: dict[str, Any] = {"success": success, "transaction": transaction, "network": network}
+    if error:
+        body["errorReason"] = error
+    if payer:
+        body["payer"] = payer
+    if username:
+        body["extensions"] = {"username": username}
+    return base64.b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()

@@ -5,17 +5,54 @@ service/challenge.py merges them into the one 402."""
 from __future__ import annotations
 
 import asyncio
-
+import base64
+import binascii
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 
+from .. import protocol as P
+from ..errors import BadRequest
 from ..invoices import Invoice
 from ..ledger import TokenSpend
 from ..pricing import Quote
 
-__all__ = ["Payment", "Offer", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments", "Settles", "PaidBefore"]
+__all__ = ["x402_payload", "x402_scheme", "Payment", "Offer", "PaymentMethod", "PaymentMethods", "KeepsFailedPayments",
+           "Settles", "PaidBefore"]
+
+
+_PAYLOAD = web.RequestKey("x402_payload", dict)
+
+
+def x402_payload(request: web.Request) -> dict[str, Any]:
+    """PAYMENT-SIGNATURE decoded once per request: a v2 PaymentPayload with dicts `accepted` and
+    `payload`; BadRequest `malformed_payment` otherwise."""
+    cached = request.get(_PAYLOAD)
+    if cached is not None:
+        return cached
+    try:
+        data = json.loads(base64.b64decode(request.headers[P.PAYMENT_SIGNATURE], validate=True))
+    except (binascii.Error, ValueError):
+        raise BadRequest("malformed_payment", "PAYMENT-SIGNATURE is not base64 of a JSON object") from None
+    if (not isinstance(data, dict) or data.get("x402Version") != P.X402_VERSION
+            or not isinstance(data.get("accepted"), dict) or not isinstance(data.get("payload"), dict)):
+        raise BadRequest("malformed_payment", "PAYMENT-SIGNATURE must be an x402 v2 PaymentPayload "
+                                              "({x402Version: 2, accepted: {...}, payload: {...}})")
+    request[_PAYLOAD] = data
+    return data
+
+
+def x402_scheme(request: web.Request) -> str:
+    """The scheme a PAYMENT-SIGNATURE names ("" when there is none or it does not decode): picks the verifier."""
+    if P.PAYMENT_SIGNATURE not in request.headers:
+        return ""
+    try:
+        scheme = x402_payload(request)["accepted"].get("scheme")
+    except BadRequest:
+        return ""
+    return scheme if isinstance(scheme, str) else ""
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ signed transfer settles at most once, whatever its (malleable) signature bytes.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import time
@@ -25,7 +23,7 @@ from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice, Invoices
 from ..ledger import Ledger, user_account
 from ..pricing import Quote
-from . import Offer, Payment
+from . import Offer, Payment, x402_payload, x402_scheme
 
 __all__ = ["BitTransfer", "BitTransferSchema", "transfer_id_of", "two1_headers"]
 
@@ -47,17 +45,7 @@ class BitTransferSchema(Schema):
     nonce = fields.String(load_default=None, validate=validate.Length(max=128))
 
 
-class X402PayloadSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
-    x402Version = fields.Integer(required=True, strict=True, validate=validate.Equal(P.X402_VERSION))
-    accepted = fields.Dict(required=True)
-    payload = fields.Dict(required=True)
-
-
 _transfer_schema = BitTransferSchema()
-_x402_schema = X402PayloadSchema()
 
 
 def two1_headers(quote: Quote, invoice: Invoice) -> dict[str, str]:
@@ -81,7 +69,9 @@ class BitTransfer:
         self._keys: dict[str, str] = {}  # username -> registered pubkey hex (keys never change once registered)
 
     def present(self, request: web.Request) -> bool:
-        return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
+        """two1's headers, or any PAYMENT-SIGNATURE but exact-BTC's (a malformed one is refused here)."""
+        return P.BITCOIN_TRANSFER in request.headers or (
+            P.PAYMENT_SIGNATURE in request.headers and x402_scheme(request) != P.SCHEME_EXACT)
 
     async def challenge(self, quote: Quote, invoice: Invoice) -> Offer:
         """Its x402 entry, and 21's headers two1 pays a BitTransfer from."""
@@ -93,7 +83,7 @@ class BitTransfer:
     def offer_template(self, amount: int) -> dict[str, Any]:
         s = self.settings
         return {
-            "scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
+            "scheme": P.SCHEME_BITTRANSFER, "network": s.caip2, "amount": str(amount), "asset": "sat",
             "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
             "extra": {"method": self.name, "username": s.payee_username},
         }
@@ -105,18 +95,11 @@ class BitTransfer:
             if not signature:
                 raise BadRequest("malformed_signature", "Bitcoin-Transfer needs its signature in the Authorization header")
             return request.headers[P.BITCOIN_TRANSFER], signature, False
-        try:
-            decoded = json.loads(base64.b64decode(request.headers[P.PAYMENT_SIGNATURE], validate=True))
-        except (binascii.Error, ValueError):
-            raise BadRequest("malformed_payment", "PAYMENT-SIGNATURE is not base64 of a JSON object") from None
-        try:
-            data = _x402_schema.load(decoded if isinstance(decoded, dict) else {})
-        except ValidationError as exc:
-            raise BadRequest("malformed_payment", {"PAYMENT-SIGNATURE": exc.messages}) from None
+        data = x402_payload(request)
         accepted, payload = data["accepted"], data["payload"]
-        extra = accepted.get("extra") if isinstance(accepted.get("extra"), dict) else {}
-        if accepted.get("scheme") != P.SCHEME_EXACT or extra.get("method") != self.name:
-            raise PaymentRequired("unsupported_scheme", "accepted must be scheme 'exact' with extra.method 'bittransfer'")
+        if accepted.get("scheme") != P.SCHEME_BITTRANSFER:
+            raise PaymentRequired("unsupported_scheme", f"this server takes the x402 schemes '{P.SCHEME_BITTRANSFER}' "
+                                                        f"and '{P.SCHEME_EXACT}' (on-chain BTC, where offered)")
         if accepted.get("network") != self.settings.caip2:
             raise PaymentRequired("wrong_network", f"this server settles on {self.settings.caip2}")
         transfer, signature = payload.get("transfer"), payload.get("signature")
@@ -164,7 +147,7 @@ class BitTransfer:
         await self._check_payer_key(t["payer"], pubkey.hex())
         return Payment(
             method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
-            amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
+            amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402, payer_id=pubkey.hex(),
         )
 
     def _check_resource(self, request: web.Request, description: str | None, invoice: str | None) -> None:
