@@ -16,7 +16,7 @@ from .invoices import Invoice
 from .payments import Offer
 from .pricing import Quote
 
-__all__ = ["Challenge", "HEADER_FAMILIES", "payment_required_body", "render_402", "render_refusal", "settle_response"]
+__all__ = ["Challenge", "HEADER_FAMILIES", "bazaar_extension", "payment_required_body", "render_402", "render_refusal", "settle_response"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,25 @@ HeaderFamily = Callable[[Challenge], list[tuple[str, str]]]
 HEADER_FAMILIES: list[HeaderFamily] = [_methods_own_headers, _x402_header]  # the merge point: add dialects here
 
 
+def bazaar_extension(method: str) -> dict[str, Any]:
+    """x402's Bazaar discovery extension (`extensions.bazaar`: info + JSON schema, the shape of the SDK's
+    declare_discovery_extension): how to call the resource, so a facilitator can catalog it."""
+    if method in ("POST", "PUT", "PATCH"):
+        info = {"input": {"type": "http", "method": method, "bodyType": "text", "body": {}}}
+        shape = {"type": {"type": "string", "const": "http"}, "method": {"type": "string", "enum": [method]},
+                 "bodyType": {"type": "string", "enum": ["json", "form-data", "text"]}, "body": {}}
+        required = ["type", "method", "bodyType", "body"]
+    else:
+        info = {"input": {"type": "http", "method": method, "queryParams": {}}}
+        shape = {"type": {"type": "string", "const": "http"}, "method": {"type": "string", "enum": [method]},
+                 "queryParams": {"type": "object"}}
+        required = ["type", "method"]
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"input": {"type": "object", "properties": shape, "required": required}},
+              "required": ["input"]}
+    return {"bazaar": {"info": info, "schema": schema}}
+
+
 def payment_required_body(url: str, quote: Quote, invoice: Invoice, offers: list[Offer],
                           error: str = "payment_required", detail: Any = None) -> dict[str, Any]:
     return {
@@ -59,6 +78,7 @@ def payment_required_body(url: str, quote: Quote, invoice: Invoice, offers: list
         "accepts": [offer.accepts for offer in offers if offer.accepts is not None],
         "invoice": invoice.to_json(),
         "detail": detail if detail is not None else f"pay {quote.amount} sat to call {quote.resource}",
+        "extensions": bazaar_extension(quote.resource.split(" ", 1)[0]),
     }
 
 

@@ -86,3 +86,35 @@ async def test_the_sdk_refuses_a_price_above_the_spend_control(base_url, funded,
             assert r.status_code != 200
             raise RuntimeError("not paid")
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000
+
+
+@pytest.mark.parametrize("path", ["/discovery/resources", "/.well-known/x402"])
+async def test_discovery_parses_with_the_sdks_models_and_agrees_with_the_402(http, base_url, manifest, path):
+    """The Bazaar list shape: pagination, ISO 8601 lastUpdated, description and service fields at the top,
+    concrete URLs only, the amount a 402 asks for the smallest request; every 402 carries extensions.bazaar."""
+    from datetime import datetime
+
+    from x402.extensions.bazaar import extract_discovery_info
+    from x402.extensions.bazaar.facilitator_client import _parse_list_response
+
+    async with http.get(f"{base_url}{path}?limit=1&offset=1") as r:
+        assert r.status == 200
+        first = await r.json()
+    async with http.get(f"{base_url}{path}") as r:
+        listing = _parse_list_response(await r.json())
+    assert first["pagination"] == {"limit": 1, "offset": 1, "total": listing.pagination.total}
+    assert [i["resource"] for i in first["items"]] == [listing.items[1].resource]
+    assert listing.pagination.total == len(listing.items) >= 2
+    for item in listing.items:
+        assert "{" not in item.resource and item.resource.startswith(base_url)
+        assert item.description and item.mime_type == "application/json" and item.service_name and item.tags
+        datetime.fromisoformat(item.last_updated.replace("Z", "+00:00"))
+        assert all(int(a["amount"]) > 0 for a in item.accepts)
+    validate = next(i for i in listing.items if i.resource.endswith("/v1/qa/validate"))
+    async with http.post(f"{base_url}/v1/qa/validate", data=manifest) as r:
+        required = json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"]))
+    assert validate.accepts[0]["amount"] == required["accepts"][0]["amount"] == str(PRICE)
+    payload = {"x402Version": 2, "resource": required["resource"], "accepted": required["accepts"][0],
+               "payload": {}, "extensions": required["extensions"]}
+    found = extract_discovery_info(payload, required["accepts"][0])
+    assert found is not None and found.method == "POST"

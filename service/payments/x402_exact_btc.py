@@ -157,7 +157,9 @@ class ExactBtc:
         return Offer(self.name, requirements(quote.amount, invoice.address, self.settings.caip2,
                                              self.settings.invoice_ttl, invoice.id))
 
-    def offer_template(self, amount: int) -> dict[str, Any]:
+    def offer_template(self, amount: int) -> dict[str, Any] | None:
+        if not dust_limit("p2wpkh") <= amount <= self.settings.onchain_max_zeroconf:
+            return None
         entry = requirements(amount, self.settings.payee_address, self.settings.caip2, self.settings.invoice_ttl, "")
         entry["extra"] = {"payTo": "each 402 names its invoice's own address", "minAmount": dust_limit("p2wpkh")}
         return entry
