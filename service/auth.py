@@ -22,7 +22,8 @@ from . import protocol as P
 from .deployment import signing_origins
 from .errors import Conflict, Forbidden, Unauthorized
 from .inputs import ascii_int, undecodable
-from .ledger import Ledger, route_allows, user_account
+from .keys import user_account, username_of
+from .ledger import Ledger, route_allows
 
 __all__ = ["authenticate", "require_signature", "verify_body_signature", "READ_TOKEN"]
 
@@ -72,7 +73,7 @@ async def authenticate(request: web.Request, ledger: Ledger, window: int, *, all
 async def _first_use(ledger: Ledger, username: str, message: bytes, window: int) -> None:
     """Remember the signed message (not the signature: ECDSA signatures are malleable) past its window."""
     digest = hashlib.sha256(username.encode() + b"\n" + message).hexdigest()
-    if not await ledger.redis.set(f"{ledger.tag}:seen:{digest}", 1, nx=True, ex=max(1, window * 2)):
+    if not await ledger.redis.set(ledger.keys.seen(digest), 1, nx=True, ex=max(1, window * 2)):
         raise Conflict("request_replayed", "this signed request was already used; sign it again (a fresh "
                                            f"timestamp or {P.NONCE}) to repeat it")
 
@@ -128,4 +129,4 @@ async def _token_owner(ledger: Ledger, value: str, request: web.Request) -> str:
     if record["routes"] and not any(route_allows(prefix, request.path) for prefix in record["routes"]):
         raise Forbidden("token_route", "this token may not be used on this route")
     request[READ_TOKEN] = record["id"]
-    return record["owner"].removeprefix("u:")
+    return username_of(record["owner"])

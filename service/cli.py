@@ -210,7 +210,7 @@ def cmd_chainwatch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
-    from .chain.batch import BatchError, broadcast_batch, build_batch  # noqa: PLC0415
+    from .chain.batch import BatchError, broadcast_batch, build_batch, drop_batch  # noqa: PLC0415
 
     async def run(url: str) -> int:
         async with chain_context(url, settings) as (_, book, backend, payouts):
@@ -228,7 +228,7 @@ def cmd_withdrawals(settings: Settings, args: argparse.Namespace) -> int:
                     with open(args.file) as f:
                         print(json.dumps(await broadcast_batch(payouts, backend, f.read())))
                 elif args.action == "drop":
-                    print(json.dumps({"dropped": args.txid, "requeued": await payouts.drop(args.txid)}))
+                    print(json.dumps({"dropped": args.txid, "requeued": await drop_batch(payouts, backend, args.txid)}))
                 elif args.action == "release":
                     print(json.dumps({"released": args.username, "was_on_hold": await payouts.release(args.username)}))
                 else:
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(a batched one: drop its batch first; a sent one cannot be)")
     wc.add_argument("id")
     wc.add_argument("--reason", default="cancelled by the operator")
-    wdr = wsub.add_parser("drop", help="forget a built, unbroadcast batch: its withdrawals go back to the queue")
+    wdr = wsub.add_parser("drop", help="forget a built batch the node does not have: its withdrawals go back to the queue")
     wdr.add_argument("txid")
     wrl = wsub.add_parser("release", help="lift the hold a reversed deposit put on an account's withdrawals")
     wrl.add_argument("username")

@@ -28,8 +28,9 @@ from redis.exceptions import RedisError
 from . import metrics, tasks, webhooks
 from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .inputs import identifier
-from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, Result, user_account
-from .payouts import Payouts, charity_account
+from .keys import Keys, charity_account, question_escrow, user_account
+from .ledger import ALL, AccountKind, Guard, Ledger, Outcome, Result
+from .payouts import Payouts
 
 __all__ = ["Experts", "CHARITIES"]
 
@@ -51,10 +52,10 @@ class Experts:
 
     def __init__(self, redis: aioredis.Redis, prefix: str, ledger: Ledger, payouts: Payouts) -> None:
         self.redis, self.ledger, self.payouts = redis, ledger, payouts
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "xp", *parts])
+        return self.keys.of("xp", *parts)
 
     async def open_questions(self) -> int:
         return int(await self.redis.zcard(self._k("open")))
@@ -167,9 +168,7 @@ class Experts:
         return {"list": name, "member": member, "state": "approved"}
 
     # questions -------------------------------------------------------------------------------------
-    @staticmethod
-    def escrow(question_id: str) -> str:
-        return f"escrow:q:{question_id}"
+    escrow = staticmethod(question_escrow)
 
     async def prepare_question(self, qid: str, asker: str, *, kind: str, target: str, text: str, price_each: int,
                                shares: int, hours: int, recipients: list[str], form: list | None) -> None:

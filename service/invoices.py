@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from .errors import ServiceUnavailable
 from .inputs import ascii_int
+from .keys import Keys
 from .pricing import Quote
 
 __all__ = ["Invoice", "Invoices", "load_secret"]
@@ -86,7 +87,7 @@ async def load_secret(redis: aioredis.Redis, prefix: str, configured: str | None
     """The configured secret, else one shared by every process on this Redis (created once, SET NX)."""
     if configured:
         return configured.encode()
-    key = "{" + prefix + "}:config:invoice_secret"
+    key = Keys(prefix).invoice_secret
     await redis.set(key, secrets.token_hex(32), nx=True)
     value = await redis.get(key)
     return value.encode() if isinstance(value, str) else value

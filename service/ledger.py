@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,21 +20,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
+from .keys import BITCOIN, GRANTS, NONE, REVENUE, UNCLAIMED, Keys, onchain_account, user_account
 from .redis_client import ScriptBatcher
+from .scripts import register
 
 __all__ = [
     "Ledger", "Outcome", "Result", "Hold", "TokenSpend", "Guard", "ALL", "AccountKind", "Balance", "ReconcileReport",
     "user_account", "route_allows", "coin_id", "onchain_account", "MAX_COUNTER", "REVENUE", "GRANTS", "BITCOIN", "UNCLAIMED",
 ]
-
-REVENUE = "sys:revenue"
-GRANTS = "sys:grants"
-BITCOIN = "sys:bitcoin"  # the chain boundary: deposits come from it, withdrawals go to it
-UNCLAIMED = "sys:unclaimed"  # on-chain payments for calls that then failed, kept for the operator to refund
-
-
-def user_account(username: str) -> str:
-    return f"u:{username}"
 
 
 def route_allows(prefix: str, path: str) -> bool:
@@ -48,12 +40,6 @@ def coin_id(txid: str, vout: int) -> str:
     """The one id space for coins entering the ledger (call payments, deposits, anything later): an
     outpoint is booked once, whichever path sees it first."""
     return f"coin:{txid.lower()}:{int(vout)}"
-
-
-def onchain_account(txid: str) -> str:
-    """The account one on-chain call payment's coins enter (escrow kind): the call's price is held from
-    it; what is left (overpayment, a failed call) waits there for its payer or the operator."""
-    return f"onchain:{txid.lower()}"
 
 
 class AccountKind(str, enum.Enum):
@@ -160,278 +146,11 @@ class ReconcileReport:
         return not self.mismatches and self.sum_posted == 0 and self.sum_pending == 0
 
 
-# --- Lua --------------------------------------------------------------------------------------------
-# Shared prologue: server time in ms, and the journal append (XADD with the fields given).
-_NOW = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-_OPEN = _NOW + """
--- KEYS[1] acct hash, [2] accounts set, [3] journal. ARGV[1] name, [2] kind, [3] nonneg (1|0),
---     [4..] meta key/value pairs (stored as meta:<key>). Returns {'ok'} | {'exists'} (nothing changes)
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
-redis.call('HSET', KEYS[1], 'name', ARGV[1], 'kind', ARGV[2], 'nonneg', ARGV[3],
-  'dp', 0, 'cp', 0, 'dpend', 0, 'cpend', 0, 'created', now_ms)
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], 'meta:' .. ARGV[i], ARGV[i + 1]) end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], '*', 'op', 'open', 'account', ARGV[1], 'kind', ARGV[2], 'ts', now_ms)
-return {'ok'}
-"""
-
 # Lifetime counters (and amounts) stay at or below 2^53 - 1: Lua numbers are doubles, exact only up to
 # there. A transfer that would push a counter past it is refused ('counter_limit'); 2^53 - 1 sat is 4x every
-# bitcoin there will ever be, so only a bug or an operator's runaway grants can reach it.
+# bitcoin there will ever be, so only a bug or an operator's runaway grants can reach it. The scripts that
+# check it (lua/ledger_transfer.lua, lua/ledger_post_all.lua) spell it `local MAX = 9007199254740991`.
 MAX_COUNTER = 2**53 - 1
-_MAX = f"""
-local MAX = {MAX_COUNTER}
-local function over(a, b, c) return a + b + c > MAX end  -- exact: a true sum above MAX rounds to >= 2^53
-"""
-
-_TRANSFER = _NOW + _MAX + """
--- One transfer, posted at once or held pending. Every check runs before the first write, so a refused
--- transfer changes nothing (no account opened, no journal entry).
--- KEYS[1] xfer hash, [2] debit acct, [3] credit acct, [4] pending zset, [5] journal, [6] debit history,
---     [7] credit history, [8] token hash ('{tag}:token:-' when not paid by token), [9] guard hash
---     ('{tag}:guard:-' without a guard), [10] accounts set (a credit account opened here joins it),
---     [11] idempotency-key record ('{tag}:idem:-' without one)
--- ARGV[1] id, [2] debit, [3] credit, [4] amount (integer sat, or '*' = all the debit account has),
---     [5] mode (post|pend), [6] timeout_s (pend), [7] require_pubkey ('' = any), [8] meta (JSON object),
---     [9] token secret hash ('' = not paid by token), [10] resource path (the token's route caveat),
---     [11] guard: field that must be absent, [12] guard: field to claim, [13] claim value,
---     [14] kind to open the credit account with when it does not exist ('' = it must exist),
---     [15] '1' = bind KEYS[11] to this transfer when it applies ('' = no key), [16] the binding's TTL in s
--- Returns {'ok', state, amount} | {'replayed', field, value, ...} (the first transfer) |
---     {'key_used', first transfer id} (KEYS[11] names another transfer) | {outcome}: one of
---     same_account, token_invalid, token_revoked, token_expired, token_max_per_call, token_route,
---     token_max_total, no_debit_account, pubkey_mismatch, no_credit_account, nothing, guarded, claimed,
---     insufficient, counter_limit (a counter would pass 2^53 - 1: amounts stay exact integers in Lua's doubles)
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'replayed', unpack(redis.call('HGETALL', KEYS[1]))}
-end
-if ARGV[2] == ARGV[3] then return {'same_account'} end
-local amount = 0
-if ARGV[4] ~= '*' then
-  amount = tonumber(ARGV[4])
-  if not amount or amount > MAX then return {'counter_limit'} end
-end
-local token = ''
-if ARGV[9] ~= '' then
-  local t = redis.call('HMGET', KEYS[8], 'id', 'secret_hash', 'owner', 'revoked', 'expires_at', 'max_per_call',
-    'max_total', 'spent', 'routes')
-  if not t[1] or t[2] ~= ARGV[9] or t[3] ~= ARGV[2] then return {'token_invalid'} end
-  if t[4] == '1' then return {'token_revoked'} end
-  if tonumber(t[5]) > 0 and tonumber(t[5]) * 1000 <= now_ms then return {'token_expired'} end
-  if tonumber(t[6]) > 0 and amount > tonumber(t[6]) then return {'token_max_per_call'} end
-  local routes, allowed = cjson.decode(t[9]), false
-  for _, prefix in ipairs(routes) do  -- whole path segments, as ledger.route_allows says
-    local path = ARGV[10]
-    if string.sub(path, 1, #prefix) == prefix and (#path == #prefix or string.sub(prefix, -1) == '/'
-        or string.sub(path, #prefix + 1, #prefix + 1) == '/') then allowed = true end
-  end
-  if #routes > 0 and not allowed then return {'token_route'} end
-  if over(tonumber(t[8]), amount, 0) then return {'counter_limit'} end
-  if amount > tonumber(t[7]) - tonumber(t[8]) then return {'token_max_total'} end  -- exact: both <= MAX
-  token = t[1]
-end
-local d = redis.call('HMGET', KEYS[2], 'nonneg', 'dp', 'cp', 'dpend', 'meta:pubkey', 'kind')
-if not d[1] then return {'no_debit_account'} end
-if ARGV[7] ~= '' and d[5] ~= ARGV[7] then return {'pubkey_mismatch'} end
-if ARGV[15] == '1' then  -- after the payer's key check: only the payer may read what the key bought
-  local first = redis.call('GET', KEYS[11])
-  if first and first ~= ARGV[1] then return {'key_used', first} end
-end
-local c = redis.call('HMGET', KEYS[3], 'kind', 'dp', 'cp', 'dpend', 'cpend')
-local credit_kind, open_credit = c[1], false
-if not credit_kind and ARGV[14] ~= '' then  -- an escrow opened by its first payment (written below, if paid)
-  credit_kind, open_credit = ARGV[14], true
-  c = {credit_kind, '0', '0', '0', '0'}
-end
-if not credit_kind then return {'no_credit_account'} end
-local ddp, dcp, ddpend = tonumber(d[2]), tonumber(d[3]), tonumber(d[4])
-local cdp, ccp, cdpend, ccpend = tonumber(c[2]), tonumber(c[3]), tonumber(c[4]), tonumber(c[5])
--- lifetime counters stay <= MAX, so every difference below is an exact integer
-if over(dcp, 0, 0) or over(ddp, ddpend, 0) or over(cdp, cdpend, 0) or over(ccp, ccpend, 0) then
-  return {'counter_limit'}
-end
-if ARGV[4] == '*' then
-  amount = dcp - ddp - ddpend
-  if amount <= 0 then return {'nothing'} end
-end
-if ARGV[11] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[11]) == 1 then return {'guarded'} end
-if ARGV[12] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[12]) == 1 then return {'claimed'} end
-if d[1] == '1' and dcp - ddp - ddpend < amount then return {'insufficient'} end
-if over(ddp, ddpend, amount) or over(ccp, ccpend, amount) then return {'counter_limit'} end
--- every check passed: write
-if open_credit then
-  redis.call('HSET', KEYS[3], 'name', ARGV[3], 'kind', credit_kind, 'nonneg', 1, 'dp', 0, 'cp', 0, 'dpend', 0,
-    'cpend', 0, 'created', now_ms)
-  redis.call('SADD', KEYS[10], ARGV[3])
-  redis.call('XADD', KEYS[5], '*', 'op', 'open', 'account', ARGV[3], 'kind', credit_kind, 'ts', now_ms)
-end
-if ARGV[12] ~= '' then redis.call('HSET', KEYS[9], ARGV[12], ARGV[13]) end
-if ARGV[15] == '1' then redis.call('SET', KEYS[11], ARGV[1], 'EX', ARGV[16]) end
-local state, op, expires = 'posted', 'post', 0
-if ARGV[5] == 'pend' then
-  state, op = 'pending', 'pend'
-  expires = now_ms + tonumber(ARGV[6]) * 1000
-  redis.call('HINCRBY', KEYS[2], 'dpend', amount)
-  redis.call('HINCRBY', KEYS[3], 'cpend', amount)
-  redis.call('ZADD', KEYS[4], expires, ARGV[1])
-else
-  redis.call('HINCRBY', KEYS[2], 'dp', amount)
-  redis.call('HINCRBY', KEYS[3], 'cp', amount)
-end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3], 'amount', amount,
-  'state', state, 'created', now_ms, 'expires', expires, 'meta', ARGV[8], 'token', token)
-if token ~= '' then redis.call('HINCRBY', KEYS[8], 'spent', amount) end
-redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', ARGV[2], 'credit', ARGV[3],
-  'amount', amount, 'ts', now_ms)
--- per-user index of recent transfers (system accounts are audited through the journal instead)
-if d[6] == 'user' then redis.call('LPUSH', KEYS[6], ARGV[1]); redis.call('LTRIM', KEYS[6], 0, 999) end
-if credit_kind == 'user' then redis.call('LPUSH', KEYS[7], ARGV[1]); redis.call('LTRIM', KEYS[7], 0, 999) end
-return {'ok', state, amount}
-"""
-
-_RESOLVE = _NOW + """
--- Capture (post) or void a pending transfer. A capture past the hold's deadline voids it instead.
--- KEYS[1] xfer hash, [2] debit acct, [3] credit acct, [4] pending zset, [5] journal, [6] token hash
---     ('{tag}:token:-' when none), [7] response key ('{tag}:resp:-' when none)
--- ARGV[1] id, [2] action (post|void), [3] reason, [4] response record to keep under KEYS[7] when the
---     capture applies ('' = none), [5] its TTL in seconds
--- Returns {'ok', state} | {'expired', 'voided'} | {'not_pending', state} | {'not_found'} |
---     {'locked', owner} (a locked hold is not voided as 'expired' by the sweeper)
-local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'token', 'locked')
-if not x[1] then return {'not_found'} end
-if x[1] ~= 'pending' then return {'not_pending', x[1]} end
-if x[7] and ARGV[3] == 'expired' then return {'locked', x[7]} end  -- a locked hold never expires
-local amount = tonumber(x[2])
-local action, reason, result = ARGV[2], ARGV[3], 'ok'
-if action == 'post' and tonumber(x[5]) < now_ms then
-  action, reason, result = 'void', 'expired', 'expired'
-end
-redis.call('HINCRBY', KEYS[2], 'dpend', -amount)
-redis.call('HINCRBY', KEYS[3], 'cpend', -amount)
-local state, op = 'voided', 'void'
-if action == 'post' then
-  redis.call('HINCRBY', KEYS[2], 'dp', amount)
-  redis.call('HINCRBY', KEYS[3], 'cp', amount)
-  state, op = 'posted', 'capture'
-  if ARGV[4] and ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
-end
-if state == 'voided' and x[6] and x[6] ~= '' then redis.call('HINCRBY', KEYS[6], 'spent', -amount) end
-redis.call('HSET', KEYS[1], 'state', state, 'resolved', now_ms, 'reason', reason)
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('XADD', KEYS[5], '*', 'op', op, 'id', ARGV[1], 'debit', x[3], 'credit', x[4],
-  'amount', amount, 'ts', now_ms, 'reason', reason)
-return {result, state}
-"""
-
-_LOCK = _NOW + """
--- KEYS: xfer, pending zset, journal. ARGV: id, action (lock|unlock), owner, timeout_s (unlock: the new deadline)
--- lock: a pending hold leaves the expiry set and can no longer time out; only its owner may unlock it.
-local x = redis.call('HMGET', KEYS[1], 'state', 'amount', 'debit', 'credit', 'expires', 'locked')
-if not x[1] then return {'not_found'} end
-if x[1] ~= 'pending' then return {'not_pending', x[1]} end
-if ARGV[2] == 'lock' then
-  if x[6] then
-    if x[6] == ARGV[3] then return {'replayed', x[6]} end
-    return {'locked', x[6]}
-  end
-  if tonumber(x[5]) < now_ms then return {'expired', x[1]} end
-  redis.call('HSET', KEYS[1], 'locked', ARGV[3], 'expires', 253402300799000)
-  redis.call('ZREM', KEYS[2], ARGV[1])
-else
-  if not x[6] then return {'replayed', ''} end
-  if x[6] ~= ARGV[3] then return {'locked', x[6]} end
-  local expires = now_ms + tonumber(ARGV[4]) * 1000
-  redis.call('HDEL', KEYS[1], 'locked')
-  redis.call('HSET', KEYS[1], 'expires', expires)
-  redis.call('ZADD', KEYS[2], expires, ARGV[1])
-end
-redis.call('XADD', KEYS[3], '*', 'op', ARGV[2], 'id', ARGV[1], 'debit', x[3], 'credit', x[4], 'amount', x[2],
-  'ts', now_ms, 'reason', ARGV[3])
-return {'ok', ARGV[3]}
-"""
-
-_POST_ALL = _NOW + _MAX + """
--- Several single-phase transfers, all or nothing (e.g. every coin of one on-chain payment).
--- KEYS: journal, accounts-set, then per transfer: xfer, debit acct, credit acct, debit history, credit history
--- ARGV: open kind for missing credit accounts ('' = they must exist), then per transfer: id, debit, credit,
---       amount, meta. Returns {'ok'}; {'replayed', i, <transfer i's fields>} if transfer i exists (nothing
---       moved: idempotent as a whole when all exist); or {<refusal>, i}: same_account, no_debit_account,
---       no_credit_account, insufficient, counter_limit (a counter would pass 2^53 - 1, see MAX_COUNTER).
-local n = (#KEYS - 2) / 5
-local delta, opened = {}, {}
-local outs, ins = {}, {}  -- per account: dp + dpend and cp + cpend, plus what this script adds (<= MAX)
-local function counters(name, key)
-  if outs[name] then return true end
-  local v = redis.call('HMGET', key, 'dp', 'cp', 'dpend', 'cpend')
-  outs[name] = tonumber(v[1] or '0') + tonumber(v[3] or '0')
-  ins[name] = tonumber(v[2] or '0') + tonumber(v[4] or '0')
-  return outs[name] <= MAX and ins[name] <= MAX
-end
-for i = 1, n do
-  local k, a = 2 + (i - 1) * 5, 1 + (i - 1) * 5
-  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
-    return {'replayed', i, unpack(redis.call('HGETALL', KEYS[k + 1]))}
-  end
-  local amount = tonumber(ARGV[a + 4])
-  if ARGV[a + 2] == ARGV[a + 3] then return {'same_account', i} end
-  local d = redis.call('HMGET', KEYS[k + 2], 'nonneg', 'dp', 'cp', 'dpend')
-  if not d[1] then return {'no_debit_account', i} end
-  local within = counters(ARGV[a + 2], KEYS[k + 2]) and counters(ARGV[a + 3], KEYS[k + 3])
-  if not amount or amount > MAX or not within then return {'counter_limit', i} end
-  outs[ARGV[a + 2]] = outs[ARGV[a + 2]] + amount
-  ins[ARGV[a + 3]] = ins[ARGV[a + 3]] + amount
-  if outs[ARGV[a + 2]] > MAX or ins[ARGV[a + 3]] > MAX then return {'counter_limit', i} end
-  if redis.call('EXISTS', KEYS[k + 3]) == 0 and not opened[ARGV[a + 3]] then
-    if ARGV[1] == '' then return {'no_credit_account', i} end
-    opened[ARGV[a + 3]] = KEYS[k + 3]
-  end
-  delta[ARGV[a + 2]] = (delta[ARGV[a + 2]] or 0) - amount
-  delta[ARGV[a + 3]] = (delta[ARGV[a + 3]] or 0) + amount
-  if d[1] == '1' and tonumber(d[3]) - tonumber(d[2]) - tonumber(d[4]) + delta[ARGV[a + 2]] < 0 then
-    return {'insufficient', i}
-  end
-end
-for name, key in pairs(opened) do
-  redis.call('HSET', key, 'name', name, 'kind', ARGV[1], 'nonneg', 1, 'dp', 0, 'cp', 0, 'dpend', 0, 'cpend', 0,
-    'created', now_ms)
-  redis.call('SADD', KEYS[2], name)
-  redis.call('XADD', KEYS[1], '*', 'op', 'open', 'account', name, 'kind', ARGV[1], 'ts', now_ms)
-end
-for i = 1, n do
-  local k, a = 2 + (i - 1) * 5, 1 + (i - 1) * 5
-  local amount = tonumber(ARGV[a + 4])
-  redis.call('HINCRBY', KEYS[k + 2], 'dp', amount)
-  redis.call('HINCRBY', KEYS[k + 3], 'cp', amount)
-  redis.call('HSET', KEYS[k + 1], 'id', ARGV[a + 1], 'debit', ARGV[a + 2], 'credit', ARGV[a + 3], 'amount', amount,
-    'state', 'posted', 'created', now_ms, 'expires', 0, 'meta', ARGV[a + 5], 'token', '')
-  redis.call('XADD', KEYS[1], '*', 'op', 'post', 'id', ARGV[a + 1], 'debit', ARGV[a + 2], 'credit', ARGV[a + 3],
-    'amount', amount, 'ts', now_ms)
-  if redis.call('HGET', KEYS[k + 2], 'kind') == 'user' then
-    redis.call('LPUSH', KEYS[k + 4], ARGV[a + 1]); redis.call('LTRIM', KEYS[k + 4], 0, 999)
-  end
-  if redis.call('HGET', KEYS[k + 3], 'kind') == 'user' then
-    redis.call('LPUSH', KEYS[k + 5], ARGV[a + 1]); redis.call('LTRIM', KEYS[k + 5], 0, 999)
-  end
-end
-return {'ok'}
-"""
-
-_SNAPSHOT = """
--- KEYS[1] accounts set, [2] journal. ARGV[1] the account key prefix ('{tag}:acct:'). Read-only.
--- Returns {journal's last id ('0-0' when empty), name, dp, cp, dpend, cpend, name, ...}, atomically.
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local out = {last[1] and last[1][1] or '0-0'}
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local v = redis.call('HMGET', ARGV[1] .. name, 'dp', 'cp', 'dpend', 'cpend')
-  table.insert(out, name); table.insert(out, v[1] or '0'); table.insert(out, v[2] or '0')
-  table.insert(out, v[3] or '0'); table.insert(out, v[4] or '0')
-end
-return out
-"""
 
 
 def _decode_transfer(row: dict) -> dict[str, Any]:
@@ -450,49 +169,20 @@ class Ledger:
 
     def __init__(self, redis: aioredis.Redis, prefix: str = "mt", timeout: float = 5.0) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
-        self._open = redis.register_script(_OPEN)
-        self._transfer = redis.register_script(_TRANSFER)
-        self._resolve = redis.register_script(_RESOLVE)
-        self._snapshot = redis.register_script(_SNAPSHOT)
-        self._lock = redis.register_script(_LOCK)
-        self._post_all = redis.register_script(_POST_ALL)
-        self._create_token = redis.register_script(_CREATE_TOKEN)
+        self.keys = Keys(prefix)
+        self.tag = self.keys.tag
+        self._open = register(redis, "ledger_open")
+        self._transfer = register(redis, "ledger_transfer")
+        self._resolve = register(redis, "ledger_resolve")
+        self._snapshot = register(redis, "ledger_snapshot")
+        self._lock = register(redis, "ledger_lock")
+        self._post_all = register(redis, "ledger_post_all")
+        self._create_token = register(redis, "token_create")
         self._batch = ScriptBatcher(redis, timeout)  # one deadline per round trip, not per reply
-
-    # keys ------------------------------------------------------------------------------------------
-    def _acct(self, name: str) -> str:
-        return f"{self.tag}:acct:{name}"
-
-    def _xfer(self, transfer_id: str) -> str:
-        return f"{self.tag}:xfer:{transfer_id}"
-
-    def _idem(self, payer: str, key: str) -> str:
-        return f"{self.tag}:idem:{payer}:{hashlib.sha256(key.encode()).hexdigest()}"
-
-    def _resp(self, transfer_id: str) -> str:
-        return f"{self.tag}:resp:{transfer_id}"
-
-    def _hist(self, name: str) -> str:
-        return f"{self.tag}:hist:{name}"
-
-    def _token(self, token_id: str) -> str:
-        return f"{self.tag}:token:{token_id}"
-
-    def _tokens_of(self, owner: str) -> str:
-        return f"{self.tag}:tokens:{owner}"
 
     @property
     def journal_key(self) -> str:
-        return f"{self.tag}:journal"
-
-    @property
-    def _accounts(self) -> str:
-        return f"{self.tag}:accounts"
-
-    @property
-    def _pending(self) -> str:
-        return f"{self.tag}:pending"
+        return self.keys.journal
 
     # accounts --------------------------------------------------------------------------------------
     async def open_account(self, name: str, kind: AccountKind, **meta: str) -> Outcome:
@@ -501,7 +191,7 @@ class Ledger:
         args: list[Any] = [name, kind.value, nonneg]
         for key, value in meta.items():
             args += [key, value]
-        res = await self._open(keys=[self._acct(name), self._accounts, self.journal_key], args=args)
+        res = await self._open(keys=[self.keys.account(name), self.keys.accounts, self.keys.journal], args=args)
         return Outcome(_s(res[0]))
 
     async def ensure_system_accounts(self) -> None:
@@ -511,11 +201,11 @@ class Ledger:
         await self.open_account(UNCLAIMED, AccountKind.ESCROW)
 
     async def account_meta(self, name: str, key: str) -> str | None:
-        value = await self.redis.hget(self._acct(name), f"meta:{key}")
+        value = await self.redis.hget(self.keys.account(name), f"meta:{key}")
         return _s(value) if value is not None else None
 
     async def balance(self, name: str) -> Balance | None:
-        v = await self.redis.hmget(self._acct(name), "kind", "dp", "cp", "dpend", "cpend")
+        v = await self.redis.hmget(self.keys.account(name), "kind", "dp", "cp", "dpend", "cpend")
         if v[0] is None:
             return None
         dp, cp, dpend, cpend = (int(x) for x in v[1:])
@@ -523,17 +213,17 @@ class Ledger:
 
     async def history(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
         """The account's most recent transfers, newest first (one pipeline round trip after the index)."""
-        ids = await self.redis.lrange(self._hist(name), 0, limit - 1)
+        ids = await self.redis.lrange(self.keys.history(name), 0, limit - 1)
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for transfer_id in ids:
-                pipe.hgetall(self._xfer(_s(transfer_id)))
+                pipe.hgetall(self.keys.transfer(_s(transfer_id)))
             rows = await pipe.execute()
         return [_decode_transfer(row) for row in rows if row]
 
     async def transfer(self, transfer_id: str) -> dict[str, Any] | None:
-        row = await self.redis.hgetall(self._xfer(transfer_id))
+        row = await self.redis.hgetall(self.keys.transfer(transfer_id))
         return _decode_transfer(row) if row else None
 
     # transfers -------------------------------------------------------------------------------------
@@ -575,12 +265,12 @@ class Ledger:
                            guard.forbid if guard else "", guard.claim if guard else "", guard.value if guard else "",
                            open_credit.value if open_credit else "", "1" if idempotency else "",
                            max(1, int(idempotency[2])) if idempotency else 0]
+        k = self.keys
         res = await self._batch.call(
             self._transfer,
-            [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending,
-             self.journal_key, self._hist(debit), self._hist(credit), self._token(token.token_id if token else "-"),
-             guard.key if guard else f"{self.tag}:guard:-", self._accounts,
-             self._idem(*idempotency[:2]) if idempotency else f"{self.tag}:idem:-"],
+            [k.transfer(transfer_id), k.account(debit), k.account(credit), k.pending, k.journal, k.history(debit),
+             k.history(credit), k.token(token.token_id if token else NONE), guard.key if guard else k.guard(NONE),
+             k.accounts, k.idempotency(*idempotency[:2]) if idempotency else k.of("idem", NONE)],
             args,
         )
         outcome = Outcome(_s(res[0]))
@@ -599,12 +289,13 @@ class Ledger:
         are in `transfer`. Missing credit accounts are opened with `open_credit`."""
         if not transfers:
             raise ValueError("post_all needs at least one transfer")
-        keys: list[str] = [self.journal_key, self._accounts]
+        keys: list[str] = [self.keys.journal, self.keys.accounts]
         args: list[Any] = [open_credit.value if open_credit else ""]
         for transfer_id, debit, credit, amount, meta in transfers:
             if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
                 raise ValueError(f"amount must be a positive integer of satoshis, got {amount!r}")
-            keys += [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._hist(debit), self._hist(credit)]
+            keys += [self.keys.transfer(transfer_id), self.keys.account(debit), self.keys.account(credit),
+                     self.keys.history(debit), self.keys.history(credit)]
             args += [transfer_id, debit, credit, amount, json.dumps(meta)]
         res = await self._batch.call(self._post_all, keys, args)
         outcome = Outcome(_s(res[0]))
@@ -625,8 +316,8 @@ class Ledger:
                       response: str = "", ttl: int = 0) -> Result:
         res = await self._batch.call(
             self._resolve,
-            [self._xfer(transfer_id), self._acct(debit), self._acct(credit), self._pending, self.journal_key,
-             self._token(token or "-"), self._resp(transfer_id if response else "-")],
+            [self.keys.transfer(transfer_id), self.keys.account(debit), self.keys.account(credit), self.keys.pending,
+             self.keys.journal, self.keys.token(token or NONE), self.keys.response(transfer_id if response else NONE)],
             [transfer_id, action, reason, response, max(1, int(ttl))],
         )
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
@@ -641,8 +332,8 @@ class Ledger:
         return await self._lock_call(transfer_id, "unlock", owner, timeout)
 
     async def _lock_call(self, transfer_id: str, action: str, owner: str, timeout: int) -> Result:
-        res = await self._batch.call(self._lock, [self._xfer(transfer_id), self._pending, self.journal_key],
-                                     [transfer_id, action, owner, timeout])
+        res = await self._batch.call(self._lock, [self.keys.transfer(transfer_id), self.keys.pending,
+                                                  self.keys.journal], [transfer_id, action, owner, timeout])
         return Result(Outcome(_s(res[0])), {"id": transfer_id, "state": _s(res[1])} if len(res) > 1 else {})
 
     async def state_of(self, transfer_id: str) -> str | None:
@@ -650,7 +341,7 @@ class Ledger:
         timeout (raises RedisError): how an ambiguous outcome is resolved before answering."""
         try:
             async with asyncio.timeout(self._batch.timeout):
-                value = await self.redis.hget(self._xfer(transfer_id), "state")
+                value = await self.redis.hget(self.keys.transfer(transfer_id), "state")
         except TimeoutError:
             raise RedisTimeoutError(f"no reply from Redis within {self._batch.timeout} s") from None
         return _s(value) if value is not None else None
@@ -665,23 +356,23 @@ class Ledger:
 
     async def store_response(self, transfer_id: str, response: str, ttl: int) -> None:
         """Keep a paid response for retries (when the hold was captured before the response existed)."""
-        await self.redis.set(self._resp(transfer_id), response, ex=max(1, int(ttl)))
+        await self.redis.set(self.keys.response(transfer_id), response, ex=max(1, int(ttl)))
 
     async def response(self, transfer_id: str) -> str | None:
         """The response kept for a captured transfer, if any."""
-        value = await self.redis.get(self._resp(transfer_id))
+        value = await self.redis.get(self.keys.response(transfer_id))
         return _s(value) if value is not None else None
 
     async def sweep_expired(self, limit: int = 500) -> int:
         """Void every hold whose timeout has passed; safe to run from many processes at once."""
         now_ms = int(time.time() * 1000)
-        ids = await self.redis.zrangebyscore(self._pending, 0, now_ms, start=0, num=limit)
+        ids = await self.redis.zrangebyscore(self.keys.pending, 0, now_ms, start=0, num=limit)
         voided = 0
         for raw in ids:
             transfer_id = _s(raw)
-            debit, credit, token = await self.redis.hmget(self._xfer(transfer_id), "debit", "credit", "token")
+            debit, credit, token = await self.redis.hmget(self.keys.transfer(transfer_id), "debit", "credit", "token")
             if debit is None:
-                await self.redis.zrem(self._pending, transfer_id)
+                await self.redis.zrem(self.keys.pending, transfer_id)
                 continue
             res = await self._finish(transfer_id, _s(debit), _s(credit), _s(token or ""), "void", "expired")
             voided += res.ok
@@ -689,12 +380,12 @@ class Ledger:
 
     async def pending_summary(self) -> tuple[int, float]:
         """(holds pending, age in seconds of the oldest one by its creation): for /metrics."""
-        count = await self.redis.zcard(self._pending)
+        count = await self.redis.zcard(self.keys.pending)
         if not count:
             return 0, 0.0
         created = []
-        for raw in await self.redis.zrange(self._pending, 0, 9):  # the ten nearest deadlines
-            value = await self.redis.hget(self._xfer(_s(raw)), "created")
+        for raw in await self.redis.zrange(self.keys.pending, 0, 9):  # the ten nearest deadlines
+            value = await self.redis.hget(self.keys.transfer(_s(raw)), "created")
             if value is not None:
                 created.append(int(value))
         return count, max(0.0, time.time() - min(created) / 1000) if created else 0.0
@@ -707,14 +398,14 @@ class Ledger:
         live (unrevoked, unexpired) tokens (0: no cap): False then. One script: the count and the write."""
         res = await self._batch.call(
             self._create_token,
-            [self._token(token_id), self._tokens_of(owner), self._live_tokens(owner)],
+            [self.keys.token(token_id), self.keys.tokens_of(owner), self.keys.live_tokens_of(owner)],
             [token_id, owner, secret_hash, max_total, max_per_call, expires_at, json.dumps(routes or []), label,
              cap],
         )
         return _s(res) == "ok"
 
     async def token(self, token_id: str) -> dict[str, Any] | None:
-        row = await self.redis.hgetall(self._token(token_id))
+        row = await self.redis.hgetall(self.keys.token(token_id))
         if not row:
             return None
         out: dict[str, Any] = {_s(k): _s(v) for k, v in row.items()}
@@ -725,28 +416,24 @@ class Ledger:
         return out
 
     async def tokens_of(self, owner: str) -> list[dict[str, Any]]:
-        ids = sorted(_s(i) for i in await self.redis.smembers(self._tokens_of(owner)))
+        ids = sorted(_s(i) for i in await self.redis.smembers(self.keys.tokens_of(owner)))
         return [t for t in [await self.token(i) for i in ids] if t]
 
     async def revoke_token(self, token_id: str) -> None:
         """Revoked tokens refuse new holds at once; holds already taken settle normally. A revoked token
         no longer counts against its owner's cap."""
-        owner = await self.redis.hget(self._token(token_id), "owner")  # immutable once issued
+        owner = await self.redis.hget(self.keys.token(token_id), "owner")  # immutable once issued
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._token(token_id), "revoked", 1)
+            pipe.hset(self.keys.token(token_id), "revoked", 1)
             if owner is not None:
-                pipe.zrem(self._live_tokens(_s(owner)), token_id)
+                pipe.zrem(self.keys.live_tokens_of(_s(owner)), token_id)
             await pipe.execute()
-
-    def _live_tokens(self, owner: str) -> str:
-        """Owner's unrevoked tokens, scored by expiry (+inf: none): what the cap counts."""
-        return f"{self.tag}:tokens-live:{owner}"
 
 
     # audit -----------------------------------------------------------------------------------------
     async def reconcile(self, batch: int = 5000) -> ReconcileReport:
         """Replay the journal up to an atomic snapshot of all balances and compare (read-only)."""
-        snap = await self._snapshot(keys=[self._accounts, self.journal_key], args=[self._acct("")])
+        snap = await self._snapshot(keys=[self.keys.accounts, self.keys.journal], args=[self.keys.account_prefix])
         last_id = _s(snap[0])
         stored: dict[str, tuple[int, int, int, int]] = {}
         for i in range(1, len(snap), 5):
@@ -756,7 +443,7 @@ class Ledger:
         opened: set[str] = set()
         start = "-"
         while last_id != "0-0":
-            entries = await self.redis.xrange(self.journal_key, start, last_id, count=batch)
+            entries = await self.redis.xrange(self.keys.journal, start, last_id, count=batch)
             for _, raw in entries:
                 report.journal_entries += 1
                 e = {_s(k): _s(v) for k, v in raw.items()}
@@ -789,7 +476,7 @@ class Ledger:
         for i in range(0, len(names), 1000):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name in names[i:i + 1000]:
-                    pipe.hget(self._acct(name), "nonneg")
+                    pipe.hget(self.keys.account(name), "nonneg")
                 flags = await pipe.execute()
             for name, flag in zip(names[i:i + 1000], flags):
                 dp, cp, dpend, _ = stored[name]
@@ -823,22 +510,3 @@ class Ledger:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-_CREATE_TOKEN = """
--- KEYS: token hash, owner's token index (every token, for listing), owner's live tokens (zset by expiry).
--- ARGV: id, owner, secret hash, max_total, max_per_call, expires_at (0: never), routes json, label, cap (0: none).
--- Returns 'ok', or 'too_many' when the owner already has `cap` live tokens (nothing written then).
-local now = tonumber(redis.call('TIME')[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- expired tokens no longer count
-local cap = tonumber(ARGV[9])
-if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then return 'too_many' end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'secret_hash', ARGV[3], 'max_total', ARGV[4],
-  'max_per_call', ARGV[5], 'expires_at', ARGV[6], 'routes', ARGV[7], 'label', ARGV[8], 'spent', 0, 'revoked', 0,
-  'created', now)
-redis.call('SADD', KEYS[2], ARGV[1])
-local expires = tonumber(ARGV[6])
-redis.call('ZADD', KEYS[3], expires > 0 and expires or '+inf', ARGV[1])
-return 'ok'
-"""

@@ -6,17 +6,14 @@ Redis at scrape time, so they are the same whichever process answers.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Awaitable, Callable
 
-import hmac
-
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["REQUESTS", "CHALLENGES", "PAYMENTS", "SATS", "EXPIRED", "REORGS", "ONCHAIN_VANISHED", "REDIS_LATENCY", "metrics_middleware",
-           "exposition"]
+__all__ = ["REQUESTS", "CHALLENGES", "PAYMENTS", "SATS", "EXPIRED", "REORGS", "ONCHAIN_VANISHED", "REDIS_LATENCY",
+           "metrics_middleware", "REGISTRY"]
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("microtasks_http_requests_total", "HTTP requests by route template, method and status",
@@ -71,33 +68,3 @@ async def metrics_middleware(request: web.Request,
         route = route_of(request)
         REQUESTS.labels(route, request.method, str(status)).inc()
         DURATION.labels(route).observe(time.perf_counter() - started)
-
-
-async def exposition(request: web.Request) -> tuple[bytes, str]:
-    """Refresh the Redis-read gauges, then the exposition text (this process's, or every worker's)."""
-    from .errors import Unauthorized  # noqa: PLC0415
-    from .state import CROWD, EXPERTS, HEALTH, LEDGER, RUNS, SETTINGS  # noqa: PLC0415
-
-    app = request.app
-    token = app[SETTINGS].metrics_token
-    if token and not hmac.compare_digest(request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
-        raise Unauthorized("metrics_token_required", "Authorization: Bearer <METRICS_TOKEN> is required",
-                           headers={"WWW-Authenticate": "Bearer"})
-    READY.set(1 if app[HEALTH].ok else 0)
-    if app[HEALTH].ok:
-        holds, oldest = await app[LEDGER].pending_summary()
-        HOLDS.set(holds)
-        HOLD_AGE.set(oldest)
-        QUEUE.labels("qa_runs").set(await app[RUNS].depth())
-        QUEUE.labels("crowd_jobs_open").set(await app[CROWD].open_jobs())
-        QUEUE.labels("questions_open").set(await app[EXPERTS].open_questions())
-        from .chain.reorgs import reversed_deposits  # noqa: PLC0415
-
-        REVERSED.set(len(await reversed_deposits(app[LEDGER].redis, app[SETTINGS].redis_prefix)))
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess  # noqa: PLC0415 - only in multiprocess mode
-
-        merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
-        return generate_latest(merged), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -14,13 +14,10 @@ from redis.exceptions import RedisError
 
 from .bitcoin import DUST_LIMIT, valid_address
 from .errors import Conflict, NotFound, PaymentRequired, ServiceUnavailable, Unprocessable
-from .ledger import BITCOIN, Hold, Ledger, Outcome, Result, user_account
+from .keys import BITCOIN, Keys, charity_account, user_account
+from .ledger import Hold, Ledger, Outcome, Result
 
 __all__ = ["Payouts", "charity_account"]
-
-
-def charity_account(charity_id: str) -> str:
-    return f"charity:{charity_id}"
 
 
 def _batch_owner(txid: str) -> str:
@@ -35,13 +32,13 @@ class Payouts:
                  owns: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.redis, self.ledger, self.network = redis, ledger, network
         self.owns = owns  # is this address the service's own (AddressBook.owns)?
-        self.tag = "{" + prefix + "}"
+        self.keys = Keys(prefix)
         self.hold_seconds = hold_days * 86400
         self.minimum_withdrawal = minimum_withdrawal
         self._orphans: set[asyncio.Future] = set()  # background releases of holds without a withdrawal
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, *parts])
+        return self.keys.of(*parts)
 
     # preference ------------------------------------------------------------------------------------
     async def preference(self, username: str) -> dict[str, Any]:
@@ -159,17 +156,23 @@ class Payouts:
 
     async def refresh(self) -> int:
         """Take withdrawals whose hold was voided (expired, or cancelled) out of the queue for good."""
-        gone = 0
+        return len((await self._scan())[1])
+
+    async def _scan(self) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], list[str]]:
+        """One pass over the queue: (queued withdrawals with their live hold, ids taken out because their
+        hold was voided or is missing)."""
+        live, gone = [], []
         for wd in await self.queued():
             if wd["state"] != "queued":
                 continue
             hold = await self.ledger.transfer(wd["id"])
             if hold is not None and hold["state"] != "voided":
+                live.append((wd, hold))
                 continue
             state = "expired" if hold is None or hold.get("reason") == "expired" else "cancelled"
             await self._finish(wd["id"], state, reason=(hold or {}).get("reason", "hold missing"))
-            gone += 1
-        return gone
+            gone.append(wd["id"])
+        return live, gone
 
     async def _finish(self, wd_id: str, state: str, **fields: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -179,13 +182,10 @@ class Payouts:
 
     async def batchable(self) -> list[dict[str, Any]]:
         """Queued withdrawals whose hold is pending and unlocked, of accounts whose withdrawals are not on hold."""
-        await self.refresh()
         out = []
-        for wd in await self.queued():
-            hold = await self.ledger.transfer(wd["id"])
-            if (wd["state"] == "queued" and hold and hold["state"] == "pending" and not hold.get("locked")
-                    and int(hold.get("expires") or 0) > time.time() * 1000 and not await self.is_ours(wd["address"])
-                    and not await self.frozen(wd["user"])):
+        for wd, hold in (await self._scan())[0]:  # one read of the queue and of each hold
+            if (hold["state"] == "pending" and not hold.get("locked") and int(hold.get("expires") or 0) > time.time() * 1000
+                    and not await self.is_ours(wd["address"]) and not await self.frozen(wd["user"])):
                 out.append(wd)
         return out
 

@@ -37,7 +37,8 @@ from .deployment import absolute_url
 from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired, ServiceUnavailable,
                      Unauthorized, Unprocessable)
 from . import metrics
-from .ledger import REVENUE, AccountKind, Hold, Ledger, Outcome, TokenSpend, user_account
+from .keys import REVENUE, is_escrow, user_account
+from .ledger import AccountKind, Hold, Ledger, Outcome, TokenSpend
 from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod, Settles
 from .pricing import Quote, quote_request, route_rule
 from .ratelimit import client_ip
@@ -195,7 +196,7 @@ async def _hold(request: web.Request, method: PaymentMethod, payment: Payment, q
         result = await ledger.hold(
             hold.id, hold.debit, hold.credit, hold.amount, timeout=settings.hold_timeout,
             require_pubkey=payment.payer_pubkey, token=payment.token, resource=quote.resource, payer=payment.payer,
-            open_credit=AccountKind.ESCROW if hold.credit.startswith("escrow:") else None,
+            open_credit=AccountKind.ESCROW if is_escrow(hold.credit) else None,
             method=payment.method, request_hash=quote.request_hash, idempotency=bind,
         )
     except RedisError as exc:  # the hold may still apply, but nothing captures it: the sweeper voids it

@@ -12,7 +12,9 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import TooManyRequests
+from .keys import Keys
 from .redis_client import ScriptBatcher
+from .scripts import register
 from .state import HEALTH, LIMITER, SETTINGS
 
 __all__ = ["RateLimiter", "rate_limit_middleware", "client_ip"]
@@ -20,18 +22,11 @@ __all__ = ["RateLimiter", "rate_limit_middleware", "client_ip"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_HIT = """
--- KEYS: counter. ARGV: window ms. Returns {count, ms left in the window}.
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return {n, redis.call('PTTL', KEYS[1])}
-"""
-
 
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis, prefix: str, timeout: float) -> None:
-        self.tag = "{" + prefix + "}"
-        self._hit = redis.register_script(_HIT)
+        self.keys = Keys(prefix)
+        self._hit = register(redis, "ratelimit_hit")
         self._batch = ScriptBatcher(redis, timeout)  # pipelined with the other calls of the moment
 
     async def check(self, scope: str, key: str, per_minute: int) -> None:
@@ -39,7 +34,7 @@ class RateLimiter:
         if per_minute <= 0:
             return
         window = int(time.time() // 60)
-        count, ttl = await self._batch.call(self._hit, [f"{self.tag}:rl:{scope}:{key}:{window}"], [60_000])
+        count, ttl = await self._batch.call(self._hit, [self.keys.rate(scope, key, window)], [60_000])
         if int(count) > per_minute:
             retry = max(1, int(ttl) // 1000 + 1)
             who = "from this IP address" if scope == "ip" else "for this account"

@@ -15,11 +15,13 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from service.keys import Keys
 from service.redis_server import PrivateRedis, _die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "sim-admin-token"
 PREFIX = "sim"
+KEYS = Keys(PREFIX)  # the deployment's Redis keys, for the checks that read Redis directly
 PUBLIC_URL = "http://sim.example"  # the deployment's origin: its server processes sit behind one name
 # The operator's chain settings for the CLI (withdrawals cancel): BIP32 test vector 1, testnet only.
 CLI_XPUB = "vpub5ZLGTz7QcWzdeJFSy1Qh9gJKn4UmCH8f3syfXGbhz8vRTwgPeR7Q1M1kjcotbk2uLiv4umtEnTVb3XQvof36fhx5CUJaHX9EphBFzYnveQW"

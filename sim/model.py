@@ -11,15 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.client import Wallet
+from service.keys import BITCOIN, GRANTS, REVENUE, question_escrow, user_account as user
 
-REVENUE = "sys:revenue"
-GRANTS = "sys:grants"
-BITCOIN = "sys:bitcoin"
 ANY_ESCROW = "escrow:*"  # a dirty marker: some question escrow, not known which
-
-
-def user(username: str) -> str:
-    return f"u:{username}"
 
 
 @dataclass
@@ -213,7 +207,7 @@ class Model:
         for run in self.runs.values():  # a run that fails is refunded from revenue
             out |= {user(run.owner), REVENUE}
         for qid in self.closing:
-            out |= {user(self.questions[qid].asker), f"escrow:q:{qid}"}
+            out |= {user(self.questions[qid].asker), question_escrow(qid)}
         return out
 
     def uncertain(self, username: str) -> bool:

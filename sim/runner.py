@@ -19,9 +19,10 @@ import aiohttp
 from service import protocol as P
 from service.client import Wallet, signed_headers, transfer_headers
 from service.config import DEFAULT_TESTNET_ADDRESS
+from service.keys import is_escrow
 
 from . import faults, invariants
-from .cluster import ADMIN, PUBLIC_URL, Cluster
+from .cluster import ADMIN, KEYS, PUBLIC_URL, Cluster
 from .model import (ANY_ESCROW, BITCOIN, GRANTS, REVENUE, Ambiguous, Job, Lane, ListRec, Model, Question, Run,
                     Token, User, Withdrawal, user)
 from .ops import Op, OpSource
@@ -203,7 +204,7 @@ class Sim:
         await self.cluster.start()
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         assert self.cluster.admin is not None
-        self.base_accounts = set(await self.cluster.admin.smembers("{sim}:accounts"))
+        self.base_accounts = set(await self.cluster.admin.smembers(KEYS.accounts))
         for name in self.base_accounts:
             self.model.open(name)
         resp = await self.send("POST", self.server(0) + "/v1/qa/validate", data=MANIFEST)
@@ -636,8 +637,8 @@ class Sim:
             return
         assert self.cluster.admin is not None
         past = int(time.time() * 1000) - 1000
-        await self.cluster.admin.hset(f"{{sim}}:xp:q:{q.id}", "deadline", past)
-        await self.cluster.admin.zadd("{sim}:xp:open", {q.id: past}, xx=True)
+        await self.cluster.admin.hset(KEYS.of("xp", "q", q.id), "deadline", past)
+        await self.cluster.admin.zadd(KEYS.of("xp", "open"), {q.id: past}, xx=True)
         q.closing = True
         self.model.closing.add(q.id)
 
@@ -901,7 +902,7 @@ class Sim:
                 await asyncio.sleep(0.5)
             if status is None:
                 continue
-            refunded = bool(await self.cluster.admin.exists(f"{{sim}}:xfer:refund:{run.receipt}"))
+            refunded = bool(await self.cluster.admin.exists(KEYS.transfer(f"refund:{run.receipt}")))
             self.run_outcomes[status + (" refunded" if refunded else "")] += 1
             del self.model.runs[run.id]
             if refunded:
@@ -952,7 +953,7 @@ class Sim:
                 tok.spent += amb.amount
             if amb.kind == "ask":
                 await self.adopt_question(amb, credit.removeprefix("escrow:q:"))
-        elif state == "voided" and resp.body.get("payee", "").startswith("escrow:"):
+        elif state == "voided" and is_escrow(resp.body.get("payee", "")):
             self.model.open(resp.body["payee"])  # a hold that applied opened its escrow; voided, it stays at 0
 
     def refund_seen(self, tid: str, debit: str, credit: str, amount: int) -> None:
@@ -970,7 +971,7 @@ class Sim:
         if resp.status == 404:  # nothing was done: the capture must be refunded (refund_<id>)
             assert self.cluster.admin is not None
             for _ in range(40):
-                if await self.cluster.admin.exists(f"{{sim}}:xfer:refund_{amb.transfer_id}"):
+                if await self.cluster.admin.exists(KEYS.transfer(f"refund_{amb.transfer_id}")):
                     return  # booked when the journal shows it
                 await asyncio.sleep(0.25)
         if resp.status != 200:

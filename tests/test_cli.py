@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from service.client import PaidSession, Wallet, transfer_headers
-from service.ledger import user_account
+from service.keys import Keys, user_account
 from service.redis_server import find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_reconcile_passes_then_fails_on_a_tampered_balance(cli_env, settings):
     report = json.loads(out.stdout)
     assert report["ok"] and report["sum_of_balances"] == 0 and report["journal_entries"] >= 4
     r = redis.Redis.from_url(settings.redis_url)
-    r.hincrby("{" + settings.redis_prefix + "}:acct:u:erin", "cp", 5)
+    r.hincrby(Keys(settings.redis_prefix).account(user_account("erin")), "cp", 5)
     out = run_cli("reconcile", env=cli_env)
     assert out.returncode == 1 and json.loads(out.stdout)["mismatches"]
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from service.client import transfer_headers
+from service.keys import user_account
 
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n"
 
@@ -59,14 +60,14 @@ async def test_hostile_payment_headers_never_5xx_never_move_money(http, base_url
                              payee_address=settings.payee_address, url=url)
     headers = data.draw(mutations(valid))
     journal = await ledger.redis.xlen(ledger.journal_key)
-    balance = await ledger.balance("u:" + wallet.username)
+    balance = await ledger.balance(user_account(wallet.username))
     async with http.post(url, data=MANIFEST, headers=headers) as r:
         body = await r.json()
         assert r.status < 500, (headers, body)
         assert set(body) >= {"error", "detail"} or r.status == 200
     if r.status != 200:
         assert await ledger.redis.xlen(ledger.journal_key) == journal
-        assert await ledger.balance("u:" + wallet.username) == balance
+        assert await ledger.balance(user_account(wallet.username)) == balance
 
 
 @pytest.mark.parametrize("extra", [

@@ -6,6 +6,7 @@ import pytest
 from yarl import URL
 
 from service.client import PaidSession, Wallet
+from service.keys import user_account
 
 TWINS = ["{v}\n", "{v}\r", "{v}\r\n", "{V}", "{v}\u200b", "\u200b{v}", "{v}\u0000", "{v} ", " {v}", "{v}\t",
          "{fw}", "{cyr}", "{v}\u202e", "{v}\x1b[0m"]
@@ -39,7 +40,7 @@ async def test_no_twin_of_a_registered_user_registers_or_is_credited(http, base_
         assert status == 422, (name, body)
         status, body = await admin_post("/v1/admin/credits", {"username": name, "amount": 5, "reason": "x"})
         assert status == 422, (name, body)
-    assert (await ledger.balance("u:" + victim.username)).posted == 0
+    assert (await ledger.balance(user_account(victim.username))).posted == 0
 
 
 async def _signed(http, wallet, method, url, body=None):

@@ -96,10 +96,10 @@ async def test_reconcile_detects_a_tampered_balance(ledger):
     await open_users(ledger, "alice")
     await ledger.post("g", GRANTS, user_account("alice"), 100)
     assert (await ledger.reconcile()).ok
-    await ledger.redis.hincrby(ledger._acct(user_account("alice")), "cp", 1)
+    await ledger.redis.hincrby(ledger.keys.account(user_account("alice")), "cp", 1)
     report = await ledger.reconcile()
     assert not report.ok and report.sum_posted == 1
-    assert any("u:alice" in m for m in report.mismatches)
+    assert any(user_account("alice") in m for m in report.mismatches)
 
 
 ops = st.lists(st.tuples(
@@ -177,8 +177,8 @@ async def test_reconcile_flags_a_user_account_below_zero(ledger):
     carol = user_account("carol")
     assert (await ledger.post("g", GRANTS, carol, 1)).ok
     # what the old float comparison let through: a 120-sat debit from a 1-sat balance, journaled
-    await ledger.redis.hincrby(ledger._acct(carol), "dp", 120)
-    await ledger.redis.hincrby(ledger._acct(REVENUE), "cp", 120)
+    await ledger.redis.hincrby(ledger.keys.account(carol), "dp", 120)
+    await ledger.redis.hincrby(ledger.keys.account(REVENUE), "cp", 120)
     await ledger.redis.xadd(ledger.journal_key, {"op": "post", "id": "bad", "debit": carol, "credit": REVENUE,
                                                  "amount": 120, "ts": 0})
     report = await ledger.reconcile()

@@ -7,6 +7,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import PaidSession
+from service.keys import REVENUE
 
 
 async def scrape(http: Any, url: str, **headers: str) -> dict[tuple[str, tuple], float]:
@@ -60,7 +61,7 @@ async def test_a_pending_hold_shows_with_its_age(http, base_url, ledger):
 
     await ledger.open_account(user_account("metrics-payer"), AccountKind.USER)
     await ledger.post("grant-1", GRANTS, user_account("metrics-payer"), 500)
-    await ledger.hold("h-1", user_account("metrics-payer"), "sys:revenue", 200, timeout=60)
+    await ledger.hold("h-1", user_account("metrics-payer"), REVENUE, 200, timeout=60)
     samples = await scrape(http, base_url)
     assert value(samples, "microtasks_holds_pending") == 1
     assert 0 <= value(samples, "microtasks_hold_oldest_age_seconds") < 60

@@ -159,7 +159,7 @@ async def test_replayed_transfer_gets_the_first_response_and_settles_once(http, 
     async with http.post(url, data=manifest, headers=headers) as r:
         assert r.status == 200 and REPLAYED not in r.headers
         first, receipt = await r.read(), r.headers["Payment-Receipt"]
-    assert 0 < await ledger.redis.ttl(f"{ledger.tag}:resp:{receipt}") <= settings.hold_timeout  # bounded memory
+    assert 0 < await ledger.redis.ttl(ledger.keys.response(receipt)) <= settings.hold_timeout  # bounded memory
     before = await snapshot(ledger, wallet.username)
     for _ in range(2):
         async with http.post(url, data=manifest, headers=headers) as r:
@@ -306,7 +306,7 @@ async def ledger_state(ledger: Any) -> dict[str, Any]:
     journal's length: what a refused payment must leave exactly as it was."""
     out: dict[str, Any] = {"journal": await ledger.redis.xlen(ledger.journal_key)}
     for kind in ("acct", "xfer", "hist", "token", "accounts", "pending"):
-        async for key in ledger.redis.scan_iter(match=f"{ledger.tag}:{kind}*", count=1000):
+        async for key in ledger.redis.scan_iter(match=ledger.keys.of(kind) + "*", count=1000):
             ktype = await ledger.redis.type(key)
             if ktype == "hash":
                 out[key] = await ledger.redis.hgetall(key)
@@ -521,7 +521,7 @@ async def test_idempotency_key_finds_the_first_result_for_a_re_signed_transfer(h
     async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url), **key}) as r:
         assert r.status == 200
         first, receipt = await r.json(), r.headers["Payment-Receipt"]
-    assert await ledger.redis.ttl(f"{ledger.tag}:resp:{receipt}") > settings.hold_timeout  # IDEMPOTENCY_TTL
+    assert await ledger.redis.ttl(ledger.keys.response(receipt)) > settings.hold_timeout  # IDEMPOTENCY_TTL
     async with http.post(url, data=manifest, headers={**_headers(wallet, settings, url), **key}) as r:
         assert (r.status, r.headers[REPLAYED], r.headers["Payment-Receipt"]) == (200, "true", receipt)
         assert await r.json() == first

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.client import PaidSession
+from service.keys import Keys
 from service.ledger import REVENUE, user_account
 
 
@@ -56,7 +57,7 @@ async def test_garbage_forwarded_for_never_becomes_a_key(aiohttp_server, make_ap
         async with http.get(f"{url}/v1/experts", headers={"X-Forwarded-For": value}) as r:
             statuses.append(r.status)
     assert statuses == [200, 200] + [429] * 5  # all counted against the socket's peer
-    keys = [k async for k in ledger.redis.scan_iter(match="{" + settings.redis_prefix + "}:rl:ip:*")]
+    keys = [k async for k in ledger.redis.scan_iter(match=Keys(settings.redis_prefix).of("rl", "ip", "*"))]
     assert keys and all(k.split(":")[3] == "127.0.0.1" for k in keys), keys
 
 
@@ -67,7 +68,7 @@ async def test_trusted_proxy_networks_are_skipped_from_the_right(aiohttp_server,
         async with http.get(f"{url}/v1/experts", headers={"X-Forwarded-For": f"6.6.6.{i}, 198.51.100.9, 10.1.1.1"}) as r:
             status = r.status
     assert status == 429
-    keys = [k async for k in ledger.redis.scan_iter(match="{" + settings.redis_prefix + "}:rl:ip:*")]
+    keys = [k async for k in ledger.redis.scan_iter(match=Keys(settings.redis_prefix).of("rl", "ip", "*"))]
     assert {k.split(":")[3] for k in keys} == {"198.51.100.9"}
 
 

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from service.client import PaidSession
+from service.keys import Keys
 
 BAD_TARGETS = [
     "https://127.0.0.1/hook", "https://127.8.9.10:8080/hook", "https://[::1]/hook", "https://[::ffff:127.0.0.1]/hook",
@@ -139,7 +140,7 @@ async def test_a_webhook_saved_before_the_rules_is_refused_at_send_time(http, ma
     asker, expert = await funded(0), await funded(0)
     status, body = await _signed(http, expert, "PUT", f"{base_url}/v1/experts/me", {"display_name": "E", "price": 100})
     assert status == 200, body
-    key = "{" + settings.redis_prefix + "}:xp:profile:" + expert.username
+    key = Keys(settings.redis_prefix).of("xp", "profile", expert.username)
     await ledger.redis.hset(key, "webhook", str(receiver.make_url("/hook")))  # as an older release saved it
     await _credit(http, base_url, asker, 1000)
     await _ask(http, base_url, asker, expert)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from service.ledger import REVENUE, user_account
+from service.keys import REVENUE, user_account
 
 x402 = pytest.importorskip("x402", reason="the [x402] extra is not installed")
 

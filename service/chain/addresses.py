@@ -14,6 +14,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..bitcoin import BITCOINLIB_NETWORK
+from ..keys import Keys
+from ..scripts import register
 
 __all__ = ["AddressBook", "AddressConflict", "derive", "fingerprint", "REGISTRY_TAG"]
 
@@ -53,50 +55,6 @@ class AddressConflict(ValueError):
     """Another deployment derives its addresses from the same key and branch: refuse to start."""
 
 
-_CLAIM = """
--- KEYS: registry entry for (key, branch), the registry's index (one hash tag shared by every deployment
--- on this Redis). ARGV: owner. Returns the owner: ARGV[1] when the claim is (now) ours.
-local owner = redis.call('GET', KEYS[1])
-if owner then return owner end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], KEYS[1])
-return ARGV[1]
-"""
-
-
-_LEASE = """
--- The pool bound in one step: reserve an address (a free pooled one, else the next index) and lease it.
--- KEYS: lease zset (invoice address -> lease expiry ms, never paid), next index, derived hash (index ->
--- address, filled by the caller: Lua cannot derive), all addresses, this client's leases (address -> expiry)
--- ARGV: now_ms, lease_ms, pool, per-client cap (0: none), info key prefix, branch, client
--- Returns the address; '' when none may be leased; 'derive:<i>' when the caller must derive index i first.
-local now, lease, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)
-  if redis.call('ZCARD', KEYS[5]) >= cap then return '' end
-end
-local address
-local free = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 1)
-if #free > 0 then
-  address = free[1]
-else
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return '' end
-  local index = tonumber(redis.call('GET', KEYS[2]) or '0')
-  address = redis.call('HGET', KEYS[3], index)
-  if not address then return 'derive:' .. index end
-  redis.call('SET', KEYS[2], index + 1)
-  redis.call('HDEL', KEYS[3], index)
-  redis.call('HSET', ARGV[5] .. address, 'index', index, 'branch', ARGV[6], 'purpose', 'invoice')
-  redis.call('SADD', KEYS[4], address)
-end
-redis.call('ZADD', KEYS[1], now + lease, address)
-redis.call('HSET', ARGV[5] .. address, 'client', ARGV[7])
-if cap > 0 then
-  redis.call('ZADD', KEYS[5], now + lease, address)
-  redis.call('PEXPIRE', KEYS[5], lease)
-end
-return address
-"""
 _LEASE_ATTEMPTS = 64  # each retry follows an index another caller took: bounded by the pool, not by load
 
 
@@ -118,9 +76,9 @@ class AddressBook:
         self.redis, self.xpub, self.network, self.branch, self.pool = redis, xpub, network, branch, pool
         self.per_client = per_client  # invoice addresses one client IP may hold leased at once (0: no cap)
         self.prefix = prefix
-        self.tag = "{" + prefix + "}"
-        self._lease = redis.register_script(_LEASE)
-        self._claim = redis.register_script(_CLAIM)
+        self.keys = Keys(prefix)
+        self._lease = register(redis, "address_lease")
+        self._claim = register(redis, "address_claim")
         _chain(xpub, network, branch)  # fail at startup on a bad key
 
     async def claim(self, owner: str | None = None) -> None:
@@ -144,7 +102,7 @@ class AddressBook:
         await self.redis.set(self._k("branch"), self.branch)
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "addr", *parts])
+        return self.keys.of("addr", *parts)
 
     async def _new(self, purpose: str, **fields: Any) -> str:
         index = await self.redis.incr(self._k("next")) - 1

@@ -50,8 +50,6 @@ async def _booked_out(ledger: Ledger) -> dict[str, int]:
 async def audit_out(ledger: Ledger, payouts: Payouts, network: str,
                     backend: ChainBackend | None = None) -> dict[str, Any]:
     """Compare the withdrawals booked out with the batches sent (read-only)."""
-    from .reorgs import tx_confirmations  # noqa: PLC0415
-
     mismatches: list[str] = []
     booked = await _booked_out(ledger)
     net = _embit_network(network)
@@ -81,7 +79,7 @@ async def audit_out(ledger: Ledger, payouts: Payouts, network: str,
         sent_total, fees_total = sent_total + paid, fees_total + fees
         if backend is not None:
             try:
-                if await tx_confirmations(backend, txid) is None:
+                if await backend.tx_confirmations(txid) is None:
                     mismatches.append(f"batch {txid}: broadcast, but the node does not know it (dropped? rebroadcast it)")
             except ChainError as exc:
                 mismatches.append(f"batch {txid}: cannot ask the node ({exc.reason})")
@@ -90,7 +88,7 @@ async def audit_out(ledger: Ledger, payouts: Payouts, network: str,
     if backend is not None:
         for txid in await payouts.built_batches():
             try:
-                known = await tx_confirmations(backend, txid) is not None
+                known = await backend.tx_confirmations(txid) is not None
             except ChainError:
                 continue
             if known:

@@ -9,7 +9,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
-__all__ = ["ChainError", "Received", "Prevout", "ChainBackend", "Esplora", "Bitcoind", "backend_from_settings"]
+__all__ = ["ChainError", "Received", "Prevout", "ChainBackend", "Esplora", "Bitcoind", "backend_from_settings",
+           "already_known"]
+
+# What a node answers when it has the transaction already (esplora's text, bitcoind's -27, either wording)
+_ALREADY_KNOWN = ("already in block chain", "already-known", "already-in-mempool", "already in the mempool", "(-27)",
+                  '"code":-27')
+
+
+def already_known(reason: str) -> bool:
+    """A broadcast refused only because the node has this tx already: it is on the network."""
+    reason = reason.lower()
+    return any(marker in reason for marker in _ALREADY_KNOWN)
 
 
 class ChainError(Exception):
@@ -55,6 +66,10 @@ class ChainBackend(Protocol):
 
     async def prevout(self, txid: str, vout: int) -> Prevout | None:
         """The output `txid:vout` and whether it is spent; None when the chain has no such output."""
+
+    async def tx_confirmations(self, txid: str) -> int | None:
+        """Confirmations of `txid` (0: in the mempool), None when the node does not know it. Raises
+        ChainError when the node cannot say (never taken for a disappearance)."""
 
     async def close(self) -> None: ...
 
@@ -140,6 +155,17 @@ class Esplora(_Http):
         return Prevout(txid, vout, int(outputs[vout]["value"]), outputs[vout].get("scriptpubkey_address") or "",
                        (spend.get("txid") or "?") if spend.get("spent") else "")
 
+    async def tx_confirmations(self, txid: str) -> int | None:
+        try:
+            status = await self._get(f"/tx/{txid}/status")
+        except ChainError as exc:
+            if exc.reason.startswith("esplora 404"):
+                return None
+            raise
+        if not status.get("confirmed"):
+            return 0
+        return int(await self._get("/blocks/tip/height")) - int(status["block_height"]) + 1
+
     async def utxos(self, address: str) -> list[Received]:
         tip = int(await self._get("/blocks/tip/height"))
         return [Received(u["txid"], u["vout"], address, int(u["value"]),
@@ -203,6 +229,18 @@ class Bitcoind(_Http):
             return None
         key = outputs[vout].get("scriptPubKey", {})
         return Prevout(txid, vout, round(outputs[vout]["value"] * 100_000_000), key.get("address") or "", "?")
+
+    async def tx_confirmations(self, txid: str) -> int | None:
+        """Needs -txindex (synced): without it only the wallet's and the mempool's txs could be found."""
+        if not (await self.rpc("getindexinfo", "txindex")).get("txindex", {}).get("synced"):
+            raise ChainError("bitcoind needs -txindex (synced) to re-check deposits for reorgs")
+        try:
+            tx = await self.rpc("getrawtransaction", txid, True)
+        except ChainError as exc:
+            if "(-5)" in exc.reason:
+                return None
+            raise
+        return int(tx.get("confirmations", 0))
 
     async def utxos(self, address: str) -> list[Received]:
         return await self.received(address)  # scantxoutset reports unspent outputs only

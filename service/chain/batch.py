@@ -16,9 +16,9 @@ from ..bitcoin import DUST_LIMIT
 from ..errors import ApiError
 from ..payouts import Payouts
 from .addresses import AddressBook
-from .backends import ChainBackend, ChainError
+from .backends import ChainBackend, ChainError, already_known
 
-__all__ = ["build_batch", "broadcast_batch", "refuse_unbacked", "BatchError"]
+__all__ = ["build_batch", "broadcast_batch", "drop_batch", "refuse_unbacked", "BatchError"]
 
 _VBYTES_OVERHEAD, _VBYTES_IN, _VBYTES_OUT = 11, 68, 31  # p2wpkh
 
@@ -47,13 +47,15 @@ async def build_batch(payouts: Payouts, book: AddressBook, backend: ChainBackend
     locked for this batch: they can no longer expire or be cancelled until it is dropped or broadcast.
     Refused while the chain audit's IN side finds coins booked that our addresses never received (a
     double-spent payment not yet reversed): they would be paid out of other users' coins (`force`: anyway)."""
-    if not force and await payouts.batchable():  # (nothing queued: said below)
+    queued = await payouts.batchable()  # one scan of the queue; a hold that changes meanwhile fails its lock
+    if not force and queued:  # (nothing queued: said below)
         await refuse_unbacked(payouts, book, backend, confirmations)
     utxos = [u for a in await book.all_addresses() for u in await backend.utxos(a) if u.confirmations >= 1]
     utxos.sort(key=lambda u: -u.value)
     change_address = ""
-    for _ in range(3):  # holds that expire or get cancelled meanwhile: plan again without them
-        queued = await payouts.batchable()
+    for attempt in range(3):  # holds that expire or get cancelled meanwhile: plan again without them
+        if attempt:
+            queued = await payouts.batchable()
         if not queued:
             raise BatchError("no withdrawal is queued with a pending hold")
         need = sum(w["amount"] for w in queued)  # the outputs plus the fee, which the withdrawals bear
@@ -125,7 +127,19 @@ def _final_hex(signed: str) -> str:
     return tx.serialize().hex()
 
 
-_ALREADY_KNOWN = ("already in block chain", "txn-already-known", "txn-already-in-mempool", "(-27)", '"code":-27')
+async def drop_batch(payouts: Payouts, backend: ChainBackend, txid: str) -> list[str]:
+    """Forget a built batch and queue its withdrawals again, only once the node says the network does not
+    have it: a broadcast killed before its captures leaves a built batch that is already paid (dropping
+    it would pay its withdrawals twice and leave the coins it sent never booked out)."""
+    try:
+        known = await backend.tx_confirmations(txid) is not None
+    except ChainError as exc:
+        raise BatchError(f"batch {txid} not dropped: the node cannot say whether the network has it "
+                         f"({exc.reason})") from None
+    if known:
+        raise BatchError(f"batch {txid} is on the network, not dropped: run `withdrawals broadcast` with its "
+                         "signed PSBT again to book it out")
+    return await payouts.drop(txid)
 
 
 async def broadcast_batch(payouts: Payouts, backend: ChainBackend, signed: str) -> dict[str, Any]:
@@ -147,7 +161,7 @@ async def broadcast_batch(payouts: Payouts, backend: ChainBackend, signed: str) 
         try:
             await backend.broadcast(raw)
         except ChainError as exc:
-            if not any(marker in exc.reason for marker in _ALREADY_KNOWN):
+            if not already_known(exc.reason):
                 raise BatchError(f"broadcast refused, holds kept: {exc.reason}") from None
         await payouts.record_broadcast(txid, raw)
     settled, failed = [], []

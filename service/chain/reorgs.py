@@ -25,54 +25,20 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from ..ledger import BITCOIN, REVENUE, Ledger, Outcome
+from ..keys import BITCOIN, REVENUE, Keys, is_onchain_account, is_user_account
+from ..ledger import Ledger, Outcome
 from ..metrics import ONCHAIN_VANISHED, REORGS
 from ..payouts import Payouts
+from ..scripts import lua
 from .backends import ChainBackend, ChainError
 
-__all__ = ["recheck_deposits", "tx_confirmations", "reversed_deposits"]
+__all__ = ["recheck_deposits", "reversed_deposits"]
 
 log = structlog.get_logger("chainwatch")
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 def _k(prefix: str, *parts: str) -> str:
-    return ":".join(["{" + prefix + "}", "reorg", *parts])
-
-
-async def tx_confirmations(backend: ChainBackend, txid: str) -> int | None:
-    """Confirmations of `txid` (0: in the mempool), None when the node does not know it. Raises
-    ChainError when the node cannot say (never taken for a disappearance)."""
-    own = getattr(backend, "tx_confirmations", None)
-    if own is not None:
-        return await own(txid)
-    from .backends import Bitcoind, Esplora  # noqa: PLC0415
-
-    if isinstance(backend, Esplora):
-        try:
-            status = await backend._get(f"/tx/{txid}/status")
-        except ChainError as exc:
-            if exc.reason.startswith("esplora 404"):
-                return None
-            raise
-        if not status.get("confirmed"):
-            return 0
-        return int(await backend._get("/blocks/tip/height")) - int(status["block_height"]) + 1
-    if isinstance(backend, Bitcoind):
-        if not (await backend.rpc("getindexinfo", "txindex")).get("txindex", {}).get("synced"):
-            raise ChainError("bitcoind needs -txindex (synced) to re-check deposits for reorgs")
-        try:
-            tx = await backend.rpc("getrawtransaction", txid, True)
-        except ChainError as exc:
-            if "(-5)" in exc.reason:
-                return None
-            raise
-        return int(tx.get("confirmations", 0))
-    raise ChainError(f"no way to look a transaction up on {type(backend).__name__}")
+    return Keys(prefix).of("reorg", *parts)
 
 
 async def reversed_deposits(redis: aioredis.Redis, prefix: str) -> list[dict[str, Any]]:
@@ -89,14 +55,14 @@ async def recheck_deposits(ledger: Ledger, backend: ChainBackend, payouts: Payou
                            safe_depth: int) -> dict[str, int]:
     """One pass (one process at a time: a short Redis lock): watch new credits, reverse the vanished,
     restore the reconfirmed, collect debts, forget what is safe_depth deep."""
-    redis, prefix = ledger.redis, ledger.tag[1:-1]
+    redis, prefix = ledger.redis, ledger.keys.prefix
     token = secrets.token_hex(8)
     if not await redis.set(_k(prefix, "lock"), token, nx=True, ex=120):
         return {"skipped": 1}
     try:
         return await _pass(ledger, backend, payouts, prefix, confirmations, safe_depth)
     finally:
-        await redis.eval(_RELEASE, 1, _k(prefix, "lock"), token)
+        await redis.eval(lua("reorg_unlock"), 1, _k(prefix, "lock"), token)
 
 
 async def _discover(ledger: Ledger, prefix: str) -> int:
@@ -109,13 +75,13 @@ async def _discover(ledger: Ledger, prefix: str) -> int:
             return found
         for entry_id, e in entries:
             if (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
-                    and e.get("credit", "").startswith("u:")):
+                    and is_user_account(e.get("credit", ""))):
                 _, txid, vout = e["id"].split(":")
                 rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "credited", "gen": 0,
                        "taken": 0, "debt": 0}
                 found += await redis.hsetnx(_k(prefix, "watch"), f"{txid}:{vout}", json.dumps(rec))
             elif (e.get("op") == "post" and e.get("id", "").startswith("coin:") and e.get("debit") == BITCOIN
-                    and e.get("credit", "").startswith("onchain:")):
+                    and is_onchain_account(e.get("credit", ""))):
                 _, txid, vout = e["id"].split(":")
                 rec = {"account": e["credit"], "amount": int(e["amount"]), "state": "booked", "from_account": 0,
                        "from_revenue": 0}
@@ -135,7 +101,7 @@ async def _pass(ledger: Ledger, backend: ChainBackend, payouts: Payouts, prefix:
         txid, vout = outpoint.split(":")
         if txid not in seen:
             try:
-                seen[txid] = await tx_confirmations(backend, txid)
+                seen[txid] = await backend.tx_confirmations(txid)
             except ChainError as exc:  # the node cannot say: nothing is decided on silence
                 log.warning("reorg_check_failed", txid=txid, error=exc.reason)
                 continue
@@ -183,7 +149,7 @@ async def _recheck_payments(ledger: Ledger, backend: ChainBackend, prefix: str, 
         txid, vout = outpoint.split(":")
         if txid not in seen:
             try:
-                seen[txid] = await tx_confirmations(backend, txid)
+                seen[txid] = await backend.tx_confirmations(txid)
             except ChainError as exc:
                 log.warning("reorg_check_failed", txid=txid, error=exc.reason)
                 continue

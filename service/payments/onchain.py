@@ -40,12 +40,14 @@ from aiohttp import web
 from .. import protocol as P
 from ..auth import authenticate
 from ..chain.addresses import AddressBook
-from ..chain.backends import ChainBackend, ChainError
+from ..chain.backends import ChainBackend, ChainError, already_known
 from ..config import Settings
 from ..errors import BadRequest, Conflict, PaymentRequired, ServiceUnavailable, Unauthorized
 from ..invoices import Invoice, Invoices
-from ..ledger import ALL, BITCOIN, REVENUE, AccountKind, Ledger, Outcome, Result, coin_id, onchain_account, user_account
+from ..keys import BITCOIN, REVENUE, Keys, onchain_account, user_account
+from ..ledger import ALL, AccountKind, Ledger, Outcome, Result, coin_id
 from ..pricing import Quote, route_rule
+from ..scripts import register
 from . import Offer, PaidBefore, Payment
 from .bittransfer import two1_headers
 from . import btc_rules as R
@@ -56,36 +58,6 @@ log = structlog.get_logger("onchain")
 _HEX = re.compile(r"\A[0-9a-fA-F]+\Z")
 PAYMENT_INVOICE = P.PAYMENT_INVOICE  # optional: the invoice id of the 402 this tx pays
 MAX_INPUTS, MAX_OUTPUTS = 50, 50      # bounds the chain lookups one request can cause
-
-_CLAIM = """
--- KEYS: tx record, address claim, open set. ARGV: txid, invoice, address, request_hash, payer, now_ms
--- 'retry' when this tx is ours for this invoice and payer already; 'used' when it paid another
--- invoice (or payer); 'address_paid' when the invoice address took another tx; else claims both: 'new'.
-local inv = redis.call('HGET', KEYS[1], 'invoice')
-if inv then
-  if inv ~= ARGV[2] or redis.call('HGET', KEYS[1], 'payer') ~= ARGV[5] then return 'used' end
-  return 'retry'
-end
-local paid = redis.call('GET', KEYS[2])
-if paid and paid ~= ARGV[1] then return 'address_paid' end
-redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'invoice', ARGV[2], 'address', ARGV[3], 'request_hash', ARGV[4],
-  'payer', ARGV[5], 'created', ARGV[6], 'state', 'broadcasting')
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-return 'new'
-"""
-
-_RELEASE = """
--- KEYS: tx record, address claim, open set. ARGV: txid, invoice. Undo a claim whose broadcast the
--- network refused (only while nothing was booked).
-if redis.call('HGET', KEYS[1], 'invoice') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'broadcasting' then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('ZREM', KEYS[3], ARGV[1])
-return 1
-"""
 
 
 def zeroconf_allowed(quote: Quote) -> bool:
@@ -100,12 +72,12 @@ class OnChainRecords:
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
-        self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
+        self.keys = Keys(prefix)
+        self._claim = register(redis, "onchain_claim")
+        self._release = register(redis, "onchain_release")
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "onchain", *parts])
+        return self.keys.of("onchain", *parts)
 
     def _keys(self, txid: str, address: str) -> list[str]:
         return [self._k("tx", txid), self._k("paid", address), self._k("open")]
@@ -295,7 +267,7 @@ class OnChain:
             if exc.transient:  # it may have reached the network: keep the claim, a retry is recognised
                 raise ServiceUnavailable("chain_unavailable", f"could not broadcast: {exc.reason}",
                                          headers={"Retry-After": "5"}) from None
-            if not _already_known(exc.reason):  # (we claimed it: a node that knows it got it from us)
+            if not already_known(exc.reason):  # fine only because we claimed it for this invoice first
                 await self.records.release(txid, invoice_id, address)
                 raise BadRequest("broadcast_rejected", exc.reason) from None
         await self.records.set_state(txid, "broadcast")
@@ -324,13 +296,6 @@ def onchain_error(refusal: R.Refusal) -> Exception:
     if refusal.status == 409:
         return Conflict(refusal.code, refusal.detail)
     return PaymentRequired(refusal.code, refusal.detail)
-
-
-def _already_known(reason: str) -> bool:
-    """The node has this tx already: fine only because we claimed it for this invoice before broadcasting."""
-    reason = reason.lower()
-    return any(s in reason for s in ("already in block chain", "already-known", "already-in-mempool",
-                                     "already in the mempool", "(-27)"))
 
 
 # --- what is left in payment accounts: the payer's once confirmed, else the operator's to settle -------

@@ -21,6 +21,7 @@ from .. import protocol as P
 from ..config import Settings
 from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice
+from ..keys import username_of
 from ..ledger import Ledger, TokenSpend
 from ..pricing import Quote
 from . import Payment
@@ -77,7 +78,7 @@ class TokenPayment:
         # the receipt is opaque: token ids must not leak through receipts printed in CI logs
         transfer_id = "tok_" + (hashlib.sha256(f"{token_id}|{key}".encode()).hexdigest()[:40] if key
                                 else secrets.token_hex(20))
-        return Payment(method=self.name, transfer_id=transfer_id, payer=owner.removeprefix("u:"),
+        return Payment(method=self.name, transfer_id=transfer_id, payer=username_of(owner),
                        amount=quote.amount, token=TokenSpend(token_id, secret_hash(secret), request.path))
 
     async def _owner(self, token_id: str, secret: str) -> str:

@@ -16,7 +16,8 @@ from aiohttp import web
 from .. import protocol as P
 from ..errors import BadRequest, PaymentRequired, ServiceUnavailable
 from ..invoices import Invoice
-from ..ledger import BITCOIN, AccountKind, Ledger, Outcome, coin_id, onchain_account
+from ..keys import BITCOIN, onchain_account
+from ..ledger import AccountKind, Ledger, Outcome, coin_id
 from ..pricing import Quote
 from . import Offer, Payment, x402_payload, x402_scheme
 from .btc_rules import Refusal, dust_limit, paid_to

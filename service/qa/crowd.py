@@ -32,90 +32,13 @@ import redis.asyncio as aioredis
 
 from .. import metrics
 from ..errors import Conflict, NotFound, PaymentRequired
-from ..ledger import ALL, REVENUE, AccountKind, Guard, Ledger, Outcome, user_account
+from ..keys import REVENUE, Keys, job_escrow, stake_escrow, user_account
+from ..ledger import ALL, AccountKind, Guard, Ledger, Outcome
+from ..scripts import register
 from . import manifests as k8s_manifests
 from .junit import check_evidence
 
 __all__ = ["Crowd"]
-
-_CLAIM = """
--- KEYS: job, leases (runner -> deadline ms), claimed-by set, claiming accounts set.
--- ARGV: runner, now_ms, lease_ms, the runner's account (one slot per account per job, ever)
-local j = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'wanted', 'accepted', 'pending')
-if j[1] ~= 'open' or tonumber(j[2]) <= tonumber(ARGV[2]) then return 'closed' end
-if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 'seen' end
-if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 1 then return 'seen' end
-local active = 0
-local leases = redis.call('HGETALL', KEYS[2])
-for i = 1, #leases, 2 do
-  if tonumber(leases[i + 1]) < tonumber(ARGV[2]) then redis.call('HDEL', KEYS[2], leases[i])
-  else active = active + 1 end
-end
--- a slot is taken by a live lease, an accepted result, or a result awaiting the buyer's decision
-if active + tonumber(j[4]) + tonumber(j[5] or 0) >= tonumber(j[3]) then return 'full' end
-redis.call('HSET', KEYS[2], ARGV[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[4])
-return 'ok'
-"""
-
-_UNCLAIM = """
--- KEYS: leases, claimed-by set, claiming accounts set. ARGV: runner, account. Undo a claim whose stake
--- could not be paid (the slot and the account's one claim come back).
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[2])
-return 1
-"""
-
-_OPEN = """
--- KEYS: job. A funded job becomes claimable, unless it was closed meanwhile (then it stays closed).
-if redis.call('HGET', KEYS[1], 'status') ~= 'funding' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'open')
-return 1
-"""
-
-_SUBMIT = """
--- KEYS: leases, result hash, results list, job, stakes. ARGV: runner, now_ms, result id, fields json,
--- account, '1' when the job wants a stake (then the account's claim must have paid it)
-local deadline = redis.call('HGET', KEYS[1], ARGV[1])
-if not deadline then return 'no_lease' end
-if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[5], ARGV[5]) == 0 then return 'no_stake' end
-if tonumber(deadline) < tonumber(ARGV[2]) then redis.call('HDEL', KEYS[1], ARGV[1]); return 'lease_expired' end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local f = cjson.decode(ARGV[4])
-for k, v in pairs(f) do redis.call('HSET', KEYS[2], k, v) end
-redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('HINCRBY', KEYS[4], 'pending', 1)
-return 'ok'
-"""
-
-_MARK = """
--- KEYS: result, job (, release zset for 'provisional'). ARGV: accepted|rejected|provisional, now_ms (the
--- window's end for 'provisional'), release member. Brings the result's state and the job's counters in
--- line with what the ledger decided: 'accepted' once the payment claimed `accepted_at` (idempotent);
--- 'rejected' only while no payment claimed it (the payment's guard forbids `rejected_at` from then on).
-local r = redis.call('HMGET', KEYS[1], 'state', 'accepted_at', 'rejected_at')
-local undecided = r[1] == 'submitted' or r[1] == 'provisional'
-if ARGV[1] == 'provisional' then  -- auto-accepted: paid when the dispute window (ARGV[2] = its end) ends
-  if r[1] ~= 'submitted' or r[2] then return 0 end
-  redis.call('HSET', KEYS[1], 'state', 'provisional', 'release_at', ARGV[2])
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])  -- the sweeper's queue of rewards to release
-  return 1
-end
-if ARGV[1] == 'accepted' then
-  if not r[2] then return 0 end
-  if not undecided then return 0 end
-  redis.call('HINCRBY', KEYS[2], 'accepted', 1)
-else
-  if r[2] then return -2 end
-  if not undecided then return 0 end
-  redis.call('HSET', KEYS[1], 'rejected_at', ARGV[2])
-end
-redis.call('HINCRBY', KEYS[2], 'pending', -1)
-redis.call('HSET', KEYS[1], 'state', ARGV[1])
-return 1
-"""
 
 
 def _public(result: dict[str, str]) -> dict[str, Any]:
@@ -149,26 +72,21 @@ class Crowd:
                  dispute_seconds: int = 86_400, stake_percent: int = 20) -> None:
         self.redis, self.ledger, self.lease_seconds = redis, ledger, lease_seconds
         self.dispute_seconds, self.stake_percent = dispute_seconds, stake_percent
-        self.tag = "{" + prefix + "}"
-        self._claim = redis.register_script(_CLAIM)
-        self._unclaim = redis.register_script(_UNCLAIM)
-        self._submit = redis.register_script(_SUBMIT)
-        self._open = redis.register_script(_OPEN)
-        self._mark = redis.register_script(_MARK)
+        self.keys = Keys(prefix)
+        self._claim = register(redis, "crowd_claim")
+        self._unclaim = register(redis, "crowd_unclaim")
+        self._submit = register(redis, "crowd_submit")
+        self._open = register(redis, "crowd_open")
+        self._mark = register(redis, "crowd_mark")
 
     def _k(self, *parts: str) -> str:
-        return ":".join([self.tag, "crowd", *parts])
+        return self.keys.of("crowd", *parts)
 
     async def open_jobs(self) -> int:
         return int(await self.redis.zcard(self._k("open")))
 
-    @staticmethod
-    def escrow(job_id: str) -> str:
-        return f"escrow:job:{job_id}"
-
-    @staticmethod
-    def stake_escrow(job_id: str) -> str:
-        return f"escrow:stake:{job_id}"
+    escrow = staticmethod(job_escrow)
+    stake_escrow = staticmethod(stake_escrow)
 
     def stake_for(self, reward: int) -> int:
         """What a claim stakes: CROWD_STAKE_PERCENT of the reward, at least 1 sat (0 when the setting is 0)."""

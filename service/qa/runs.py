@@ -25,7 +25,9 @@ from redis.exceptions import ResponseError
 
 from .. import metrics, tasks, webhooks
 from ..errors import NotFound
-from ..ledger import REVENUE, Guard, Ledger, Outcome, user_account
+from ..keys import REVENUE, Keys, user_account
+from ..ledger import Guard, Ledger, Outcome
+from ..scripts import register
 from . import manifests, suites
 from .junit import to_junit
 
@@ -34,54 +36,6 @@ __all__ = ["RunStore", "Worker", "DONE", "GROUP"]
 log = structlog.get_logger("qa")
 GROUP = "qa-workers"
 DONE = ("passed", "failed", "error")
-
-_START = """
--- KEYS: run hash. ARGV: worker, lease_ms. A new attempt (fencing token = attempts) unless the run is
--- finished or settled, or another attempt's lease is still live; starting attempt n fences attempt n-1.
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'status', 'settled', 'lease_until', 'worker', 'attempts')
-if not r[1] then return {'missing'} end
-if r[1] == 'passed' or r[1] == 'failed' or r[1] == 'error' then return {'done'} end
-if r[2] then return {'settled', r[2]} end
-if r[1] == 'running' and tonumber(r[3] or 0) > now_ms then return {'leased', r[4] or ''} end
-local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if n > 1 then redis.call('HSET', KEYS[1], 'fenced:' .. (n - 1), now_ms) end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started', now_ms, 'worker', ARGV[1],
-  'lease_until', now_ms + tonumber(ARGV[2]))
-return {'ok', tostring(n)}
-"""
-
-_RENEW = """
--- KEYS: run hash, queue. ARGV: token, lease_ms, group, consumer, entry id ('' = none).
--- Extend the lease of the current attempt only, and reset the stream entry's idle time with it.
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'settled')
-if r[1] ~= 'running' or r[2] ~= ARGV[1] or r[3] then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', now_ms + tonumber(ARGV[2]))
-if ARGV[5] ~= '' then redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[5], 'JUSTID') end
-return 1
-"""
-
-_FINISH = """
--- KEYS: run hash, owner's active counter, result. ARGV: token, status, summary json, error, refund id,
--- cases json ('' = none), result ttl s. Records the outcome once, for the current attempt only; a refund
--- already claimed `settled` = '<token>:error' in its ledger script, and is recorded here by that token.
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'settled')
-if r[1] == 'passed' or r[1] == 'failed' or r[1] == 'error' then return 'done' end
-local claim = ARGV[1] .. ':' .. ARGV[2]
-if r[3] and r[3] ~= claim then return 'settled' end
-if r[2] ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'fenced:' .. ARGV[1]) == 1 then return 'stale' end
-if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', tonumber(ARGV[7])) end
-redis.call('HSET', KEYS[1], 'settled', claim, 'status', ARGV[2], 'finished', now_ms, 'summary', ARGV[3],
-  'error', ARGV[4], 'refund', ARGV[5])
-redis.call('HDEL', KEYS[1], 'lease_until')
-if tonumber(redis.call('DECR', KEYS[2])) < 0 then redis.call('SET', KEYS[2], 0) end
-return 'ok'
-"""
 
 
 @dataclass(frozen=True)
@@ -107,30 +61,30 @@ class RunStore:
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
-        self.tag = "{" + prefix + "}"
-        self._finish = redis.register_script(_FINISH)
-        self._start = redis.register_script(_START)
-        self._renew = redis.register_script(_RENEW)
+        self.keys = Keys(prefix)
+        self._finish = register(redis, "run_finish")
+        self._start = register(redis, "run_start")
+        self._renew = register(redis, "run_renew")
 
     def run_key(self, run_id: str) -> str:
         """The run's hash (refunds guard on it: same hash tag as the ledger)."""
         return self._run(run_id)
 
     def _run(self, run_id: str) -> str:
-        return f"{self.tag}:qa:run:{run_id}"
+        return self.keys.of("qa", "run", run_id)
 
     def _body(self, run_id: str) -> str:
-        return f"{self.tag}:qa:body:{run_id}"
+        return self.keys.of("qa", "body", run_id)
 
     def _result(self, run_id: str) -> str:
-        return f"{self.tag}:qa:result:{run_id}"
+        return self.keys.of("qa", "result", run_id)
 
     def _active(self, owner: str) -> str:
-        return f"{self.tag}:qa:active:{owner}"
+        return self.keys.of("qa", "active", owner)
 
     @property
     def queue(self) -> str:
-        return f"{self.tag}:qa:queue"
+        return self.keys.of("qa", "queue")
 
     async def active(self, owner: str) -> int:
         return int(await self.redis.get(self._active(owner)) or 0)

@@ -23,6 +23,7 @@ class FakeEsplora:
     index: dict[str, dict] = field(default_factory=dict)          # txid -> esplora tx object (GET /tx/:txid)
     spends: dict[tuple[str, int], str] = field(default_factory=dict)  # (txid, vout) -> spending txid
     lose_answers: int = 0   # broadcasts the network takes whose answer is then lost (502)
+    stall: Any = None       # an asyncio.Event: a broadcast the network took answers (502) only once it is set
 
     def app(self) -> web.Application:
         async def post_tx(request: web.Request) -> web.Response:
@@ -46,6 +47,9 @@ class FakeEsplora:
                                                          '{"code":-25,"message":"bad-txns-inputs-missingorspent"}')
             self.broadcasts.append(raw)
             self.accept(tx)
+            if self.stall is not None:  # the window between the network taking it and the caller hearing so
+                await self.stall.wait()
+                return web.Response(status=502, text="bad gateway")
             if self.lose_answers:
                 self.lose_answers -= 1
                 return web.Response(status=502, text="bad gateway")

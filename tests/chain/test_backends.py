@@ -110,3 +110,23 @@ async def test_prevout_on_both_backends(bitcoind, esplora):
                                                                ["vout"][0]["scriptpubkey_address"], txid)
     assert await web_node.prevout(prev[0].hex(), 7) is None and await web_node.prevout("ab" * 32, 0) is None
     await web_node.close()
+
+
+async def test_esplora_tx_confirmations_is_a_backend_method(esplora):
+    """What reorg re-checks and the chain audit ask: unknown (None), in the mempool (0), or n deep."""
+    address = "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm"
+    deep, loose = esplora.deposit(address, 5_000, height=esplora.tip - 2), esplora.deposit(address, 7_000, height=None)
+    node = Esplora(esplora.url, timeout=5, retries=0)
+    assert [await node.tx_confirmations(t) for t in (deep, loose, "ab" * 32)] == [3, 0, None]
+    await node.close()
+
+
+def test_one_already_known_rule_for_every_broadcast():
+    """The on-chain payment and the withdrawal batch read a node's "I have it" answer the same way."""
+    from service.chain.backends import already_known
+
+    for answer in ('sendrawtransaction RPC error: {"code":-27,"message":"Transaction already in block chain"}',
+                   "bitcoind: Transaction already in block chain (-27)", "txn-already-known", "txn-already-in-mempool",
+                   "Transaction already in the mempool"):
+        assert already_known(answer), answer
+    assert not already_known('{"code":-25,"message":"bad-txns-inputs-missingorspent"}')

@@ -7,6 +7,7 @@ import asyncio
 import redis.asyncio as aioredis
 
 from service.config import DEFAULT_TESTNET_ADDRESS
+from service.keys import Keys
 
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n"
 
@@ -29,8 +30,8 @@ async def _derived(settings) -> tuple[int, int]:
     """(indexes ever derived, addresses ever recorded) for this deployment."""
     redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        tag = "{" + settings.redis_prefix + "}"
-        return int(await redis.get(f"{tag}:addr:next") or 0), await redis.scard(f"{tag}:addr:all")
+        keys = Keys(settings.redis_prefix)
+        return int(await redis.get(keys.of("addr", "next")) or 0), await redis.scard(keys.of("addr", "all"))
     finally:
         await redis.aclose()
 

@@ -105,7 +105,7 @@ async def test_a_hold_that_expires_after_batching_is_neither_voided_nor_double_s
     rc, built, err = await batch(rig, tmp_path)
     assert rc == 0, err
     hold = await rig.ledger.transfer(wd["id"])
-    await rig.ledger.redis.zadd(f"{{{rig.env['REDIS_PREFIX']}}}:pending", {wd["id"]: 0})  # ...a stale sweep entry
+    await rig.ledger.redis.zadd(rig.ledger.keys.pending, {wd["id"]: 0})  # ...a stale sweep entry
     assert await rig.ledger.sweep_expired() == 0
     assert (await rig.ledger.transfer(wd["id"]))["state"] == hold["state"] == "pending"
     assert (await rig.ledger.balance(user_account(alice.username))).available == 10_000

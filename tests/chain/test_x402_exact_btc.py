@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from service.ledger import BITCOIN, REVENUE, onchain_account
+from service.keys import BITCOIN, REVENUE, onchain_account
 from service.pricing import priced
 
 MANIFEST = b"---\n".join([b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n"] * 10)

@@ -5,6 +5,7 @@ import asyncio
 
 
 from service.client import PaidSession
+from service.keys import GRANTS
 from service.ledger import user_account
 from service.qa.crowd import Crowd
 
@@ -113,9 +114,9 @@ async def test_expired_lease_goes_back_to_the_queue(aiohttp_server, make_app, ht
     for w in (buyer, slow, fast):
         async with PaidSession(w, session=http) as s:
             await s.register(base)
-    await ledger.post("grant-crowd", "sys:grants", user_account(buyer.username), 500)
+    await ledger.post("grant-crowd", GRANTS, user_account(buyer.username), 500)
     for w in (slow, fast):
-        await ledger.post(f"grant-{w.username}", "sys:grants", user_account(w.username), 100)
+        await ledger.post(f"grant-{w.username}", GRANTS, user_account(w.username), 100)
     job = await post_job(http, base, buyer, results_wanted=1)
     r_slow, r_fast = await runner(http, base, slow, arch="arm64"), await runner(http, base, fast, arch="arm64")
     code, _ = await call(http, slow, "POST", f"{base}/v1/qa/jobs/claim", {"runner": r_slow})
@@ -137,7 +138,7 @@ async def test_two_independent_runners_agreeing_are_accepted_automatically(aioht
     for w, amount in ((buyer, 1000), (a, 100), (b, 100)):
         async with PaidSession(w, session=http) as s:
             await s.register(base_url)
-        await ledger.post(f"grant-{w.username}", "sys:grants", user_account(w.username), amount)
+        await ledger.post(f"grant-{w.username}", GRANTS, user_account(w.username), amount)
     job = await post_job(http, base_url, buyer, results_wanted=2, auto_accept=True)
     await claim_and_submit(http, base_url, a, await runner(http, base_url, a, arch="arm64"))
     assert (await ledger.balance(user_account(a.username))).posted == 100 - 20  # staked, not paid yet
@@ -176,7 +177,7 @@ async def test_accept_and_pay_are_one_step_a_redis_error_between_leaves_nothing_
     job = await post_job(http, base_url, buyer, results_wanted=1)
     worker = await funded(1000)
     result = await claim_and_submit(http, base_url, worker, await runner(http, base_url, worker, arch="arm64"))
-    poison = f"{ledger.tag}:xfer:crowd:{job['id']}:pay:{result['id']}"
+    poison = ledger.keys.transfer(f"crowd:{job['id']}:pay:{result['id']}")
     await ledger.redis.set(poison, "not a transfer")
     url = f"{base_url}/v1/qa/jobs/{job['id']}/results/{result['id']}/accept"
     code, _ = await call(http, buyer, "POST", url)
@@ -281,7 +282,7 @@ async def test_auto_accepted_rewards_are_released_after_the_dispute_window(
     for w in (buyer, a, b):
         async with PaidSession(w, session=http) as s:
             await s.register(base)
-        await ledger.post(f"grant-{w.username}", "sys:grants", user_account(w.username), 1000)
+        await ledger.post(f"grant-{w.username}", GRANTS, user_account(w.username), 1000)
     job = await post_job(http, base, buyer, results_wanted=2, auto_accept=True, manifests=MANIFESTS)
     results = []
     for w in (a, b):

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.client import PaidSession, Wallet
+from service.keys import GRANTS
 from service.ledger import REVENUE, Ledger, user_account
 from service.qa.runs import Limits, RunStore, Worker
 from tests.faults.procs import SlowReplies
@@ -35,7 +36,7 @@ async def _bought_run(aiohttp_server, make_app, http, ledger, name: str) -> tupl
     wallet = Wallet.generate(name)
     async with PaidSession(wallet, max_price=500, session=http) as s:
         await s.register(base)
-        await ledger.post(f"grant-{name}", "sys:grants", user_account(wallet.username), 1000)
+        await ledger.post(f"grant-{name}", GRANTS, user_account(wallet.username), 1000)
         status, created, _ = await s.request("POST", f"{base}/v1/qa/runs",
                                              data=json.dumps({"suite": "schema", "manifests": GOOD}),
                                              headers={"Content-Type": "application/json"})

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.client import PaidSession, Wallet, signed_headers
-from service.ledger import REVENUE, user_account
+from service.keys import GRANTS, REVENUE, Keys, user_account
 from service.qa import suites
 from service.qa.runs import GROUP
 
@@ -164,7 +164,7 @@ async def test_infrastructure_failure_refunds_exactly_once(extra_suites, aiohttp
     wallet = Wallet.generate("refund-me")
     async with PaidSession(wallet, max_price=500, session=http) as s:
         await s.register(base)
-        await ledger.post("grant-refund-me", "sys:grants", user_account(wallet.username), 1000)
+        await ledger.post("grant-refund-me", GRANTS, user_account(wallet.username), 1000)
         created = await buy(s, base, suite="explode", manifests=GOOD)
         run = await wait_done(s, base, created["id"])
     assert run["status"] == "error" and run["refund"] == f"refund:{created['receipt']}"
@@ -198,7 +198,7 @@ async def test_worker_killed_mid_run_another_finishes_charged_once(extra_suites,
     try:
         async with PaidSession(wallet, max_price=500, session=http) as s:
             await s.register(base)
-            await ledger.post("grant-killed", "sys:grants", user_account(wallet.username), 1000)
+            await ledger.post("grant-killed", GRANTS, user_account(wallet.username), 1000)
             created = await buy(s, base, suite="slow", manifests=GOOD)
             deadline = time.monotonic() + 20
             while (await s.signed_get(f"{base}/v1/qa/runs/{created['id']}"))[1]["status"] != "running":
@@ -209,11 +209,11 @@ async def test_worker_killed_mid_run_another_finishes_charged_once(extra_suites,
             second = start_worker(settings, env)
             run = await wait_done(s, base, created["id"], timeout=30)
         assert run["status"] == "passed"
-        record = await ledger.redis.hgetall("{" + settings.redis_prefix + "}:qa:run:" + created["id"])
+        record = await ledger.redis.hgetall(Keys(settings.redis_prefix).of("qa", "run", created["id"]))
         assert record["attempts"] == "2"
         assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_2_DOCS
         for _ in range(40):  # the entry is acknowledged right after the run is recorded
-            pending = await ledger.redis.xpending("{" + settings.redis_prefix + "}:qa:queue", GROUP)
+            pending = await ledger.redis.xpending(Keys(settings.redis_prefix).of("qa", "queue"), GROUP)
             if pending["pending"] == 0:
                 break
             await asyncio.sleep(0.05)
@@ -275,12 +275,12 @@ async def test_short_lease_many_workers_each_run_once_charged_never_refunded(
     wallet = Wallet.generate("short-lease")
     async with PaidSession(wallet, max_price=500, session=http) as s:
         await s.register(base)
-        await ledger.post("grant-short-lease", "sys:grants", user_account(wallet.username), 1000)
+        await ledger.post("grant-short-lease", GRANTS, user_account(wallet.username), 1000)
         created = [await buy(s, base, suite="slow", manifests=GOOD) for _ in range(4)]
         runs = await asyncio.gather(*[wait_done(s, base, c["id"], timeout=30) for c in created])
     assert [r["status"] for r in runs] == ["passed"] * 4 and all(r["refund"] is None for r in runs)
     for c in created:
-        record = await ledger.redis.hgetall(f"{{{ledger.tag[1:-1]}}}:qa:run:{c['id']}")
+        record = await ledger.redis.hgetall(ledger.keys.of("qa", "run", c["id"]))
         assert record["attempts"] == "1", record  # never re-claimed while its worker was alive
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - 4 * PRICE_2_DOCS
     assert (await ledger.balance(REVENUE)).posted == 4 * PRICE_2_DOCS
@@ -297,7 +297,7 @@ async def test_stale_worker_cannot_restart_finish_or_refund_a_run(aiohttp_server
     wallet = Wallet.generate("stale-worker")
     async with PaidSession(wallet, max_price=500, session=http) as s:
         await s.register(base)
-        await ledger.post("grant-stale", "sys:grants", user_account(wallet.username), 1000)
+        await ledger.post("grant-stale", GRANTS, user_account(wallet.username), 1000)
         created = await buy(s, base, manifests=GOOD)
     store = RunStore(ledger.redis, settings.redis_prefix)
     stale = Worker(store, ledger, Limits(lease_seconds=1), name="stale")
