@@ -11,6 +11,9 @@ import yaml
 from aiohttp import web
 
 from service import protocol as P
+from service.challenge import bazaar_extension
+from service.errors import Unprocessable
+from service.inputs import ascii_int
 from service.deployment import origin
 from service.payments.mpp import payment_info, service_info
 from service.pricing import PriceRule, describe, route_rule
@@ -81,22 +84,52 @@ async def catalog(request: web.Request) -> web.Response:
                               "operations": priced_operations(request.app)})
 
 
-async def x402_discovery(request: web.Request) -> web.Response:
-    """x402 Bazaar-style items: one per priced operation, accepts quoted at its base price."""
+_STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the prices are the process's settings
+
+
+def _smallest_price(price: dict[str, Any]) -> tuple[int, str]:
+    """(what the 402 asks for the smallest request, how the price grows): base + one unit when priced per
+    unit (a 402 for one document asks 120 where the base is 100), the cheapest variant's otherwise."""
+    rules = list(price["variants"].values()) if "variants" in price else [price]
+    amounts = [(r["amount"] + r.get("per_unit", 0), r) for r in rules]
+    amount, rule = min(amounts, key=lambda pair: pair[0])
+    if rule.get("per_unit"):
+        return amount, f"{rule['amount']} sat + {rule['per_unit']} sat per {rule['unit']}, from {amount} sat"
+    return amount, f"{amount} sat" + (", the cheapest variant" if "variants" in price else "")
+
+
+def discovery_items(request: web.Request) -> list[dict[str, Any]]:
+    """One Bazaar item (the SDK's DiscoveryResource) per priced operation with a concrete URL: a route whose
+    price a third party sets per path (an expert, a list) has no one amount to list and is left out."""
     s = request.app[SETTINGS]
     base = origin(s, request)  # PUBLIC_URL, never the Host header
-    items = []
     escrowed = {(r.method, r.resource.canonical) for r in request.app.router.routes()
                 if (marker := route_rule(r.handler)) is not None and marker.credit is not None}
+    items = []
     for op in priced_operations(request.app):
-        amount = op["price"].get("amount", min((v["amount"] for v in op["price"].get("variants", {}).values()), default=0))
-        accepts = [offer for m in request.app[METHODS].methods  # an escrow takes no 0-conf coins
-                   if not (m.name == P.METHOD_ONCHAIN and (op["method"], op["path"]) in escrowed)
-                   and (offer := m.offer_template(amount)) is not None]  # None: not an x402 method
+        if "{" in op["path"]:
+            continue
+        amount, how = _smallest_price(op["price"])
+        accepts = [entry for m in request.app[METHODS].methods  # an escrow takes no 0-conf coins
+                   if not (m.name == P.METHOD_EXACT_BTC and (op["method"], op["path"]) in escrowed)
+                   and (entry := m.offer_template(amount)) is not None]  # None: not an x402 scheme
         items.append({
-            "resource": base + op["path"], "type": "http", "x402Version": 2, "accepts": accepts,
-            "lastUpdated": int(time.time()),
-            "metadata": {"method": op["method"], "description": op["description"], "price": op["price"],
-                         "payee": s.payee_username},
+            "resource": base + op["path"], "type": "http", "x402Version": P.X402_VERSION, "accepts": accepts,
+            "lastUpdated": _STARTED, "description": f"{op['description']} ({how})",
+            "mimeType": "application/json", "serviceName": "K8s Community Microtasks",
+            "tags": ["kubernetes", op["path"].split("/")[2]],
+            "extensions": bazaar_extension(op["method"]),
+            "metadata": {"method": op["method"], "price": op["price"], "payee": s.payee_username},
         })
-    return web.json_response({"x402Version": 2, "items": items})
+    return items
+
+
+async def x402_discovery(request: web.Request) -> web.Response:
+    """The Bazaar list shape (x402 v2 §8.2): items, paged by `limit` (1-100) and `offset`."""
+    limit = ascii_int(request.query.get("limit", "100"), 3)
+    offset = ascii_int(request.query.get("offset", "0"), 9)
+    if limit is None or offset is None or not 1 <= limit <= 100:
+        raise Unprocessable("validation_error", {"limit": ["1-100"], "offset": [">= 0"]})
+    items = discovery_items(request)
+    return web.json_response({"x402Version": P.X402_VERSION, "items": items[offset:offset + limit],
+                              "pagination": {"limit": limit, "offset": offset, "total": len(items)}})

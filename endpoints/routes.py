@@ -17,6 +17,7 @@ def setup(app: web.Application) -> None:
         web.get("/openapi.json", marketplace.openapi_json),
         web.get("/v1/catalog", marketplace.catalog),
         web.get("/.well-known/x402", marketplace.x402_discovery),
+        web.get("/discovery/resources", marketplace.x402_discovery),
         web.post("/v1/accounts", accounts.register),
         web.get("/v1/accounts/me", accounts.me),
         web.put("/v1/accounts/me/payout", accounts.set_payout),

@@ -30,6 +30,7 @@ from .payouts import Payouts
 from .chain.addresses import AddressBook, AddressConflict
 from .chain.backends import backend_from_settings
 from .payments.onchain import OnChain, OnChainRecords
+from .payments.x402_exact_btc import ExactBtc
 from .rates import FixedRate, HttpRate
 from .metrics import EXPIRED, REDIS_LATENCY, metrics_middleware
 from .redis_client import connect, safe_url
@@ -109,8 +110,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     if s.chain:
         app[CHAIN] = backend_from_settings(s.chain, s.chain_url or "", s.chain_cookie)
     if s.chain and s.payee_xpub:  # a call is paid on chain only to its invoice's own derived address
-        methods.append(OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger,
-                               OnChainRecords(redis, s.redis_prefix)))
+        onchain = OnChain(s, app[CHAIN], app[ADDRESSES], app[INVOICES], ledger, OnChainRecords(redis, s.redis_prefix))
+        methods += [onchain, ExactBtc(onchain)]  # 21's raw transaction and x402's PSBT: one on-chain path
     bittransfer = BitTransfer(s, app[INVOICES], owns, ledger)
     # the IETF "Payment" scheme's credential source (payments/mpp.py); first, so it sees a second payment
     app[METHODS] = PaymentMethods(PaymentScheme(s, app[INVOICES], bittransfer), bittransfer, *methods)

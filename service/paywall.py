@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from .inputs import IDEMPOTENCY_KEY_RE
 from . import protocol as P
-from .challenge import render_402
+from .challenge import render_402, settle_response
 from .config import Settings
 from .deployment import absolute_url
 from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired, ServiceUnavailable,
@@ -39,9 +39,8 @@ from .errors import (ApiError, BadRequest, Conflict, Forbidden, PaymentRequired,
 from . import metrics
 from .keys import REVENUE, is_escrow, user_account
 from .ledger import AccountKind, Hold, Ledger, Outcome, TokenSpend
-from .payment_auth import encode_receipt
-from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod
-from .payments.mpp import www_authenticate
+from .payment_auth import body_digest, encode_receipt
+from .payments import KeepsFailedPayments, PaidBefore, Payment, PaymentMethod, Settles
 from .pricing import Quote, quote_request, route_rule
 from .ratelimit import WINDOW_MS, client_ip, over_limit
 from .state import ADDRESSES, HEALTH, INVOICES, LIMITER, LEDGER, METHODS, PRICES, SETTINGS
@@ -98,7 +97,7 @@ class _Replayed(Exception):
 
 
 async def _challenge(request: web.Request, quote: Quote, error: str = "payment_required",
-                     detail: Any = None) -> web.Response:
+                     detail: Any = None, headers: dict[str, str] | None = None) -> web.Response:
     book = request.app.get(ADDRESSES)
     settings = request.app[SETTINGS]
     onchain = (book is not None and quote.amount <= settings.onchain_max_zeroconf  # else no address is leased
@@ -108,10 +107,10 @@ async def _challenge(request: web.Request, quote: Quote, error: str = "payment_r
     if book and address:  # the lease names its invoice: a two1 client pays the address without naming it
         await book.bind(address, invoice.id)
     metrics.CHALLENGES.labels(metrics.route_of(request), error).inc()
-    # --- hook: the IETF "Payment" scheme's challenge (payments/mpp.py) ---
-    auth = await www_authenticate(request, settings, request.app[INVOICES], quote, invoice)
-    return render_402(absolute_url(settings, request), quote, invoice, request.app[METHODS].offers(quote, invoice),
-                      error, detail, auth)
+    offers = await request.app[METHODS].challenge(quote, invoice)
+    body = await request.read() if request.body_exists else b""  # the Payment scheme's challenge binds it
+    return render_402(absolute_url(settings, request), quote, invoice, offers, error, detail, headers,
+                      body_digest(body) if body else "")
 
 
 def paywall_middleware() -> Callable:
@@ -129,8 +128,12 @@ def paywall_middleware() -> Callable:
         settings, ledger = app[SETTINGS], app[LEDGER]
         quote = await quote_request(request, marker, app[PRICES])
         method = app[METHODS].select(request)
+        if method is None and P.PAYMENT_SIGNATURE in request.headers:  # an x402 scheme no method here takes
+            refusal = PaymentRequired("unsupported_scheme", "pay with a scheme this 402 offers in `accepts`")
+            return await _challenge(request, quote, refusal.code, refusal.detail, _x402_failure(request, refusal, None))
         if method is None:
             return await _challenge(request, quote)
+        payment = None
         try:
             payment = await method.verify(request, quote)
             limit = None
@@ -143,15 +146,30 @@ def paywall_middleware() -> Callable:
             paid = await _hold(request, method, payment, quote, limit)
         except PaymentRequired as exc:
             log.info("payment_refused", reason=exc.code, method=method.name)
-            return await _challenge(request, quote, exc.code, exc.detail)
+            return await _challenge(request, quote, exc.code, exc.detail, _x402_failure(request, exc, payment))
+        except ApiError as exc:  # malformed, unauthorized, replayed: an x402 client reads why in PAYMENT-RESPONSE
+            exc.headers.update(_x402_failure(request, exc, payment))
+            raise
         except _Replayed as replay:
             return await _replay(ledger, payment.token, quote, replay.transfer)
         except PaidBefore as before:  # the method recognised a retry of its payment (on-chain)
             first = await ledger.transfer(before.transfer_id)
             return await _replay(ledger, None, quote, first or {"id": before.transfer_id})
-        return await _serve(request, handler, paid)
+        try:
+            return await _serve(request, handler, paid)
+        except PaymentRequired as exc:  # the settlement (a broadcast) refused: nothing served, nothing charged
+            return await _challenge(request, quote, exc.code, exc.detail, _x402_failure(request, exc, payment))
 
     return paywall
+
+
+def _x402_failure(request: web.Request, exc: ApiError, payment: Payment | None) -> dict[str, str]:
+    """PAYMENT-RESPONSE with success false and the reason, for a payment that came as PAYMENT-SIGNATURE."""
+    if P.PAYMENT_SIGNATURE not in request.headers:
+        return {}
+    return {P.PAYMENT_RESPONSE: settle_response(False, "", request.app[SETTINGS].caip2,
+                                                payment.payer_id if payment else "",
+                                                payment.payer if payment else "", exc.code)}
 
 
 async def commit(request: web.Request) -> None:
@@ -161,6 +179,7 @@ async def commit(request: web.Request) -> None:
     paid = request.get(SETTLEMENT)
     if paid is None or paid.state != "held":
         return
+    await _settle(request.app[LEDGER], paid)
     try:
         await _capture(request.app[LEDGER], paid)
     except ServiceUnavailable:
@@ -226,6 +245,12 @@ async def _serve(request: web.Request, handler: Handler, paid: Settlement) -> we
     if not 200 <= response.status < 300:
         await _undo(ledger, paid, f"status {response.status}")
         return response
+    if paid.state == "held":
+        try:
+            await _settle(ledger, paid)
+        except ApiError:  # fail closed: no broadcast (or nobody knows): not served, not charged
+            await _void(ledger, paid, "settlement failed")
+            raise
     _receipt_headers(response, paid, settings)
     record = _record(response) if paid.replayable else ""
     if paid.state == "captured":  # the handler committed before its effects: keep the response now
@@ -243,14 +268,20 @@ async def _serve(request: web.Request, handler: Handler, paid: Settlement) -> we
     return response
 
 
+async def _settle(ledger: Ledger, paid: Settlement) -> None:
+    """A method that moves its money only after the call succeeded (exact-BTC's broadcast), once."""
+    if isinstance(paid.method, Settles) and not paid.payment.settle_data.get("settled"):
+        await paid.method.settle(ledger, paid.payment)
+
+
 def _receipt_headers(response: web.StreamResponse, paid: Settlement, settings: Settings) -> None:
     # the IETF "Payment" scheme's receipt (base64url JSON; `reference` is the transfer id), for every method
     response.headers[P.PAYMENT_RECEIPT] = encode_receipt(paid.payment.method, paid.hold.id, time.time())
     response.headers.setdefault("Cache-Control", "private")
     if paid.payment.x402:
-        receipt = {"success": True, "transaction": paid.hold.id, "network": settings.caip2,
-                   "payer": paid.payment.payer}
-        response.headers[P.PAYMENT_RESPONSE] = base64.b64encode(json.dumps(receipt).encode()).decode()
+        transaction = paid.payment.settle_data.get("txid") or paid.hold.id
+        response.headers[P.PAYMENT_RESPONSE] = settle_response(True, transaction, settings.caip2,
+                                                               paid.payment.payer_id, paid.payment.payer)
 
 
 async def _capture(ledger: Ledger, paid: Settlement, record: str = "", ttl: int = 0) -> None:

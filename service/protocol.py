@@ -6,7 +6,8 @@ __all__ = [
     "PRICE", "BITCOIN_ADDRESS", "USERNAME", "BITCOIN_TRANSFER", "AUTHORIZATION", "PAYMENT_RECEIPT",
     "PAYMENT_REQUIRED", "PAYMENT_SIGNATURE", "PAYMENT_RESPONSE", "REQUEST_ID", "X402_VERSION",
     "SIG_SCHEME", "TOKEN_SCHEME", "IDEMPOTENCY_KEY", "PAYMENT_INVOICE", "PAYMENT_AMOUNT", "METHOD_TOKEN",
-    "METHOD_ONCHAIN", "BITCOIN_TRANSACTION", "SCHEME_EXACT", "METHOD_BITTRANSFER", "request_message", "NONCE",
+    "METHOD_ONCHAIN", "BITCOIN_TRANSACTION", "SCHEME_EXACT", "SCHEME_BITTRANSFER", "METHOD_BITTRANSFER",
+    "METHOD_EXACT_BTC", "request_message", "NONCE",
     "origin_of", "registration_message",
 ]
 
@@ -33,10 +34,12 @@ X402_VERSION = 2
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
 PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
-SCHEME_EXACT = "exact"
+SCHEME_EXACT = "exact"  # only x402 exact-BTC (payments/x402_exact_btc.py): exact-scheme clients pay on chain
+SCHEME_BITTRANSFER = "bittransfer"  # our ledger transfer as its own x402 scheme, never `exact`
 METHOD_BITTRANSFER = "bittransfer"
 METHOD_TOKEN = "token"
 METHOD_ONCHAIN = "onchain"
+METHOD_EXACT_BTC = "exact-btc"
 
 
 def origin_of(url: str) -> str:

@@ -7,7 +7,10 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .errors import ApiError
+from .challenge import render_refusal
+from .deployment import absolute_url
+from .errors import ApiError, PaymentRequired
+from .state import SETTINGS
 
 __all__ = ["error_middleware", "json_error"]
 
@@ -32,6 +35,8 @@ async def error_middleware(
 ) -> web.StreamResponse:
     try:
         return await handler(request)
+    except PaymentRequired as exc:  # every 402 in one shape (service/challenge.py), wherever it is raised
+        return render_refusal(absolute_url(request.app[SETTINGS], request), exc.code, exc.detail, exc.headers)
     except ApiError as exc:
         render = getattr(request.match_info.handler, "render_error", None)  # an HTML page answers in HTML
         if render is not None:

@@ -31,6 +31,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, Any], bool]] = [
     ("GET", "/openapi.json", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/v1/catalog", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/.well-known/x402", None, dict.fromkeys(ROLES, 200), True),
+    ("GET", "/discovery/resources", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/v1/qa/suites", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/v1/charities", None, dict.fromkeys(ROLES, 200), True),
     ("GET", "/v1/experts", None, dict.fromkeys(ROLES, 200), True),

@@ -60,8 +60,9 @@ async def test_served_spec_carries_the_operators_prices(aiohttp_server, make_app
     assert "schema" in ops["/v1/qa/runs"]["price"]["variants"]
     async with http.get(server.make_url("/.well-known/x402")) as r:
         items = {item["resource"].rsplit("/", 1)[-1]: item for item in (await r.json())["items"]}
-    assert items["validate"]["type"] == "http" and items["validate"]["accepts"][0]["amount"] == "7"
+    assert items["validate"]["type"] == "http" and items["validate"]["accepts"][0]["amount"] == "10"  # 7 + 3 * 1
     assert items["validate"]["x402Version"] == 2 and items["validate"]["metadata"]["method"] == "POST"
+    assert "7 sat + 3 sat per document" in items["validate"]["description"]
 
 
 async def test_openapi_json_is_the_same_spec_with_mpp_discovery(aiohttp_server, make_app, http, tmp_path):

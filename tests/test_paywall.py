@@ -40,8 +40,8 @@ async def test_unpaid_call_gets_402_with_invoice(http, base_url, manifest, setti
     invoice = body["invoice"]
     assert invoice["amount"] == PRICE_ONE_DOC and invoice["currency"] == "sat"
     assert invoice["resource"] == "POST /v1/qa/validate" and len(invoice["request_hash"]) == 64
-    accept = body["accepts"][0]
-    assert accept["scheme"] == "exact" and accept["amount"] == str(PRICE_ONE_DOC)
+    [accept] = body["accepts"]  # our ledger transfer, as its own scheme; tokens are not sold by a 402
+    assert accept["scheme"] == "bittransfer" and accept["amount"] == str(PRICE_ONE_DOC) and accept["asset"] == "sat"
     assert accept["network"] == "bip122:000000000933ea01ad0ee984209779ba"
     assert accept["extra"] == {"method": "bittransfer", "username": settings.payee_username, "invoice": invoice["id"]}
 
@@ -262,7 +262,8 @@ async def test_x402_payment_signature_header(http, base_url, manifest, funded, l
         assert r.status == 200
         receipt = json.loads(base64.b64decode(r.headers["PAYMENT-RESPONSE"]))
         assert receipt == {"success": True, "transaction": receipt_reference(r.headers["Payment-Receipt"]),
-                           "network": settings.caip2, "payer": wallet.username}
+                           "network": settings.caip2, "payer": wallet.pubkey.hex(),
+                           "extensions": {"username": wallet.username}}
     assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
 
 
@@ -594,3 +595,55 @@ async def test_an_ask_nobody_can_answer_is_refused_before_any_ledger_state(http,
             await s.request("POST", url, data=json.dumps(ask), headers={"Content-Type": "application/json"})
     assert (refused.value.status, refused.value.reason) == (403, "no_recipient")
     assert await ledger_state(ledger) == before
+
+
+def _x402_header(required: dict, accepted: dict, bt: dict) -> str:
+    payload = {"x402Version": 2, "resource": required["resource"], "accepted": accepted,
+               "payload": {"transfer": bt["Bitcoin-Transfer"], "signature": bt["Authorization"]}}
+    return base64.b64encode(json.dumps(payload).encode()).decode()
+
+
+async def test_x402_payment_failures_say_why_in_payment_response(http, base_url, manifest, funded, ledger, settings):
+    """A refused x402 payment answers PAYMENT-RESPONSE success:false with the reason (a fresh 402 for the
+    payable ones); the payer is named by key, the username aside."""
+    wallet = await funded(1000)
+    url = f"{base_url}/v1/qa/validate"
+    async with http.post(url, data=manifest) as r:
+        required = json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"]))
+    [accepted] = required["accepts"]
+    bt = transfer_headers(wallet, amount=PRICE_ONE_DOC + 1, payee_username=accepted["extra"]["username"],
+                          payee_address=accepted["payTo"], url=url, invoice=accepted["extra"]["invoice"])
+    async with http.post(url, data=manifest, headers={"PAYMENT-SIGNATURE": _x402_header(required, accepted, bt)}) as r:
+        assert r.status == 402 and "PAYMENT-REQUIRED" in r.headers
+        failure = json.loads(base64.b64decode(r.headers["PAYMENT-RESPONSE"]))
+    assert failure == {"success": False, "transaction": "", "network": settings.caip2, "errorReason": "wrong_amount"}
+    bt = transfer_headers(wallet, amount=PRICE_ONE_DOC, payee_username=accepted["extra"]["username"],
+                          payee_address=accepted["payTo"], url=url, invoice=accepted["extra"]["invoice"])
+    header = _x402_header(required, accepted, bt)
+    async with http.post(url, data=manifest, headers={"PAYMENT-SIGNATURE": header}) as r:
+        assert r.status == 200
+    async with http.post(url, data=manifest.replace(b"settings", b"other"), headers={"PAYMENT-SIGNATURE": header}) as r:
+        assert r.status in (402, 409, 422)
+        failure = json.loads(base64.b64decode(r.headers["PAYMENT-RESPONSE"]))
+    assert failure["success"] is False and failure["errorReason"]
+    exact = {**accepted, "scheme": "exact"}  # no chain configured: the exact scheme is not taken here
+    async with http.post(url, data=manifest, headers={"PAYMENT-SIGNATURE": _x402_header(required, exact, bt)}) as r:
+        assert r.status == 402 and (await r.json())["error"] == "unsupported_scheme"
+    assert (await ledger.balance(user_account(wallet.username))).posted == 1000 - PRICE_ONE_DOC
+
+
+async def test_a_402_raised_by_a_handler_is_rendered_like_every_402(http, base_url, funded):
+    """A balance too low for a withdrawal (or a crowd job's escrow, a stake) is a 402 in the one shape:
+    PAYMENT-REQUIRED equal to the body, nothing to pay at this URL (accepts empty), the reason."""
+    from service.client import signed_headers
+
+    wallet = await funded(100)
+    url = f"{base_url}/v1/accounts/me/withdrawals"
+    body = json.dumps({"amount": 20_000, "address": "tb1qx3ppj0smkuy3d6g525sh9n2w9k7fm7q3vh5ssm"}).encode()
+    headers = {**signed_headers(wallet, "POST", url, body), "Content-Type": "application/json"}
+    async with http.post(url, data=body, headers=headers) as r:
+        assert r.status == 402 and r.headers["Cache-Control"] == "no-store"
+        answer = await r.json()
+        assert json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"])) == answer
+    assert answer["error"] == "insufficient_funds" and answer["accepts"] == [] and answer["x402Version"] == 2
+    assert answer["resource"]["url"] == url

@@ -6,8 +6,6 @@ signed transfer settles at most once, whatever its (malleable) signature bytes.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
@@ -26,9 +24,9 @@ from ..errors import BadRequest, PaymentRequired, Unauthorized
 from ..invoices import Invoice, Invoices
 from ..ledger import Ledger, user_account
 from ..pricing import Quote
-from . import Payment
+from . import Offer, Payment, x402_payload, x402_scheme
 
-__all__ = ["BitTransfer", "BitTransferSchema", "parse_transfer", "transfer_id_of"]
+__all__ = ["BitTransfer", "BitTransferSchema", "parse_transfer", "transfer_id_of", "two1_headers"]
 
 
 class BitTransferSchema(Schema):
@@ -48,17 +46,7 @@ class BitTransferSchema(Schema):
     nonce = fields.String(load_default=None, validate=validate.Length(max=128))
 
 
-class X402PayloadSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
-    x402Version = fields.Integer(required=True, strict=True, validate=validate.Equal(P.X402_VERSION))
-    accepted = fields.Dict(required=True)
-    payload = fields.Dict(required=True)
-
-
 _transfer_schema = BitTransferSchema()
-_x402_schema = X402PayloadSchema()
 # the schema's string fields: (name, required, min length, max length)
 _STRINGS = (("payer", True, 1, 64), ("payer_pubkey", True, 1, 200), ("payee_address", True, 1, 128),
             ("payee_username", True, 1, 64), ("description", False, 0, 2048), ("invoice", False, 0, 128),
@@ -88,6 +76,11 @@ def parse_transfer(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def two1_headers(quote: Quote, invoice: Invoice) -> dict[str, str]:
+    """21's 402 headers (two1.bitrequests reads them): the price and where to pay it."""
+    return {P.PRICE: str(quote.amount), P.BITCOIN_ADDRESS: invoice.address, P.USERNAME: invoice.payee}
+
+
 def transfer_id_of(transfer_json: str) -> str:
     return "bt_" + hashlib.sha256(transfer_json.encode()).hexdigest()
 
@@ -104,18 +97,21 @@ class BitTransfer:
         self._keys: dict[str, str] = {}  # username -> registered pubkey hex (keys never change once registered)
 
     def present(self, request: web.Request) -> bool:
-        return P.BITCOIN_TRANSFER in request.headers or P.PAYMENT_SIGNATURE in request.headers
+        """two1's headers, or any PAYMENT-SIGNATURE but exact-BTC's (a malformed one is refused here)."""
+        return P.BITCOIN_TRANSFER in request.headers or (
+            P.PAYMENT_SIGNATURE in request.headers and x402_scheme(request) != P.SCHEME_EXACT)
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer:
+        """Its x402 entry, and 21's headers two1 pays a BitTransfer from."""
         entry = self.offer_template(quote.amount)
         entry["payTo"] = invoice.address
         entry["extra"]["invoice"] = invoice.id
-        return entry
+        return Offer(self.name, entry, two1_headers(quote, invoice))
 
     def offer_template(self, amount: int) -> dict[str, Any]:
         s = self.settings
         return {
-            "scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
+            "scheme": P.SCHEME_BITTRANSFER, "network": s.caip2, "amount": str(amount), "asset": "sat",
             "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
             "extra": {"method": self.name, "username": s.payee_username},
         }
@@ -127,18 +123,11 @@ class BitTransfer:
             if not signature:
                 raise BadRequest("malformed_signature", "Bitcoin-Transfer needs its signature in the Authorization header")
             return request.headers[P.BITCOIN_TRANSFER], signature, False
-        try:
-            decoded = json.loads(base64.b64decode(request.headers[P.PAYMENT_SIGNATURE], validate=True))
-        except (binascii.Error, ValueError):
-            raise BadRequest("malformed_payment", "PAYMENT-SIGNATURE is not base64 of a JSON object") from None
-        try:
-            data = _x402_schema.load(decoded if isinstance(decoded, dict) else {})
-        except ValidationError as exc:
-            raise BadRequest("malformed_payment", {"PAYMENT-SIGNATURE": exc.messages}) from None
+        data = x402_payload(request)
         accepted, payload = data["accepted"], data["payload"]
-        extra = accepted.get("extra") if isinstance(accepted.get("extra"), dict) else {}
-        if accepted.get("scheme") != P.SCHEME_EXACT or extra.get("method") != self.name:
-            raise PaymentRequired("unsupported_scheme", "accepted must be scheme 'exact' with extra.method 'bittransfer'")
+        if accepted.get("scheme") != P.SCHEME_BITTRANSFER:
+            raise PaymentRequired("unsupported_scheme", f"this server takes the x402 schemes '{P.SCHEME_BITTRANSFER}' "
+                                                        f"and '{P.SCHEME_EXACT}' (on-chain BTC, where offered)")
         if accepted.get("network") != self.settings.caip2:
             raise PaymentRequired("wrong_network", f"this server settles on {self.settings.caip2}")
         transfer, signature = payload.get("transfer"), payload.get("signature")
@@ -190,7 +179,7 @@ class BitTransfer:
         await self._check_payer_key(t["payer"], pubkey.hex())
         return Payment(
             method=self.name, transfer_id=transfer_id_of(transfer_json), payer=t["payer"],
-            amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402,
+            amount=t["amount"], payer_pubkey=pubkey.hex(), x402=via_x402, payer_id=pubkey.hex(),
             replay_until=t["timestamp"] + s.transfer_window,  # later, verify refuses it as stale
         )
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ..bitcoin import BITCOINLIB_NETWORK, DUST_LIMIT
 from ..chain.backends import Prevout
 
-__all__ = ["Refusal", "Rules", "parse", "outpoints", "check_static", "check_chain"]
+__all__ = ["Refusal", "Rules", "dust_limit", "parse", "outpoints", "check_static", "check_chain"]
 
 MAX_WEIGHT = 400_000            # standardness: a heavier tx is not relayed
 SEQUENCE_DISABLE = 1 << 31      # BIP68: with this bit set nSequence carries no relative timelock
@@ -41,7 +41,13 @@ class Rules:
     max_weight: int = MAX_WEIGHT
     min_feerate: float = 1.0            # sat/vB: below it the tx may never confirm
     max_feerate: float = 2_000.0        # sat/vB: above it the payer surely made a mistake
-    declared: Mapping[tuple[str, int], int] = field(default_factory=dict)  # PSBT witness_utxo values
+    declared: Mapping[tuple[str, int], tuple[int, str]] = field(default_factory=dict)  # PSBT witnessUtxo (value, address)
+    exact: bool = False                 # x402 exact: one output pays exactly the price, no output is dust
+
+
+def dust_limit(script_type: str) -> int:
+    """Bitcoin Core's dust threshold at 3 sat/vB by output type (the exact-BTC draft's table)."""
+    return {"p2wpkh": 294, "p2wsh": 330, "p2tr": 330}.get(script_type, 546)
 
 
 def parse(raw_hex: str, network: str) -> Any:
@@ -79,9 +85,16 @@ def check_static(tx: Any, pay_to: str, amount: int, rules: Rules, network: str |
     if not paying:
         return Refusal(3, "wrong_address", "no output pays this invoice's Bitcoin-Address")
     total = sum(v for _, v in paying)
+    if rules.exact and [v for _, v in paying] != [amount]:
+        return Refusal(3, "wrong_amount", f"one output must pay exactly {amount} sat to payTo; these pay {total}")
     if total < amount:
         return Refusal(3, "underpaid", f"the outputs pay {total} sat; the price is {amount} sat")
-    if any(v < rules.dust for _, v in paying):
+    if rules.exact:  # the draft: no output but OP_RETURN below its type's dust limit
+        for n, o in enumerate(tx.outputs):
+            if o.script_type != "nulldata" and int(o.value) < dust_limit(o.script_type):
+                return Refusal(12, "dust", f"output {n} pays {int(o.value)} sat, below the "
+                                           f"{dust_limit(o.script_type)} sat dust limit of {o.script_type}")
+    elif any(v < rules.dust for _, v in paying):
         return Refusal(12, "dust", f"outputs below {rules.dust} sat are dust and are not accepted")
     points = outpoints(tx)
     if len(set(points)) != len(points):
@@ -112,8 +125,9 @@ def check_chain(tx: Any, prevouts: Mapping[tuple[str, int], Prevout | None], rul
             return Refusal(5, "input_spent", f"input {n} spends an output that is already spent"
                                              " (a transaction the network knows is not a new payment)")
         declared = rules.declared.get(point)
-        if declared is not None and declared != prev.value:
-            return Refusal(6, "input_value_mismatch", f"input {n} claims {declared} sat; the chain says {prev.value}")
+        if declared is not None and declared != (prev.value, prev.address):
+            return Refusal(6, "input_value_mismatch", f"input {n}'s witnessUtxo claims {declared[0]} sat to "
+                                                      f"{declared[1]}; the chain says {prev.value} sat to {prev.address}")
         total_in += prev.value
     fee = total_in - sum(int(o.value) for o in tx.outputs)
     vsize = max(1, int(tx.vsize))

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -33,8 +33,11 @@ from ..auth import authenticate
 from ..errors import ApiError, BadRequest, Forbidden, PaymentRequired, ServiceUnavailable
 from ..invoices import Invoice, Invoices
 from ..pricing import Quote
-from . import Payment
+from . import Offer, Payment
 from .bittransfer import BitTransfer
+
+if TYPE_CHECKING:
+    from ..challenge import Challenge
 
 __all__ = ["PaymentScheme", "www_authenticate", "challenge_key", "payment_info", "service_info"]
 
@@ -58,20 +61,21 @@ def _payment_request(settings: Settings, amount: int, address: str, invoice_id: 
             "methodDetails": {"address": address, "invoice": invoice_id, "network": settings.caip2}}
 
 
-async def www_authenticate(request: web.Request, settings: Settings, invoices: Invoices, quote: Quote,
-                           invoice: Invoice) -> dict[str, str]:
-    """The 402's `WWW-Authenticate: Payment …` header (this scheme's header family)."""
-    body = await request.read() if request.body_exists else b""
-    params = {"realm": _realm(settings, request), "method": W.METHOD, "intent": W.INTENT,
-              "request": W.canonical_b64url(_payment_request(settings, invoice.amount, invoice.address, invoice.id)),
-              "expires": W.rfc3339(invoice.expires_at)}
-    if body:
-        params["digest"] = W.body_digest(body)
+def www_authenticate(challenge: "Challenge") -> list[tuple[str, str]]:
+    """This scheme's header family (service/challenge.HEADER_FAMILIES): `WWW-Authenticate: Payment …` from
+    the Payment scheme's offer, bound to the realm, the invoice and the request body's digest."""
+    offer = next((o for o in challenge.offers if o.method == PaymentScheme.name), None)
+    if offer is None:  # not offered here, or a 402 with nothing to pay (render_refusal)
+        return []
+    params = {"realm": urlsplit(challenge.url).netloc, "method": W.METHOD, "intent": W.INTENT,
+              "request": offer.params["request"], "expires": offer.params["expires"]}
+    if challenge.digest:
+        params["digest"] = challenge.digest
     params["header"] = W.CREDENTIAL_HEADER
-    cid = W.challenge_id(challenge_key(invoices), realm=params["realm"], method=W.METHOD, intent=W.INTENT,
+    cid = W.challenge_id(offer.params["key"], realm=params["realm"], method=W.METHOD, intent=W.INTENT,
                          request_b64=params["request"], expires=params["expires"], digest=params.get("digest", ""),
                          header=params["header"])
-    return {"WWW-Authenticate": W.format_challenge({"id": cid, **params})}
+    return [("WWW-Authenticate", W.format_challenge({"id": cid, **params}))]
 
 
 class PaymentScheme:
@@ -88,8 +92,11 @@ class PaymentScheme:
         return _scheme_of(request.headers.get(W.CREDENTIAL_HEADER, "")) or \
             _scheme_of(request.headers.get(P.AUTHORIZATION, ""))
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
-        return None  # not an x402 entry: the challenge is in WWW-Authenticate
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer:
+        """No x402 `accepts` entry: what its header family (www_authenticate) needs to write the challenge."""
+        request = W.canonical_b64url(_payment_request(self.settings, invoice.amount, invoice.address, invoice.id))
+        return Offer(self.name, params={"key": challenge_key(self.invoices), "request": request,
+                                        "expires": W.rfc3339(invoice.expires_at)})
 
     def offer_template(self, amount: int) -> dict[str, Any] | None:
         return None

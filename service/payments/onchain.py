@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -47,10 +48,11 @@ from ..keys import BITCOIN, REVENUE, Keys, onchain_account, user_account
 from ..ledger import ALL, AccountKind, Ledger, Outcome, Result, coin_id
 from ..pricing import Quote, route_rule
 from ..scripts import register
-from . import PaidBefore, Payment
+from . import Offer, PaidBefore, Payment
+from .bittransfer import two1_headers
 from . import btc_rules as R
 
-__all__ = ["OnChain", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
+__all__ = ["OnChain", "Checked", "OnChainRecords", "zeroconf_allowed", "PAYMENT_INVOICE", "book_coins", "book_strays", "settle_payments",
            "unclaimed", "settle_unclaimed"]
 log = structlog.get_logger("onchain")
 _HEX = re.compile(r"\A[0-9a-fA-F]+\Z")
@@ -110,6 +112,16 @@ class OnChainRecords:
             await pipe.execute()
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A transaction that passed every rule and is claimed for its invoice (not yet broadcast)."""
+
+    tx: Any
+    address: str
+    invoice: str
+    payer: str  # the username that signed the request, "" when anonymous
+
+
 class OnChain:
     name = P.METHOD_ONCHAIN
 
@@ -122,29 +134,36 @@ class OnChain:
     def present(self, request: web.Request) -> bool:
         return P.BITCOIN_TRANSACTION in request.headers
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any] | None:
-        """None above the zero-conf limit, and when no invoice address of our own was free (the invoice
-        then names the static payee address, which never pays a call)."""
-        if (quote.amount > self.settings.onchain_max_zeroconf or invoice.address == self.settings.payee_address
-                or not zeroconf_allowed(quote)):
-            return None
-        entry = self.offer_template(quote.amount)
-        entry["payTo"] = invoice.address
-        entry["extra"]["invoice"] = invoice.id
-        return entry
+    def takes(self, quote: Quote, invoice: Invoice) -> bool:
+        """Not above the zero-conf limit, not for an escrow, and only to an invoice address of our own (the
+        static payee address never pays a call)."""
+        return (quote.amount <= self.settings.onchain_max_zeroconf and invoice.address != self.settings.payee_address
+                and zeroconf_allowed(quote))
 
-    def offer_template(self, amount: int) -> dict[str, Any]:
-        s = self.settings
-        return {"scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
-                "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
-                "extra": {"method": self.name, "header": P.BITCOIN_TRANSACTION, "invoiceHeader": PAYMENT_INVOICE,
-                          "maxZeroConf": s.onchain_max_zeroconf,
-                          "signWith": f"Authorization: {P.SIG_SCHEME} (needed where a route keeps what you buy)"}}
+    async def challenge(self, quote: Quote, invoice: Invoice) -> Offer | None:
+        """21's headers only: x402 clients pay on chain through exact-BTC (payments/x402_exact_btc.py)."""
+        return Offer(self.name, None, two1_headers(quote, invoice)) if self.takes(quote, invoice) else None
+
+    def offer_template(self, amount: int) -> None:
+        return None
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
         raw = request.headers[P.BITCOIN_TRANSACTION].strip().lower()
         if len(raw) > 200_000 or len(raw) % 2 or not _HEX.match(raw):
             raise BadRequest("malformed_transaction", "Bitcoin-Transaction must be a raw transaction in hex")
+        checked = await self.check(request, quote, raw, request.headers.get(PAYMENT_INVOICE, ""), self.rules)
+        tx, address, invoice_id, payer = checked.tx, checked.address, checked.invoice, checked.payer
+        await self.broadcast(raw, tx.txid, invoice_id, address)
+        paying = R.paid_to(tx, address)
+        total = sum(value for _, value in paying)
+        await self._book(tx.txid, paying, payer, invoice_id)
+        await self.book.mark_paid(address)
+        return Payment(method=self.name, transfer_id=f"tx_{tx.txid}", payer=payer, amount=quote.amount,
+                       debit=onchain_account(tx.txid), settle_data={"paid": str(total), "txid": tx.txid})
+
+    async def check(self, request: web.Request, quote: Quote, raw: str, named: str, rules: R.Rules) -> Checked:
+        """Every rule of btc_rules on `raw` against its own invoice, then the claim of its txid for that
+        invoice: the one on-chain path 21's raw transaction and x402's PSBT (decoded) both take."""
         if not zeroconf_allowed(quote):
             raise PaymentRequired("zeroconf_not_accepted", "this route pays its price on to someone else (an escrow), "
                                                            "so an unconfirmed transaction cannot pay it; deposit first "
@@ -155,19 +174,19 @@ class OnChain:
         try:
             tx = R.parse(raw, self.settings.network)
         except R.Refusal as refusal:
-            raise _error(refusal) from None
+            raise onchain_error(refusal) from None
         if len(tx.inputs) > MAX_INPUTS or len(tx.outputs) > MAX_OUTPUTS:
             raise BadRequest("too_many_parts", f"a payment has at most {MAX_INPUTS} inputs and {MAX_OUTPUTS} outputs")
         payer = await self._payer(request)
         ours = await self.book.infos([o.address for o in tx.outputs if o.address])
-        address, invoice_id = self._invoice_of(request, tx, quote, ours)
-        refusal = R.check_static(tx, address, quote.amount, self.rules)
+        address, invoice_id = self._invoice_of(named.strip()[:200], tx, quote, ours)
+        refusal = R.check_static(tx, address, quote.amount, rules)
         if refusal:
-            raise _error(refusal)
+            raise onchain_error(refusal)
         record = await self.records.get(tx.txid)
         retry = bool(record) and record.get("invoice") == invoice_id and record.get("payer", "") == payer
         if record and not retry:
-            raise _error(R.Refusal(14, "payment_replayed", "this transaction already paid for another request", 409))
+            raise onchain_error(R.Refusal(14, "payment_replayed", "this transaction already paid for another request", 409))
         reason = self.invoices.check(invoice_id, quote, address)
         if reason and not (retry and reason == "invoice_expired"):
             raise PaymentRequired(reason, _INVOICE_REASONS.get(reason, "the invoice does not match this request"))
@@ -175,21 +194,15 @@ class OnChain:
         if retry:
             await self._answered_already(tx.txid)
         else:
-            refusal = R.check_chain(tx, await self._prevouts(tx), self.rules)
+            refusal = R.check_chain(tx, await self._prevouts(tx), rules)
             if refusal:
-                raise _error(refusal)
+                raise onchain_error(refusal)
         claim = await self.records.claim(tx.txid, invoice_id, address, quote.request_hash, payer)
         if claim == "used":
-            raise _error(R.Refusal(14, "payment_replayed", "this transaction already paid for another request", 409))
+            raise onchain_error(R.Refusal(14, "payment_replayed", "this transaction already paid for another request", 409))
         if claim == "address_paid":
             raise PaymentRequired("invoice_paid", "this invoice's address was paid by another transaction already")
-        await self._broadcast(raw, tx.txid, invoice_id, address)
-        paying = R.paid_to(tx, address)
-        total = sum(value for _, value in paying)
-        await self._book(tx.txid, paying, payer, invoice_id)
-        await self.book.mark_paid(address)
-        return Payment(method=self.name, transfer_id=f"tx_{tx.txid}", payer=payer, amount=quote.amount,
-                       debit=onchain_account(tx.txid), settle_data={"paid": str(total), "txid": tx.txid})
+        return Checked(tx, address, invoice_id, payer)
 
     async def _payer(self, request: web.Request) -> str:
         """The account that signed the request (MT-Sig), if any; routes that keep what was bought for
@@ -202,11 +215,9 @@ class OnChain:
                                                    f"request ({P.AUTHORIZATION}: {P.SIG_SCHEME} ...) when paying on chain")
         return ""
 
-    def _invoice_of(self, request: web.Request, tx: Any, quote: Quote,
-                    ours: dict[str, dict[str, str]]) -> tuple[str, str]:
+    def _invoice_of(self, named: str, tx: Any, quote: Quote, ours: dict[str, dict[str, str]]) -> tuple[str, str]:
         """(address, invoice id) this payment is for: the named invoice, else the one that leased the
         address an output pays. Only invoice addresses count."""
-        named = request.headers.get(PAYMENT_INVOICE, "").strip()[:200]
         mismatch = False
         for address in dict.fromkeys(o.address for o in tx.outputs if o.address):
             info = ours.get(address, {})
@@ -249,7 +260,7 @@ class OnChain:
         if await self.ledger.transfer(f"tx_{txid}"):
             raise PaidBefore(f"tx_{txid}")  # the paywall replays the kept response, or says why not
 
-    async def _broadcast(self, raw: str, txid: str, invoice_id: str, address: str) -> None:
+    async def broadcast(self, raw: str, txid: str, invoice_id: str, address: str) -> None:
         try:
             await self.backend.broadcast(raw)
         except ChainError as exc:
@@ -279,7 +290,7 @@ _INVOICE_REASONS = {
 }
 
 
-def _error(refusal: R.Refusal) -> Exception:
+def onchain_error(refusal: R.Refusal) -> Exception:
     if refusal.status == 400:
         return BadRequest(refusal.code, refusal.detail)
     if refusal.status == 409:

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Any
 
 from aiohttp import web
 
@@ -52,15 +51,12 @@ class TokenPayment:
     def present(self, request: web.Request) -> bool:
         return request.headers.get(P.AUTHORIZATION, "").startswith(P.TOKEN_SCHEME + " ")
 
-    def offer(self, quote: Quote, invoice: Invoice) -> dict[str, Any]:
-        return self.offer_template(quote.amount)
+    async def challenge(self, quote: Quote, invoice: Invoice) -> None:
+        """Nothing to offer: a token is issued to an account beforehand, never bought from a 402."""
+        return None
 
-    def offer_template(self, amount: int) -> dict[str, Any]:
-        s = self.settings
-        return {"scheme": P.SCHEME_EXACT, "network": s.caip2, "amount": str(amount), "asset": "BTC",
-                "payTo": s.payee_address, "maxTimeoutSeconds": s.invoice_ttl,
-                "extra": {"method": self.name, "username": s.payee_username,
-                          "header": "Authorization: Token <id>.<secret>"}}
+    def offer_template(self, amount: int) -> None:
+        return None
 
     async def verify(self, request: web.Request, quote: Quote) -> Payment:
         match = TOKEN_RE.match(request.headers[P.AUTHORIZATION][len(P.TOKEN_SCHEME) + 1:].strip())

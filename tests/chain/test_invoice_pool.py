@@ -6,6 +6,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
+from service.config import DEFAULT_TESTNET_ADDRESS
 from service.keys import Keys
 
 MANIFEST = b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n"
@@ -21,8 +22,8 @@ async def _offer(http, url: str, client: str) -> str | None:
     async with http.post(url, data=MANIFEST, headers={"X-Forwarded-For": client}) as r:
         body = await r.json()
         assert r.status == 402, body
-    methods = {a["extra"]["method"]: a for a in body["accepts"]}
-    return methods["onchain"]["payTo"] if "onchain" in methods else None
+    address = body["invoice"]["address"]  # an invoice's own address, or the static one (no on-chain payment)
+    return address if address != DEFAULT_TESTNET_ADDRESS else None
 
 
 async def _derived(settings) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from service.config import DEFAULT_TESTNET_ADDRESS
 from service.ledger import BITCOIN, REVENUE, onchain_account
 from service.payment_auth import receipt_reference
 
@@ -44,8 +45,7 @@ async def invoice_address(http, url) -> str:
     async with http.post(url, data=MANIFEST) as r:
         assert r.status == 402
         body = await r.json()
-    methods = {a["extra"]["method"]: a for a in body["accepts"]}
-    assert methods["onchain"]["payTo"] == r.headers["Bitcoin-Address"] == body["invoice"]["address"]
+    assert r.headers["Bitcoin-Address"] == body["invoice"]["address"]  # 21's OnChain pays this address
     return r.headers["Bitcoin-Address"]
 
 
@@ -131,8 +131,9 @@ async def test_failed_call_keeps_the_coins_on_the_books(http, esplora, ledger, a
 async def test_price_above_the_zeroconf_limit_offers_no_onchain_payment(http, aiohttp_server, chain_app, esplora):
     server = await aiohttp_server(chain_app(onchain_max_zeroconf=100))
     async with http.post(server.make_url("/v1/qa/validate"), data=MANIFEST) as r:
-        methods = [a["extra"]["method"] for a in (await r.json())["accepts"]]
-    assert "onchain" not in methods and "bittransfer" in methods
+        body = await r.json()
+    assert [a["scheme"] for a in body["accepts"]] == ["bittransfer"]
+    assert body["invoice"]["address"] == DEFAULT_TESTNET_ADDRESS  # no invoice address leased: no on-chain payment
     raw, _ = pay(esplora, r.headers["Bitcoin-Address"], 600)
     async with http.post(server.make_url("/v1/qa/validate"), data=MANIFEST,
                          headers={"Bitcoin-Transaction": raw}) as r:
@@ -149,7 +150,7 @@ async def test_invoices_never_share_an_address_when_the_pool_is_leased(http, aio
     for _ in range(10):
         async with http.post(url, data=MANIFEST) as r:
             body = await r.json()
-        assert r.status == 402 and "onchain" not in [a["extra"]["method"] for a in body["accepts"]]
+        assert r.status == 402 and [a["scheme"] for a in body["accepts"]] == ["bittransfer"]
         assert body["invoice"]["address"] not in addresses
 
 

@@ -44,13 +44,14 @@ async def test_an_unconfirmed_tx_never_funds_an_escrow_the_asker_can_withdraw(ch
     async with rig.http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 402
         challenge = await r.json()
-    assert "onchain" not in [a["extra"]["method"] for a in challenge["accepts"]]  # no on-chain offer here
+    assert [a["scheme"] for a in challenge["accepts"]] == ["bittransfer"]  # no on-chain (exact-BTC) offer here
+    assert "Price" in r.headers  # 21's headers stay (BitTransfer)
     leased = (await rig.book.infos([r.headers["Bitcoin-Address"], challenge["invoice"]["address"]])).values()
     assert "invoice" not in [i.get("purpose") for i in leased]  # no invoice address leased for it either
     async with rig.http.get(f"{rig.url}/.well-known/x402") as r:              # nor does discovery
         items = {i["resource"].rsplit("/v1/", 1)[1]: i for i in (await r.json())["items"]}
-    assert "onchain" not in [a["extra"]["method"] for a in items["experts/{username}/questions"]["accepts"]]
-    assert "onchain" in [a["extra"]["method"] for a in items["qa/validate"]["accepts"]]
+    assert not [path for path in items if "{" in path]  # expert-priced routes have no one amount to list
+    assert "exact" not in [a["scheme"] for a in items["qa/validate"]["accepts"]]  # 120 sat: below P2WPKH dust
     # a tx sent anyway (to an address an invoice would lease) is refused before anything is broadcast
     address = await rig.book.for_invoice(600)
     raw, txid = pay(rig.esplora, address, PRICE, fund=100_000, change=40_000)
