@@ -35,12 +35,12 @@ async def error_middleware(
 ) -> web.StreamResponse:
     try:
         return await handler(request)
-    except PaymentRequired as exc:  # every 402 in one shape (service/challenge.py), wherever it is raised
-        return render_refusal(absolute_url(request.app[SETTINGS], request), exc.code, exc.detail, exc.headers)
     except ApiError as exc:
         render = getattr(request.match_info.handler, "render_error", None)  # an HTML page answers in HTML
         if render is not None:
             return render(request, exc)
+        if isinstance(exc, PaymentRequired):  # every 402 in one shape (service/challenge.py), wherever raised
+            return render_refusal(absolute_url(request.app[SETTINGS], request), exc.code, exc.detail, exc.headers)
         return json_error(exc.status, exc.code, exc.detail, exc.headers)
     except web.HTTPRequestEntityTooLarge as exc:
         return json_error(413, "payload_too_large", exc.text)

@@ -73,6 +73,7 @@ async def test_402_carries_a_payment_challenge_pympp_verifies(http, base_url, ma
     assert headers["Price"] == str(PRICE_ONE_DOC) and headers["Cache-Control"] == "no-store"
     assert json.loads(base64.b64decode(headers["PAYMENT-REQUIRED"])) == body
     assert (body["type"], body["status"]) == ("https://paymentauth.org/problems/payment-required", 402)
+    assert [entry["scheme"] for entry in body["accepts"]] == ["bittransfer"]  # the Payment scheme: no x402 entry
     async with http.get(f"{base_url}/v1/qa/suites") as r:  # free routes: no challenge
         assert r.status == 200 and "WWW-Authenticate" not in r.headers
 
