@@ -1,7 +1,7 @@
 """The one place that renders a 402. Every payment method's challenger returns an `Offer` (its x402
 `accepts` entry and its own dialect's headers); this module merges them into one JSON body (x402 v2
-`PaymentRequired` plus our invoice) and runs every header family over it. A new dialect (the IETF
-"Payment" scheme, Lightning) is one more entry in HEADER_FAMILIES, or one more method's offer."""
+`PaymentRequired` plus our invoice) and runs every header family over it. A new dialect is one more
+entry in HEADER_FAMILIES (the IETF "Payment" scheme's WWW-Authenticate is one), or one more method's offer."""
 from __future__ import annotations
 
 import base64
