@@ -296,7 +296,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 async def _reconcile(ledger: Ledger, args: argparse.Namespace, chain: dict[str, Any] | None = None) -> int:
     report = await ledger.reconcile()
     if report.archived_entries and ledger.archive_dir:  # the archived files must add up to their checkpoint
-        from .journal_archive import JournalArchive, verify_archive  # noqa: PLC0415
+        from ..journal_archive import JournalArchive, verify_archive  # noqa: PLC0415
         report.mismatches += await verify_archive(ledger, JournalArchive(ledger.archive_dir))
     body: dict[str, Any] = {
         "ok": report.ok, "accounts": report.accounts, "journal_entries": report.journal_entries,
